@@ -1,0 +1,1 @@
+"""Benchmarks of moelab backends and models against the peers users run today."""

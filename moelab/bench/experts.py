@@ -1,0 +1,235 @@
+"""Benchmark of one MoE block (router + experts), forward + backward, per backend.
+
+``python -m moelab.bench experts --shape qwen3-30b-a3b --tokens 8192,32768 --mode lora,full``
+
+Timing follows ``shared/bench/anchor_bench.py`` so rows compare side by side: 3 warm-ups, then
+the median of ``--iters`` steps timed with CUDA events; peak = extra allocated memory during the
+timed steps over what was allocated after warm-up (weights, LoRA gradients, inputs). ``--check``
+first compares every backend with the float64 ``native_torch`` evaluation on fresh inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from moelab.bench.shapes import SHAPES, BlockShape, moe_flops
+from moelab.kernels import available
+from moelab.kernels.problem import ExpertProblem
+from moelab.kernels.registry import unsupported_reason
+from moelab.ops import ExpertLoRA, MoEConfig, moe_block, moe_experts, route
+
+
+def build_block(
+    shape: BlockShape, mode: str, rank: int, dtype: torch.dtype, device: str, seed: int = 0
+) -> tuple[dict, list[torch.Tensor]]:
+    """Random block params (std 0.02 as the anchor) and the list of trainable tensors."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    e, h, i = shape.num_experts, shape.hidden, shape.inter
+
+    def rand(*size: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+    params = {
+        "router": {"weight": rand(e, h)},
+        "experts": {"gate_up": rand(e, 2 * i, h), "down": rand(e, h, i)},
+    }
+    if shape.biases:
+        params["router"]["bias"] = rand(e)
+        params["experts"]["gate_up_bias"] = rand(e, 2 * i)
+        params["experts"]["down_bias"] = rand(e, h)
+    if mode == "lora":
+        # B random rather than zero, so every gradient path carries signal.
+        params["experts"]["lora"] = {
+            "gate_up_a": rand(e, rank, h),
+            "gate_up_b": rand(e, 2 * i, rank),
+            "down_a": rand(e, rank, i),
+            "down_b": rand(e, h, rank),
+        }
+        trainable = list(params["experts"]["lora"].values())
+    elif mode == "full":
+        trainable = [t for group in ("router", "experts") for t in params[group].values()]
+    else:
+        raise ValueError(f"unknown mode {mode!r}; expected 'lora' or 'full'")
+    for t in trainable:
+        t.requires_grad_(True)
+    return params, trainable
+
+
+def block_config(shape: BlockShape, backend: str, rank: int) -> MoEConfig:
+    return MoEConfig(
+        num_experts=shape.num_experts,
+        top_k=shape.top_k,
+        router=shape.router,
+        activation=shape.activation,
+        lora_scale=2.0,  # alpha = 2r, as the anchor
+        backend=backend,
+    )
+
+
+def _problem(shape: BlockShape, tokens: int, rank: int, dtype, device) -> ExpertProblem:
+    return ExpertProblem(
+        device=torch.device(device), dtype=dtype, num_tokens=tokens, top_k=shape.top_k,
+        num_experts=shape.num_experts, hidden=shape.hidden, inter=shape.inter, lora_rank=rank,
+        has_bias=shape.biases, activation=shape.activation,
+    )
+
+
+def time_step(fn, x0: torch.Tensor, iters: int, warmup: int = 3) -> tuple[float, float | None]:
+    """Median ms of ``fn(x).backward(grad)`` and peak extra MiB (None off CUDA)."""
+    cuda = x0.device.type == "cuda"
+    grad = torch.randn_like(x0)
+    for _ in range(warmup):
+        fn(x0.detach().requires_grad_(True)).backward(grad)
+    base = 0
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        x = x0.detach().requires_grad_(True)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x).backward(grad)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(x).backward(grad)
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+    return statistics.median(times), peak
+
+
+def check_backends(
+    shape: BlockShape, backends: list[str], dtype, device: str, tokens: int, rank: int
+) -> list[dict]:
+    """Relative error of the expert output and every gradient (x, router logits, weights,
+    biases, LoRA) against float64 ``native_torch``, on fresh inputs and one shared routing.
+
+    Expert 0 receives no tokens, so its gradients must come back exactly zero.
+    """
+    rows = []
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(tokens, shape.num_experts, generator=gen, device=device)
+    logits[:, 0] = -30.0
+    logits.requires_grad_(True)
+    x32 = torch.randn(tokens, shape.hidden, generator=gen, device=device)
+    dout32 = torch.randn(tokens, shape.hidden, generator=gen, device=device)
+    for mode in ("lora", "full"):
+        results = []
+        for backend, dt in [("native_torch", torch.float64)] + [(b, dtype) for b in backends]:
+            params, trainable = build_block(shape, mode, rank, dt, device, seed)
+            experts = params["experts"]
+            router = list(params["router"].values())
+            trainable = [t for t in trainable if not any(t is r for r in router)]
+            lora = experts.get("lora")
+            x = x32.to(dt).requires_grad_(True)
+            out = moe_experts(
+                x, route(logits, shape.router, shape.top_k), experts["gate_up"], experts["down"],
+                gate_up_bias=experts.get("gate_up_bias"), down_bias=experts.get("down_bias"),
+                activation=shape.activation, backend=backend,
+                lora=None if lora is None else ExpertLoRA(**lora, scale=2.0),
+            )
+            grads = torch.autograd.grad(out, [x, logits, *trainable], dout32.to(dt))
+            results.append((backend, out, grads))
+        _, ref_out, ref_grads = results[0]
+        for backend, out, grads in results[1:]:
+            errs = [_rel(out, ref_out)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+            empty_ok = all(bool((g[0] == 0).all()) for g in grads[2:])
+            rows.append(dict(check=backend, mode=mode, dtype=str(dtype), tokens=tokens,
+                             max_rel_err=max(errs), empty_expert_zero_grad=empty_ok))
+    return rows
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a64, r64 = a.detach().double(), ref.detach().double()
+    if not torch.isfinite(a64).all():
+        return float("inf")
+    return (a64 - r64).norm().item() / max(r64.norm().item(), 1e-30)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    shape = SHAPES[args.shape]
+    backends = args.backends.split(",") if args.backends else available()
+    rows = []
+    if args.check:
+        ok = [b for b in backends
+              if unsupported_reason(b, _problem(shape, 256, args.rank, dtype, device)) is None]
+        for row in check_backends(shape, ok, dtype, device, args.check_tokens, args.rank):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        for mode in args.mode.split(","):
+            for backend in backends:
+                row = dict(shape=args.shape, tokens=tokens, mode=mode, backend=backend,
+                           rank=args.rank if mode == "lora" else 0, dtype=str(dtype))
+                rank = args.rank if mode == "lora" else 0
+                reason = unsupported_reason(backend, _problem(shape, tokens, rank, dtype, device))
+                if reason is not None:
+                    row["skipped"] = reason
+                else:
+                    row.update(_time_backend(shape, backend, mode, tokens, args, dtype, device))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
+    params, _ = build_block(shape, mode, args.rank, dtype, device)
+    cfg = block_config(shape, backend, args.rank)
+    x0 = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)
+    ms, peak = time_step(lambda x: moe_block(x, params, cfg)[0], x0, args.iters)
+    tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
+    return dict(ms=round(ms, 3), tflops=round(tflops, 3),
+                peak_mib=None if peak is None else round(peak, 1))
+
+
+def print_table(rows: list[dict]) -> None:
+    checks = [r for r in rows if "check" in r]
+    if checks:
+        print("\ncheck vs float64 native_torch (fresh inputs)")
+        print(f"{'backend':<14}{'mode':<6}{'dtype':<16}{'max rel err':>12}  empty expert grads zero")
+        for r in checks:
+            print(f"{r['check']:<14}{r['mode']:<6}{r['dtype']:<16}{r['max_rel_err']:>12.2e}  "
+                  f"{r['empty_expert_zero_grad']}")
+    timed = [r for r in rows if "check" not in r]
+    print(f"\n{'shape':<15}{'tokens':>7} {'mode':<5}{'backend':<14}{'ms':>9}{'TFLOP/s':>9}"
+          f"{'peak MiB':>10}")
+    for r in timed:
+        if "skipped" in r:
+            print(f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
+                  f"  skipped: {r['skipped']}")
+            continue
+        peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        print(f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
+              f"{r['ms']:>9.3f}{r['tflops']:>9.1f}{peak:>10}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
+    p.add_argument("--tokens", default="8192", help="comma-separated token counts")
+    p.add_argument("--mode", default="lora,full", help="comma-separated: lora, full")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--backends", default=None, help="comma-separated (default: all available)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) or float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--check", action="store_true", help="check correctness first")
+    p.add_argument("--check-tokens", type=int, default=512)
+    p.add_argument("--json", default=None, help="write all rows to this file")

@@ -1,0 +1,222 @@
+"""``grouped_mm``: the expert MLP on torch's grouped GEMM, with a hand-written backward.
+
+Forward, on the expert-sorted rows (dispatch in :mod:`moelab.ops.dispatch`)::
+
+    xs = x[token]                                    gathered copy, dropped after the up GEMMs
+    h  = xs W1^T (+ s (xs A1^T) B1^T)                saved: the pre-activation (bias-free)
+    a  = act(h + b1)                                 in row chunks, fp32 math
+    y  = a W2^T (+ s (a A2^T) B2^T)
+    out[t] = sum_j w[t, j] y[slot[t, j]]             fp32 k-sum, fixed order
+             (+ sum_j w[t, j] b2[e_tj])              one small [T, E] x [E, H] product
+
+Backward, with upstream ``dout``::
+
+    g  = dout[token] W2 (+ s (dout B2) A2)           dY W2 before the routing weight
+    dw = <g, a> (+ <dout, b2[e]>)                    router gradient without keeping y
+    dh = act'(h + b1, w g);  dxs = dh W1 (+ s (dh B1) A1);  dx[t] = sum_j dxs[slot[t, j]]
+    LoRA dA/dB and, for weights that require grad, dW as varlen-K grouped products.
+
+Saved for backward: x, h ``[N, 2I]``, the rank-R products ``xs A1^T`` and ``a A2^T``, the
+routing weights and the int dispatch plan; ``a`` and ``xs`` are recomputed. Weights enter the
+GEMMs as transposed views (never copied per step) and nothing synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moelab.kernels.problem import ExpertProblem
+from moelab.ops.activations import activation_backward, activation_forward
+from moelab.ops.dispatch import DispatchPlan, combine, dispatch, scatter_to_slots, segment_sum
+from moelab.ops.lora import ExpertLoRA
+
+NAME = "grouped_mm"
+_MAX_GROUPS = 1023
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The activation's fp32 temporaries are several times h: bound them by working on row chunks
+# of about this many elements, large enough to keep launches off the critical path.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _grouped_mm_op():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def unsupported_reason(problem: ExpertProblem) -> str | None:
+    if _grouped_mm_op() is None:
+        return f"torch {torch.__version__} has no grouped_mm"
+    if problem.dtype not in _DTYPES:
+        return f"grouped_mm takes bf16, fp16 or fp32, not {problem.dtype}"
+    if problem.num_experts > _MAX_GROUPS:
+        return f"grouped_mm takes at most {_MAX_GROUPS} groups, got E={problem.num_experts}"
+    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    dims = {"H": problem.hidden, "I": problem.inter}
+    if problem.lora_rank:
+        dims["r"] = problem.lora_rank
+    for name, size in dims.items():
+        if size * itemsize % 16:
+            return (
+                f"grouped_mm needs 16-byte strides: {name}={size} is not a multiple of "
+                f"{16 // itemsize} in {problem.dtype}"
+            )
+    return None
+
+
+def _gmm(a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Row-grouped product: rows of expert e times ``b_EKN[e]``."""
+    return _grouped_mm_op()(a_MK, b_EKN, offs=offs_E)
+
+
+def _gmm_wgrad(a_NP: torch.Tensor, b_NQ: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Per-expert ``a_e^T b_e`` over each expert's rows, ``[E, P, Q]`` (K = rows, jagged)."""
+    return _grouped_mm_op()(a_NP.t(), b_NQ, offs=offs_E)
+
+
+def _project(
+    x_NK: torch.Tensor,
+    w_EOK: torch.Tensor,
+    lora_a_ERK: torch.Tensor | None,
+    lora_b_EOR: torch.Tensor | None,
+    scale: float,
+    offs_E: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x W^T (+ s (x A^T) B^T)`` per expert; also returns the rank-R product ``x A^T``."""
+    y_NO = _gmm(x_NK, w_EOK.transpose(1, 2), offs_E)
+    z_NR = None
+    if lora_a_ERK is not None:
+        z_NR = _gmm(x_NK, lora_a_ERK.transpose(1, 2), offs_E)
+        y_NO.add_(_gmm(z_NR, lora_b_EOR.transpose(1, 2), offs_E), alpha=scale)
+    return y_NO, z_NR
+
+
+def _row_chunks(h_NG: torch.Tensor) -> list[slice]:
+    rows = max(1, CHUNK_ELEMENTS // max(1, h_NG.shape[1]))
+    return [slice(i, i + rows) for i in range(0, h_NG.shape[0], rows)]
+
+
+def _with_bias(h_MG: torch.Tensor, bias_EG: torch.Tensor | None, expert_M: torch.Tensor):
+    return h_MG if bias_EG is None else h_MG + bias_EG.index_select(0, expert_M)
+
+
+def _act_forward(h_NG, bias_EG, plan: DispatchPlan, activation: str) -> torch.Tensor:
+    act_NI = h_NG.new_empty(h_NG.shape[0], h_NG.shape[1] // 2)
+    for rows in _row_chunks(h_NG):
+        h_MG = _with_bias(h_NG[rows], bias_EG, plan.expert_N[rows])
+        act_NI[rows] = activation_forward(h_MG, activation)
+    return act_NI
+
+
+def _act_backward(h_NG, bias_EG, dact_NI, plan: DispatchPlan, activation: str) -> torch.Tensor:
+    dh_NG = torch.empty_like(h_NG)
+    for rows in _row_chunks(h_NG):
+        h_MG = _with_bias(h_NG[rows], bias_EG, plan.expert_N[rows])
+        dh_NG[rows] = activation_backward(h_MG, dact_NI[rows], activation)
+    return dh_NG
+
+
+def _dense_weights(weights_TK: torch.Tensor, experts_TK: torch.Tensor, num_experts: int):
+    """``[T, E]`` fp32 routing weights (zero where not routed); rows hold no duplicate ids."""
+    dense_TE = weights_TK.new_zeros(weights_TK.shape[0], num_experts)
+    return dense_TE.scatter_(1, experts_TK, weights_TK)
+
+
+class _GroupedExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias,
+                a1, b1, a2, b2, scale, activation):
+        plan = dispatch(experts_TK, gate_up.shape[0])
+        xs_NH = x_TH.index_select(0, plan.token_N)
+        h_NG, z1_NR = _project(xs_NH, gate_up, a1, b1, scale, plan.offs_E)
+        del xs_NH
+        act_NI = _act_forward(h_NG, gate_up_bias, plan, activation)
+        y_NH, z2_NR = _project(act_NI, down, a2, b2, scale, plan.offs_E)
+        del act_NI
+        out_TH = combine(y_NH, plan, weights_TK)
+        if down_bias is not None:
+            # sum_j w_tj b_(e_tj) as one small dense product instead of an [N, H] bias gather
+            dense_TE = _dense_weights(weights_TK, experts_TK, gate_up.shape[0])
+            out_TH = (out_TH.float() + dense_TE @ down_bias.float()).to(x_TH.dtype)
+        ctx.save_for_backward(
+            x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias, a1, b1, a2, b2,
+            h_NG, z1_NR, z2_NR, plan.order_N, plan.token_N, plan.expert_N, plan.offs_E,
+            plan.slot_TK,
+        )
+        ctx.scale, ctx.activation = scale, activation
+        return out_TH
+
+    @staticmethod
+    def backward(ctx, dout_TH):
+        (x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias, a1, b1, a2, b2,
+         h_NG, z1_NR, z2_NR, *plan_tensors) = ctx.saved_tensors
+        plan, offs_E = DispatchPlan(*plan_tensors), plan_tensors[3]
+        need, s, activation = ctx.needs_input_grad, ctx.scale, ctx.activation
+        grads = [None] * 13
+        dout_TH = dout_TH.contiguous()
+        dout_NH = dout_TH.index_select(0, plan.token_N)
+        w_N1 = weights_TK.reshape(-1).index_select(0, plan.order_N)[:, None]
+
+        # down projection; g = dY W2 before the routing weight, so dw = <g, act> needs no y
+        g_NI = _gmm(dout_NH, down, offs_E)
+        if a2 is not None:
+            u2_NR = _gmm(dout_NH, b2, offs_E)
+            g_NI.add_(_gmm(u2_NR, a2, offs_E), alpha=s)
+        act_NI = _act_forward(h_NG, gate_up_bias, plan, activation)
+        if need[1]:
+            dw_TK = scatter_to_slots((g_NI * act_NI).sum(-1, dtype=torch.float32), plan)
+            if down_bias is not None:
+                dw_TK += (dout_TH.float() @ down_bias.float().t()).gather(1, experts_TK)
+            grads[1] = dw_TK
+        act_NI.mul_(w_N1)  # now the rows of dY^T's partner: dW2 = dout^T (w act)
+        if a2 is not None:
+            if need[9]:
+                grads[9] = _gmm_wgrad(u2_NR, act_NI, offs_E).mul_(s)
+            if need[10]:
+                grads[10] = _gmm_wgrad(dout_NH, (z2_NR * w_N1).to(z2_NR.dtype), offs_E).mul_(s)
+        if need[4]:
+            grads[4] = _gmm_wgrad(dout_NH, act_NI, offs_E)
+        if need[6]:
+            dense_TE = _dense_weights(weights_TK, experts_TK, gate_up.shape[0])
+            grads[6] = (dense_TE.t() @ dout_TH.float()).to(down_bias.dtype)
+        del act_NI, dout_NH
+
+        # activation, then the up projection
+        dh_NG = _act_backward(h_NG, gate_up_bias, g_NI.mul_(w_N1), plan, activation)
+        del g_NI
+        if need[5]:
+            grads[5] = segment_sum(dh_NG, plan)
+        u1_NR = _gmm(dh_NG, b1, offs_E) if a1 is not None else None
+        if a1 is not None and need[8]:
+            grads[8] = _gmm_wgrad(dh_NG, z1_NR, offs_E).mul_(s)
+        if need[3] or (a1 is not None and need[7]):
+            xs_NH = x_TH.index_select(0, plan.token_N)
+            if need[3]:
+                grads[3] = _gmm_wgrad(dh_NG, xs_NH, offs_E)
+            if a1 is not None and need[7]:
+                grads[7] = _gmm_wgrad(u1_NR, xs_NH, offs_E).mul_(s)
+            del xs_NH
+        if need[0]:
+            dxs_NH = _gmm(dh_NG, gate_up, offs_E)
+            if a1 is not None:
+                dxs_NH.add_(_gmm(u1_NR, a1, offs_E), alpha=s)
+            grads[0] = combine(dxs_NH, plan)
+        return tuple(grads)
+
+
+def experts_mlp(
+    x_TH: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    gate_up_EGH: torch.Tensor,
+    down_EHI: torch.Tensor,
+    gate_up_bias_EG: torch.Tensor | None,
+    down_bias_EH: torch.Tensor | None,
+    activation: str,
+    lora: ExpertLoRA | None,
+) -> torch.Tensor:
+    a1, b1, a2, b2 = lora.tensors() if lora is not None else (None,) * 4
+    scale = float(lora.scale) if lora is not None else 0.0
+    return _GroupedExperts.apply(
+        x_TH, weights_TK, experts_TK, gate_up_EGH, down_EHI, gate_up_bias_EG, down_bias_EH,
+        a1, b1, a2, b2, scale, activation,
+    )

@@ -1,0 +1,79 @@
+"""Which expert-MLP backend runs a call.
+
+Selection: explicit argument > ``MOELAB_MOE_BACKEND`` > ``auto``. ``auto`` takes the first
+backend of :data:`AUTO_ORDER` that can run the problem (fastest first); an explicit request for a
+backend that cannot run it raises ValueError with the reason. The environment variable is read
+here, at selection time, and nowhere else. The choice is logged once per distinct outcome.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+
+from moelab.kernels.problem import ExpertProblem
+
+log = logging.getLogger("moelab")
+
+BACKENDS = ("native_torch", "grouped_mm", "triton")
+AUTO_ORDER = ("grouped_mm", "native_torch")
+ENV_VAR = "MOELAB_MOE_BACKEND"
+_logged: set[tuple[str, str]] = set()
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"moelab.kernels.{name}")
+
+
+def machine_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine at all, or None if it can."""
+    try:
+        module = _module(name)
+    except ModuleNotFoundError as e:  # the backend or a package it needs is missing
+        return f"cannot import it ({e})"
+    check = getattr(module, "machine_reason", None)
+    return check() if check is not None else None
+
+
+def available() -> list[str]:
+    """Names of the backends that can run on this machine (for some shapes)."""
+    return [name for name in BACKENDS if machine_reason(name) is None]
+
+
+def unsupported_reason(name: str, problem: ExpertProblem) -> str | None:
+    """Why backend ``name`` cannot run ``problem``, or None if it can."""
+    reason = machine_reason(name)
+    return reason if reason is not None else _module(name).unsupported_reason(problem)
+
+
+def resolve(backend: str | None, problem: ExpertProblem) -> ModuleType:
+    """The backend module that runs ``problem``; see the module docstring for the order."""
+    requested = backend or os.environ.get(ENV_VAR) or "auto"
+    source = "argument" if backend else (ENV_VAR if os.environ.get(ENV_VAR) else "default")
+    if requested == "auto":
+        skipped = []
+        for name in AUTO_ORDER:
+            reason = unsupported_reason(name, problem)
+            if reason is None:
+                _log_once(name, f"auto ({source}); skipped: {'; '.join(skipped) or 'none'}")
+                return _module(name)
+            skipped.append(f"{name}: {reason}")
+        raise ValueError(f"no expert backend can run this problem: {'; '.join(skipped)}")
+    if requested not in BACKENDS:
+        raise ValueError(
+            f"unknown expert backend {requested!r} (from {source}); "
+            f"expected 'auto' or one of {BACKENDS}"
+        )
+    reason = unsupported_reason(requested, problem)
+    if reason is not None:
+        raise ValueError(f"expert backend {requested!r} cannot run this call: {reason}")
+    _log_once(requested, f"requested by {source}")
+    return _module(requested)
+
+
+def _log_once(name: str, why: str) -> None:
+    if (name, why) not in _logged:
+        _logged.add((name, why))
+        log.info("moelab: expert backend %s (%s)", name, why)

@@ -1,0 +1,115 @@
+"""The MoE block: router -> routed experts (+ optional shared expert), with router statistics.
+
+Parameters are a plain dict (design.md, "Parameters are data")::
+
+    {"router":  {"weight": [E, H], "bias": [E]?, "correction_bias": [E]?},
+     "experts": {"gate_up": [E, 2I, H], "down": [E, H, I], "gate_up_bias": [E, 2I]?,
+                 "down_bias": [E, H]?,
+                 "lora": {"gate_up_a", "gate_up_b", "down_a", "down_b"}?},
+     "shared":  {"gate": [S, H], "up": [S, H], "down": [H, S], "gate_logit": [1, H]?}?}
+
+The router runs in the dtype of its weight (fp32 for DeepSeek/GLM checkpoints, bf16 for Qwen),
+so the selection matches the reference models; routing math itself is fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from moelab.ops.experts import moe_experts
+from moelab.ops.lora import ExpertLoRA
+from moelab.ops.routing import (
+    expert_counts,
+    load_balancing_loss,
+    route,
+    router_entropy,
+    router_z_loss,
+)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Static description of a MoE block.
+
+    ``router_options`` are passed to :func:`moelab.ops.route` (``renormalize``, ``n_group``,
+    ``topk_group``, ``routed_scaling_factor``); a correction bias comes from the params.
+    """
+
+    num_experts: int
+    top_k: int
+    router: str = "softmax_topk"
+    router_options: dict[str, Any] = field(default_factory=dict)
+    activation: str = "swiglu"
+    lora_scale: float = 1.0
+    backend: str | None = "auto"
+
+
+class RouterStats(NamedTuple):
+    """Router statistics of one block call (fp32 scalars and ``[E]`` int64 counts)."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    counts: torch.Tensor
+    entropy: torch.Tensor
+
+
+def moe_block(
+    x: torch.Tensor, params: dict, cfg: MoEConfig
+) -> tuple[torch.Tensor, RouterStats]:
+    """Apply the MoE block to ``x [..., H]``; returns the output (same shape) and router stats."""
+    x_TH = x.reshape(-1, x.shape[-1])
+    router = params["router"]
+    weight_EH = router["weight"]
+    logits_TE = F.linear(x_TH.to(weight_EH.dtype), weight_EH, router.get("bias"))
+    options = dict(cfg.router_options)
+    if router.get("correction_bias") is not None:
+        options["correction_bias"] = router["correction_bias"]
+    routing = route(logits_TE, cfg.router, cfg.top_k, **options)
+
+    experts = params["experts"]
+    lora = None
+    if experts.get("lora") is not None:
+        lora = ExpertLoRA(**experts["lora"], scale=cfg.lora_scale)
+    out_TH = moe_experts(
+        x_TH,
+        routing,
+        experts["gate_up"],
+        experts["down"],
+        gate_up_bias=experts.get("gate_up_bias"),
+        down_bias=experts.get("down_bias"),
+        activation=cfg.activation,
+        lora=lora,
+        backend=cfg.backend,
+    )
+    if params.get("shared") is not None:
+        out_TH = out_TH + shared_expert(x_TH, params["shared"])
+
+    probs_TE = _router_probs(logits_TE, cfg.router)
+    stats = RouterStats(
+        aux_loss=load_balancing_loss(probs_TE, routing.experts),
+        z_loss=router_z_loss(logits_TE),
+        counts=expert_counts(routing.experts, cfg.num_experts),
+        entropy=router_entropy(probs_TE.detach()),
+    )
+    return out_TH.view(x.shape), stats
+
+
+def shared_expert(x_TH: torch.Tensor, params: dict) -> torch.Tensor:
+    """Dense SwiGLU MLP, optionally scaled by ``sigmoid(x gate_logit^T)`` (Qwen2-MoE style)."""
+    h = F.silu(F.linear(x_TH, params["gate"])) * F.linear(x_TH, params["up"])
+    y_TH = F.linear(h, params["down"])
+    if params.get("gate_logit") is not None:
+        y_TH = y_TH * torch.sigmoid(F.linear(x_TH, params["gate_logit"]))
+    return y_TH
+
+
+def _router_probs(logits_TE: torch.Tensor, kind: str) -> torch.Tensor:
+    """A distribution over experts per token, for the balance loss and entropy metrics."""
+    if kind == "sigmoid_group_topk":
+        scores_TE = logits_TE.float().sigmoid()
+        return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    return logits_TE.float().softmax(dim=-1)

@@ -1,0 +1,168 @@
+"""Routers: router logits -> (weights, expert ids) per token, plus the router losses.
+
+Shape suffixes: see :mod:`moelab.ops`. All routing math runs in fp32 whatever the logits dtype;
+gradients flow from ``Routing.weights`` back to the logits.
+
+Data-dependent checks (non-finite logits) need the values on the host. They run by default on
+CPU tensors, where they are free, and on request (``validate=True``) elsewhere, so the
+accelerator path never waits on the host.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+ROUTER_KINDS = ("softmax_topk", "sigmoid_group_topk", "topk_softmax")
+
+
+class Routing(NamedTuple):
+    """The routing of T tokens to k experts each.
+
+    Attributes:
+        weights: ``[T, K]`` float32 combine weights (differentiable).
+        experts: ``[T, K]`` int64 expert ids.
+    """
+
+    weights: torch.Tensor
+    experts: torch.Tensor
+
+
+def should_validate(validate: bool | None, t: torch.Tensor) -> bool:
+    """Resolve the data-check policy: explicit flag, else check only what lives on the CPU."""
+    return t.device.type == "cpu" if validate is None else validate
+
+
+def route(
+    router_logits: torch.Tensor,
+    kind: str,
+    top_k: int,
+    *,
+    validate: bool | None = None,
+    **options,
+) -> Routing:
+    """Pick ``top_k`` experts per token and their combine weights.
+
+    Args:
+        router_logits: ``[T, E]`` raw router outputs (any float dtype).
+        kind: ``"softmax_topk"`` (Qwen3-MoE, Mixtral; option ``renormalize=True``),
+            ``"sigmoid_group_topk"`` (DeepSeek-V3, GLM-4.x; options ``n_group=1``,
+            ``topk_group=1``, ``correction_bias=None``, ``routed_scaling_factor=1.0``,
+            ``renormalize=True``) or ``"topk_softmax"`` (GPT-OSS; no options).
+        top_k: experts per token, ``1 <= top_k <= E``.
+        validate: check that the logits are finite (default: only on CPU tensors).
+
+    Returns:
+        :class:`Routing` with ``weights [T, K]`` float32 and ``experts [T, K]`` int64.
+    """
+    _check_logits(router_logits, top_k, validate)
+    logits_TE = router_logits.float()
+    if kind == "softmax_topk":
+        return _softmax_topk(logits_TE, top_k, **options)
+    if kind == "sigmoid_group_topk":
+        return _sigmoid_group_topk(logits_TE, top_k, **options)
+    if kind == "topk_softmax":
+        return _topk_softmax(logits_TE, top_k, **options)
+    raise ValueError(f"unknown router kind {kind!r}; expected one of {ROUTER_KINDS}")
+
+
+def _check_logits(logits: torch.Tensor, top_k: int, validate: bool | None) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"router_logits must be a [T, E] tensor, got {shape}")
+    if not logits.is_floating_point():
+        raise ValueError(f"router_logits must be floating point, got {logits.dtype}")
+    num_experts = logits.shape[1]
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, E={num_experts}], got {top_k!r}")
+    if should_validate(validate, logits) and not bool(torch.isfinite(logits).all()):
+        raise ValueError("router_logits contain NaN or Inf")
+
+
+def _softmax_topk(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
+    probs_TE = logits_TE.softmax(dim=-1)
+    weights_TK, experts_TK = probs_TE.topk(top_k, dim=-1)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return Routing(weights_TK, experts_TK)
+
+
+def _sigmoid_group_topk(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+    renormalize: bool = True,
+) -> Routing:
+    num_tokens, num_experts = logits_TE.shape
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"n_group={n_group} must divide the number of experts E={num_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+    if n_group > 1 and num_experts // n_group < 2:
+        raise ValueError("group-limited routing needs at least 2 experts per group")
+    if n_group > 1 and top_k > topk_group * (num_experts // n_group):
+        raise ValueError(
+            f"top_k={top_k} exceeds the {topk_group * (num_experts // n_group)} experts "
+            f"of the {topk_group} selected groups"
+        )
+    scores_TE = logits_TE.sigmoid()
+    # NOTE: the correction bias steers selection only; the weights are the unbiased scores.
+    choice_TE = scores_TE.detach()
+    if correction_bias is not None:
+        if correction_bias.shape != (num_experts,):
+            raise ValueError(
+                f"correction_bias must have shape [E={num_experts}], "
+                f"got {tuple(correction_bias.shape)}"
+            )
+        choice_TE = choice_TE + correction_bias.detach().float()
+    if n_group > 1:
+        grouped = choice_TE.view(num_tokens, n_group, num_experts // n_group)
+        group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        keep_group = group_score.topk(topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep_group, True)
+        choice_TE = grouped.masked_fill(~mask[..., None], float("-inf")).view(num_tokens, -1)
+    experts_TK = choice_TE.topk(top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, experts_TK)
+    if renormalize:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return Routing(weights_TK * routed_scaling_factor, experts_TK)
+
+
+def _topk_softmax(logits_TE: torch.Tensor, top_k: int) -> Routing:
+    top_logits_TK, experts_TK = logits_TE.topk(top_k, dim=-1)
+    return Routing(top_logits_TK.softmax(dim=-1), experts_TK)
+
+
+def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, ``[E]`` int64, counted on device (no host sync)."""
+    flat_N = experts_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat_N.device).scatter_add_(
+        0, flat_N, torch.ones_like(flat_N)
+    )
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss in the Qwen/Mixtral form, fp32.
+
+    ``E * sum_e f_e * P_e`` with ``f_e`` the routed rows of expert e per token (summed over the
+    k slots, so a perfectly balanced router scores ``k``) and ``P_e`` the mean router
+    probability of expert e. Gradients reach the logits through ``probs_TE`` only.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    f_E = expert_counts(experts_TK, num_experts).float() / num_tokens
+    return num_experts * (f_E * probs_TE.float().mean(dim=0)).sum()
+
+
+def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, fp32."""
+    return router_logits_TE.float().logsumexp(dim=-1).square().mean()
+
+
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy (nats) of the router distribution, fp32, for metrics."""
+    p = probs_TE.float()
+    return -(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean()
