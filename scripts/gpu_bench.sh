@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 python3 -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' | tee -a "$OUT/env.txt"
 for shape in qwen3-30b-a3b gpt-oss-20b; do
   python3 -m moelab.bench experts --shape "$shape" --tokens "$TOKENS" --mode lora,full \
-    --backends "${BACKENDS:-grouped_mm}" --check --json "$OUT/moelab_$shape.json" 2>&1 \
+    --backends "${BACKENDS:-grouped_mm}" --check ${PROFILE:+--profile} --json "$OUT/moelab_$shape.json" 2>&1 \
     | tee "$OUT/moelab_$shape.log" | grep -v '^{'
 done
 if [ -f .anchor/anchor_bench.py ]; then

@@ -108,6 +108,25 @@ def time_step(fn, x0: torch.Tensor, iters: int, warmup: int = 3) -> tuple[float,
     return statistics.median(times), peak
 
 
+def profile_step(fn, x0: torch.Tensor, top: int = 12) -> list[tuple[str, float, int]]:
+    """Device time per kernel over 2 steps, largest first: (name, ms per step, calls per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grad = torch.randn_like(x0)
+    activities = [ProfilerActivity.CUDA] if x0.device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            fn(x0.detach().requires_grad_(True)).backward(grad)
+        if x0.device.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = ev.device_time_total if x0.device.type == "cuda" else ev.self_cpu_time_total
+        if us > 0:
+            rows.append((ev.key[:60], us / 2e3, ev.count // 2))
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
 def check_backends(
     shape: BlockShape, backends: list[str], dtype, device: str, tokens: int, rank: int
 ) -> list[dict]:
@@ -194,10 +213,14 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     params, _ = build_block(shape, mode, args.rank, dtype, device)
     cfg = block_config(shape, backend, args.rank)
     x0 = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)
-    ms, peak = time_step(lambda x: moe_block(x, params, cfg)[0], x0, args.iters)
+    step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
+    ms, peak = time_step(step, x0, args.iters)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
-    return dict(ms=round(ms, 3), tflops=round(tflops, 3),
-                peak_mib=None if peak is None else round(peak, 1))
+    row = dict(ms=round(ms, 3), tflops=round(tflops, 3),
+               peak_mib=None if peak is None else round(peak, 1))
+    if args.profile:
+        row["kernels"] = profile_step(step, x0)
+    return row
 
 
 def print_table(rows: list[dict]) -> None:
@@ -209,6 +232,12 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['check']:<14}{r['mode']:<6}{r['dtype']:<16}{r['max_rel_err']:>12.2e}  "
                   f"{r['empty_expert_zero_grad']}")
     timed = [r for r in rows if "check" not in r]
+    for r in timed:
+        if r.get("kernels"):
+            print(f"\nkernels of one step: {r['shape']} {r['tokens']} {r['mode']} {r['backend']}"
+                  f" ({r['ms']:.3f} ms)")
+            for name, ms, calls in r["kernels"]:
+                print(f"  {ms:8.3f} ms {calls:4d}x  {name}")
     print(f"\n{'shape':<15}{'tokens':>7} {'mode':<5}{'backend':<14}{'ms':>9}{'TFLOP/s':>9}"
           f"{'peak MiB':>10}")
     for r in timed:
@@ -232,4 +261,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--check", action="store_true", help="check correctness first")
     p.add_argument("--check-tokens", type=int, default=512)
+    p.add_argument("--profile", action="store_true", help="list the top kernels of each row")
     p.add_argument("--json", default=None, help="write all rows to this file")

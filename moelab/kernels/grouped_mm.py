@@ -3,8 +3,8 @@
 Forward, on the expert-sorted rows (dispatch in :mod:`moelab.ops.dispatch`)::
 
     xs = x[token]                                    gathered copy, dropped after the up GEMMs
-    h  = xs W1^T (+ s (xs A1^T) B1^T)                saved: the pre-activation (bias-free)
-    a  = act(h + b1)                                 in row chunks, fp32 math
+    h  = xs W1^T (+ s (xs A1^T) B1^T)                saved: the pre-activation
+    a  = act(h + b1)                                 bias added in place, in row chunks
     y  = a W2^T (+ s (a A2^T) B2^T)
     out[t] = sum_j w[t, j] y[slot[t, j]]             fp32 k-sum, fixed order
              (+ sum_j w[t, j] b2[e_tj])              one small [T, E] x [E, H] product
@@ -13,11 +13,12 @@ Backward, with upstream ``dout``::
 
     g  = dout[token] W2 (+ s (dout B2) A2)           dY W2 before the routing weight
     dw = <g, a> (+ <dout, b2[e]>)                    router gradient without keeping y
-    dh = act'(h + b1, w g);  dxs = dh W1 (+ s (dh B1) A1);  dx[t] = sum_j dxs[slot[t, j]]
+    dh = act'(h, w g);  dxs = dh W1 (+ s (dh B1) A1);  dx[t] = sum_j dxs[slot[t, j]]
     LoRA dA/dB and, for weights that require grad, dW as varlen-K grouped products.
 
-Saved for backward: x, h ``[N, 2I]``, the rank-R products ``xs A1^T`` and ``a A2^T``, the
-routing weights and the int dispatch plan; ``a`` and ``xs`` are recomputed. Weights enter the
+Saved for backward: x, h ``[N, 2I]`` (bias included), a ``[N, I]``, the rank-R products
+``xs A1^T`` and ``a A2^T``, the routing weights and the int dispatch plan; ``xs`` is gathered
+again when a weight gradient needs it. Weights enter the
 GEMMs as transposed views (never copied per step) and nothing synchronises with the host.
 """
 
@@ -28,14 +29,13 @@ import torch.nn.functional as F
 
 from moelab.kernels.problem import ExpertProblem
 from moelab.ops.activations import activation_backward, activation_forward
-from moelab.ops.dispatch import DispatchPlan, combine, dispatch, scatter_to_slots, segment_sum
+from moelab.ops.dispatch import DispatchPlan, combine, dispatch, scatter_to_slots
 from moelab.ops.lora import ExpertLoRA
 
 NAME = "grouped_mm"
 _MAX_GROUPS = 1023
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# The activation's fp32 temporaries are several times h: bound them by working on row chunks
-# of about this many elements, large enough to keep launches off the critical path.
+# The gathered expert bias is added in row chunks of about this many elements.
 CHUNK_ELEMENTS = 1 << 23
 
 
@@ -90,29 +90,12 @@ def _project(
     return y_NO, z_NR
 
 
-def _row_chunks(h_NG: torch.Tensor) -> list[slice]:
-    rows = max(1, CHUNK_ELEMENTS // max(1, h_NG.shape[1]))
-    return [slice(i, i + rows) for i in range(0, h_NG.shape[0], rows)]
-
-
-def _with_bias(h_MG: torch.Tensor, bias_EG: torch.Tensor | None, expert_M: torch.Tensor):
-    return h_MG if bias_EG is None else h_MG + bias_EG.index_select(0, expert_M)
-
-
-def _act_forward(h_NG, bias_EG, plan: DispatchPlan, activation: str) -> torch.Tensor:
-    act_NI = h_NG.new_empty(h_NG.shape[0], h_NG.shape[1] // 2)
-    for rows in _row_chunks(h_NG):
-        h_MG = _with_bias(h_NG[rows], bias_EG, plan.expert_N[rows])
-        act_NI[rows] = activation_forward(h_MG, activation)
-    return act_NI
-
-
-def _act_backward(h_NG, bias_EG, dact_NI, plan: DispatchPlan, activation: str) -> torch.Tensor:
-    dh_NG = torch.empty_like(h_NG)
-    for rows in _row_chunks(h_NG):
-        h_MG = _with_bias(h_NG[rows], bias_EG, plan.expert_N[rows])
-        dh_NG[rows] = activation_backward(h_MG, dact_NI[rows], activation)
-    return dh_NG
+def _add_expert_bias_(h_NG: torch.Tensor, bias_EG: torch.Tensor, plan: DispatchPlan) -> None:
+    """``h[n] += bias[expert[n]]`` in place, in row chunks so the gathered bias stays small."""
+    rows = max(1, CHUNK_ELEMENTS // h_NG.shape[1])
+    for start in range(0, h_NG.shape[0], rows):
+        chunk = slice(start, start + rows)
+        h_NG[chunk] += bias_EG.index_select(0, plan.expert_N[chunk])
 
 
 def _dense_weights(weights_TK: torch.Tensor, experts_TK: torch.Tensor, num_experts: int):
@@ -129,17 +112,18 @@ class _GroupedExperts(torch.autograd.Function):
         xs_NH = x_TH.index_select(0, plan.token_N)
         h_NG, z1_NR = _project(xs_NH, gate_up, a1, b1, scale, plan.offs_E)
         del xs_NH
-        act_NI = _act_forward(h_NG, gate_up_bias, plan, activation)
+        if gate_up_bias is not None:
+            _add_expert_bias_(h_NG, gate_up_bias, plan)
+        act_NI = activation_forward(h_NG, activation)
         y_NH, z2_NR = _project(act_NI, down, a2, b2, scale, plan.offs_E)
-        del act_NI
         out_TH = combine(y_NH, plan, weights_TK)
         if down_bias is not None:
             # sum_j w_tj b_(e_tj) as one small dense product instead of an [N, H] bias gather
             dense_TE = _dense_weights(weights_TK, experts_TK, gate_up.shape[0])
             out_TH = (out_TH.float() + dense_TE @ down_bias.float()).to(x_TH.dtype)
         ctx.save_for_backward(
-            x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias, a1, b1, a2, b2,
-            h_NG, z1_NR, z2_NR, plan.order_N, plan.token_N, plan.expert_N, plan.offs_E,
+            x_TH, weights_TK, experts_TK, gate_up, down, down_bias, a1, b1, a2, b2,
+            h_NG, act_NI, z1_NR, z2_NR, plan.order_N, plan.token_N, plan.expert_N, plan.offs_E,
             plan.slot_TK,
         )
         ctx.scale, ctx.activation = scale, activation
@@ -147,8 +131,8 @@ class _GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout_TH):
-        (x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias, a1, b1, a2, b2,
-         h_NG, z1_NR, z2_NR, *plan_tensors) = ctx.saved_tensors
+        (x_TH, weights_TK, experts_TK, gate_up, down, down_bias, a1, b1, a2, b2,
+         h_NG, act_NI, z1_NR, z2_NR, *plan_tensors) = ctx.saved_tensors
         plan, offs_E = DispatchPlan(*plan_tensors), plan_tensors[3]
         need, s, activation = ctx.needs_input_grad, ctx.scale, ctx.activation
         grads = [None] * 13
@@ -161,30 +145,31 @@ class _GroupedExperts(torch.autograd.Function):
         if a2 is not None:
             u2_NR = _gmm(dout_NH, b2, offs_E)
             g_NI.add_(_gmm(u2_NR, a2, offs_E), alpha=s)
-        act_NI = _act_forward(h_NG, gate_up_bias, plan, activation)
         if need[1]:
             dw_TK = scatter_to_slots((g_NI * act_NI).sum(-1, dtype=torch.float32), plan)
             if down_bias is not None:
                 dw_TK += (dout_TH.float() @ down_bias.float().t()).gather(1, experts_TK)
             grads[1] = dw_TK
-        act_NI.mul_(w_N1)  # now the rows of dY^T's partner: dW2 = dout^T (w act)
+        act_w_NI = (act_NI * w_N1).to(act_NI.dtype)  # dW2 = dY^T act = dout^T (w act)
         if a2 is not None:
             if need[9]:
-                grads[9] = _gmm_wgrad(u2_NR, act_NI, offs_E).mul_(s)
+                grads[9] = _gmm_wgrad(u2_NR, act_w_NI, offs_E).mul_(s)
             if need[10]:
                 grads[10] = _gmm_wgrad(dout_NH, (z2_NR * w_N1).to(z2_NR.dtype), offs_E).mul_(s)
         if need[4]:
-            grads[4] = _gmm_wgrad(dout_NH, act_NI, offs_E)
+            grads[4] = _gmm_wgrad(dout_NH, act_w_NI, offs_E)
         if need[6]:
             dense_TE = _dense_weights(weights_TK, experts_TK, gate_up.shape[0])
             grads[6] = (dense_TE.t() @ dout_TH.float()).to(down_bias.dtype)
-        del act_NI, dout_NH
+        del act_w_NI, dout_NH
 
         # activation, then the up projection
-        dh_NG = _act_backward(h_NG, gate_up_bias, g_NI.mul_(w_N1), plan, activation)
+        dh_NG = activation_backward(h_NG, g_NI.mul_(w_N1), activation)
         del g_NI
         if need[5]:
-            grads[5] = segment_sum(dh_NG, plan)
+            # per-expert row sums as a product with ones: fp32 accumulation, fixed order
+            ones_N8 = dh_NG.new_ones(dh_NG.shape[0], 8)
+            grads[5] = _gmm_wgrad(dh_NG, ones_N8, offs_E)[..., 0]
         u1_NR = _gmm(dh_NG, b1, offs_E) if a1 is not None else None
         if a1 is not None and need[8]:
             grads[8] = _gmm_wgrad(dh_NG, z1_NR, offs_E).mul_(s)

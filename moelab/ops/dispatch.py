@@ -32,12 +32,6 @@ class DispatchPlan:
     offs_E: torch.Tensor
     slot_TK: torch.Tensor
 
-    @property
-    def bounds_E1(self) -> torch.Tensor:
-        """int64 ``[E + 1]`` segment boundaries ``0, offs_E...`` for segment reductions."""
-        zero = torch.zeros(1, dtype=torch.int64, device=self.offs_E.device)
-        return torch.cat([zero, self.offs_E.long()])
-
 
 def dispatch(experts_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
     """Sort the T*K routed rows by expert; see :class:`DispatchPlan`."""
@@ -67,11 +61,6 @@ def combine(
     """
     per_row = None if weights_TK is None else weights_TK.to(rows_NH.dtype)
     return F.embedding_bag(plan.slot_TK, rows_NH, per_sample_weights=per_row, mode="sum")
-
-
-def segment_sum(rows_NX: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Per-expert sum of the sorted rows, ``[E, X]`` (zero for empty experts)."""
-    return torch.segment_reduce(rows_NX, "sum", offsets=plan.bounds_E1, axis=0, unsafe=True)
 
 
 def scatter_to_slots(values_N: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
