@@ -1,0 +1,7 @@
+"""moelab: composable, functional Mixture-of-Experts layers, kernels and training on PyTorch.
+
+Layers (imports point down only): ``ops`` (pure tensor functions), ``kernels`` (expert-MLP
+backends), ``models``, ``checkpoints``, ``train``, ``bench``. See shared/docs/design.md.
+"""
+
+__version__ = "0.1.0"

@@ -32,7 +32,9 @@ def build_block(
     e, h, i = shape.num_experts, shape.hidden, shape.inter
 
     def rand(*size: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+        return (torch.randn(*size, generator=gen, device=device, dtype=torch.float32) * 0.02).to(
+            dtype
+        )
 
     params = {
         "router": {"weight": rand(e, h)},
@@ -73,9 +75,16 @@ def block_config(shape: BlockShape, backend: str, rank: int) -> MoEConfig:
 
 def _problem(shape: BlockShape, tokens: int, rank: int, dtype, device) -> ExpertProblem:
     return ExpertProblem(
-        device=torch.device(device), dtype=dtype, num_tokens=tokens, top_k=shape.top_k,
-        num_experts=shape.num_experts, hidden=shape.hidden, inter=shape.inter, lora_rank=rank,
-        has_bias=shape.biases, activation=shape.activation,
+        device=torch.device(device),
+        dtype=dtype,
+        num_tokens=tokens,
+        top_k=shape.top_k,
+        num_experts=shape.num_experts,
+        hidden=shape.hidden,
+        inter=shape.inter,
+        lora_rank=rank,
+        has_bias=shape.biases,
+        activation=shape.activation,
     )
 
 
@@ -153,9 +162,14 @@ def check_backends(
             lora = experts.get("lora")
             x = x32.to(dt).requires_grad_(True)
             out = moe_experts(
-                x, route(logits, shape.router, shape.top_k), experts["gate_up"], experts["down"],
-                gate_up_bias=experts.get("gate_up_bias"), down_bias=experts.get("down_bias"),
-                activation=shape.activation, backend=backend,
+                x,
+                route(logits, shape.router, shape.top_k),
+                experts["gate_up"],
+                experts["down"],
+                gate_up_bias=experts.get("gate_up_bias"),
+                down_bias=experts.get("down_bias"),
+                activation=shape.activation,
+                backend=backend,
                 lora=None if lora is None else ExpertLoRA(**lora, scale=2.0),
             )
             grads = torch.autograd.grad(out, [x, logits, *trainable], dout32.to(dt))
@@ -164,8 +178,16 @@ def check_backends(
         for backend, out, grads in results[1:]:
             errs = [_rel(out, ref_out)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
             empty_ok = all(bool((g[0] == 0).all()) for g in grads[2:])
-            rows.append(dict(check=backend, mode=mode, dtype=str(dtype), tokens=tokens,
-                             max_rel_err=max(errs), empty_expert_zero_grad=empty_ok))
+            rows.append(
+                dict(
+                    check=backend,
+                    mode=mode,
+                    dtype=str(dtype),
+                    tokens=tokens,
+                    max_rel_err=max(errs),
+                    empty_expert_zero_grad=empty_ok,
+                )
+            )
     return rows
 
 
@@ -183,16 +205,25 @@ def run(args: argparse.Namespace) -> list[dict]:
     backends = args.backends.split(",") if args.backends else available()
     rows = []
     if args.check:
-        ok = [b for b in backends
-              if unsupported_reason(b, _problem(shape, 256, args.rank, dtype, device)) is None]
+        ok = [
+            b
+            for b in backends
+            if unsupported_reason(b, _problem(shape, 256, args.rank, dtype, device)) is None
+        ]
         for row in check_backends(shape, ok, dtype, device, args.check_tokens, args.rank):
             print(json.dumps(row), flush=True)
             rows.append(row)
     for tokens in [int(t) for t in args.tokens.split(",")]:
         for mode in args.mode.split(","):
             for backend in backends:
-                row = dict(shape=args.shape, tokens=tokens, mode=mode, backend=backend,
-                           rank=args.rank if mode == "lora" else 0, dtype=str(dtype))
+                row = dict(
+                    shape=args.shape,
+                    tokens=tokens,
+                    mode=mode,
+                    backend=backend,
+                    rank=args.rank if mode == "lora" else 0,
+                    dtype=str(dtype),
+                )
                 rank = args.rank if mode == "lora" else 0
                 reason = unsupported_reason(backend, _problem(shape, tokens, rank, dtype, device))
                 if reason is not None:
@@ -216,8 +247,9 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
     ms, peak = time_step(step, x0, args.iters)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
-    row = dict(ms=round(ms, 3), tflops=round(tflops, 3),
-               peak_mib=None if peak is None else round(peak, 1))
+    row = dict(
+        ms=round(ms, 3), tflops=round(tflops, 3), peak_mib=None if peak is None else round(peak, 1)
+    )
     if args.profile:
         row["kernels"] = profile_step(step, x0)
     return row
@@ -227,27 +259,39 @@ def print_table(rows: list[dict]) -> None:
     checks = [r for r in rows if "check" in r]
     if checks:
         print("\ncheck vs float64 native_torch (fresh inputs)")
-        print(f"{'backend':<14}{'mode':<6}{'dtype':<16}{'max rel err':>12}  empty expert grads zero")
+        print(
+            f"{'backend':<14}{'mode':<6}{'dtype':<16}{'max rel err':>12}  empty expert grads zero"
+        )
         for r in checks:
-            print(f"{r['check']:<14}{r['mode']:<6}{r['dtype']:<16}{r['max_rel_err']:>12.2e}  "
-                  f"{r['empty_expert_zero_grad']}")
+            print(
+                f"{r['check']:<14}{r['mode']:<6}{r['dtype']:<16}{r['max_rel_err']:>12.2e}  "
+                f"{r['empty_expert_zero_grad']}"
+            )
     timed = [r for r in rows if "check" not in r]
     for r in timed:
         if r.get("kernels"):
-            print(f"\nkernels of one step: {r['shape']} {r['tokens']} {r['mode']} {r['backend']}"
-                  f" ({r['ms']:.3f} ms)")
+            print(
+                f"\nkernels of one step: {r['shape']} {r['tokens']} {r['mode']} {r['backend']}"
+                f" ({r['ms']:.3f} ms)"
+            )
             for name, ms, calls in r["kernels"]:
                 print(f"  {ms:8.3f} ms {calls:4d}x  {name}")
-    print(f"\n{'shape':<15}{'tokens':>7} {'mode':<5}{'backend':<14}{'ms':>9}{'TFLOP/s':>9}"
-          f"{'peak MiB':>10}")
+    print(
+        f"\n{'shape':<15}{'tokens':>7} {'mode':<5}{'backend':<14}{'ms':>9}{'TFLOP/s':>9}"
+        f"{'peak MiB':>10}"
+    )
     for r in timed:
         if "skipped" in r:
-            print(f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
-                  f"  skipped: {r['skipped']}")
+            print(
+                f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
+                f"  skipped: {r['skipped']}"
+            )
             continue
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        print(f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
-              f"{r['ms']:>9.3f}{r['tflops']:>9.1f}{peak:>10}")
+        print(
+            f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
+            f"{r['ms']:>9.3f}{r['tflops']:>9.1f}{peak:>10}"
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

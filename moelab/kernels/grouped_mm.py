@@ -106,8 +106,22 @@ def _dense_weights(weights_TK: torch.Tensor, experts_TK: torch.Tensor, num_exper
 
 class _GroupedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias,
-                a1, b1, a2, b2, scale, activation):
+    def forward(
+        ctx,
+        x_TH,
+        weights_TK,
+        experts_TK,
+        gate_up,
+        down,
+        gate_up_bias,
+        down_bias,
+        a1,
+        b1,
+        a2,
+        b2,
+        scale,
+        activation,
+    ):
         plan = dispatch(experts_TK, gate_up.shape[0])
         xs_NH = x_TH.index_select(0, plan.token_N)
         h_NG, z1_NR = _project(xs_NH, gate_up, a1, b1, scale, plan.offs_E)
@@ -122,8 +136,24 @@ class _GroupedExperts(torch.autograd.Function):
             dense_TE = _dense_weights(weights_TK, experts_TK, gate_up.shape[0])
             out_TH = (out_TH.float() + dense_TE @ down_bias.float()).to(x_TH.dtype)
         ctx.save_for_backward(
-            x_TH, weights_TK, experts_TK, gate_up, down, down_bias, a1, b1, a2, b2,
-            h_NG, act_NI, z1_NR, z2_NR, plan.order_N, plan.token_N, plan.expert_N, plan.offs_E,
+            x_TH,
+            weights_TK,
+            experts_TK,
+            gate_up,
+            down,
+            down_bias,
+            a1,
+            b1,
+            a2,
+            b2,
+            h_NG,
+            act_NI,
+            z1_NR,
+            z2_NR,
+            plan.order_N,
+            plan.token_N,
+            plan.expert_N,
+            plan.offs_E,
             plan.slot_TK,
         )
         ctx.scale, ctx.activation = scale, activation
@@ -131,8 +161,23 @@ class _GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout_TH):
-        (x_TH, weights_TK, experts_TK, gate_up, down, down_bias, a1, b1, a2, b2,
-         h_NG, act_NI, z1_NR, z2_NR, *plan_tensors) = ctx.saved_tensors
+        (
+            x_TH,
+            weights_TK,
+            experts_TK,
+            gate_up,
+            down,
+            down_bias,
+            a1,
+            b1,
+            a2,
+            b2,
+            h_NG,
+            act_NI,
+            z1_NR,
+            z2_NR,
+            *plan_tensors,
+        ) = ctx.saved_tensors
         plan, offs_E = DispatchPlan(*plan_tensors), plan_tensors[3]
         need, s, activation = ctx.needs_input_grad, ctx.scale, ctx.activation
         grads = [None] * 13
@@ -202,6 +247,17 @@ def experts_mlp(
     a1, b1, a2, b2 = lora.tensors() if lora is not None else (None,) * 4
     scale = float(lora.scale) if lora is not None else 0.0
     return _GroupedExperts.apply(
-        x_TH, weights_TK, experts_TK, gate_up_EGH, down_EHI, gate_up_bias_EG, down_bias_EH,
-        a1, b1, a2, b2, scale, activation,
+        x_TH,
+        weights_TK,
+        experts_TK,
+        gate_up_EGH,
+        down_EHI,
+        gate_up_bias_EG,
+        down_bias_EH,
+        a1,
+        b1,
+        a2,
+        b2,
+        scale,
+        activation,
     )

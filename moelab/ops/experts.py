@@ -50,11 +50,11 @@ def moe_experts(
     weights_TK, experts_TK = _check_routing(routing)
     num_experts = _check_experts(x, gate_up, down, gate_up_bias, down_bias, activation)
     if weights_TK.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"routing covers {weights_TK.shape[0]} tokens but x has {x.shape[0]} rows"
-        )
+        raise ValueError(f"routing covers {weights_TK.shape[0]} tokens but x has {x.shape[0]} rows")
     if weights_TK.shape[1] > num_experts:
-        raise ValueError(f"top_k={weights_TK.shape[1]} exceeds the number of experts E={num_experts}")
+        raise ValueError(
+            f"top_k={weights_TK.shape[1]} exceeds the number of experts E={num_experts}"
+        )
     if weights_TK.device != x.device or experts_TK.device != x.device:
         raise ValueError(f"routing tensors must be on {x.device} like x")
     if should_validate(validate, experts_TK) and experts_TK.numel():
@@ -80,9 +80,10 @@ def moe_experts(
         activation=activation,
     )
     impl = registry.resolve(None if backend == "auto" else backend, problem)
+    # Routing weights travel in fp32 (fp64 beside fp64 tokens, for reference evaluations).
+    weights_TK = weights_TK.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     return impl.experts_mlp(
-        x, weights_TK.float(), experts_TK.long(), gate_up, down, gate_up_bias, down_bias,
-        activation, lora,
+        x, weights_TK, experts_TK.long(), gate_up, down, gate_up_bias, down_bias, activation, lora
     )
 
 

@@ -57,9 +57,7 @@ class RouterStats(NamedTuple):
     entropy: torch.Tensor
 
 
-def moe_block(
-    x: torch.Tensor, params: dict, cfg: MoEConfig
-) -> tuple[torch.Tensor, RouterStats]:
+def moe_block(x: torch.Tensor, params: dict, cfg: MoEConfig) -> tuple[torch.Tensor, RouterStats]:
     """Apply the MoE block to ``x [..., H]``; returns the output (same shape) and router stats."""
     x_TH = x.reshape(-1, x.shape[-1])
     router = params["router"]

@@ -1,7 +1,7 @@
 """Routers: router logits -> (weights, expert ids) per token, plus the router losses.
 
-Shape suffixes: see :mod:`moelab.ops`. All routing math runs in fp32 whatever the logits dtype;
-gradients flow from ``Routing.weights`` back to the logits.
+Shape suffixes: see :mod:`moelab.ops`. All routing math runs in fp32 whatever the logits dtype
+(fp64 for fp64 logits); gradients flow from ``Routing.weights`` back to the logits.
 
 Data-dependent checks (non-finite logits) need the values on the host. They run by default on
 CPU tensors, where they are free, and on request (``validate=True``) elsewhere, so the
@@ -21,7 +21,7 @@ class Routing(NamedTuple):
     """The routing of T tokens to k experts each.
 
     Attributes:
-        weights: ``[T, K]`` float32 combine weights (differentiable).
+        weights: ``[T, K]`` float32 combine weights (differentiable; fp64 for fp64 logits).
         experts: ``[T, K]`` int64 expert ids.
     """
 
@@ -57,7 +57,7 @@ def route(
         :class:`Routing` with ``weights [T, K]`` float32 and ``experts [T, K]`` int64.
     """
     _check_logits(router_logits, top_k, validate)
-    logits_TE = router_logits.float()
+    logits_TE = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
     if kind == "softmax_topk":
         return _softmax_topk(logits_TE, top_k, **options)
     if kind == "sigmoid_group_topk":
@@ -118,7 +118,7 @@ def _sigmoid_group_topk(
                 f"correction_bias must have shape [E={num_experts}], "
                 f"got {tuple(correction_bias.shape)}"
             )
-        choice_TE = choice_TE + correction_bias.detach().float()
+        choice_TE = choice_TE + correction_bias.detach().to(choice_TE.dtype)
     if n_group > 1:
         grouped = choice_TE.view(num_tokens, n_group, num_experts // n_group)
         group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)

@@ -1,0 +1,1 @@
+"""Training: loss, step, optimizer groups, data, metrics, logging, checkpoint and resume."""

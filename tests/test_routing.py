@@ -1,0 +1,152 @@
+"""The three routers against hand-computed cases, their gradients, losses and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moelab.ops import (
+    Routing,
+    expert_counts,
+    load_balancing_loss,
+    route,
+    router_entropy,
+    router_z_loss,
+)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_softmax_topk_hand_case():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    r = route(logits, "softmax_topk", 2)
+    assert r.experts.tolist() == [[2, 1]]
+    top = 1 / (1 + math.exp(-1))  # e^3 / (e^3 + e^2)
+    torch.testing.assert_close(r.weights, torch.tensor([[top, 1 - top]]))
+    assert r.weights.dtype == torch.float32 and r.experts.dtype == torch.int64
+
+    raw = route(logits, "softmax_topk", 2, renormalize=False)
+    z = sum(math.exp(v) for v in (1.0, 2.0, 3.0, 0.0))
+    torch.testing.assert_close(raw.weights, torch.tensor([[math.exp(3) / z, math.exp(2) / z]]))
+
+
+def test_topk_softmax_hand_case():
+    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0]], dtype=torch.bfloat16)
+    r = route(logits, "topk_softmax", 2)
+    assert r.experts.tolist() == [[1, 3]]
+    top = 1 / (1 + math.exp(-1))  # softmax over the selected logits [4, 3] only
+    torch.testing.assert_close(r.weights, torch.tensor([[top, 1 - top]]))
+    assert r.weights.dtype == torch.float32
+
+
+SCORES = [0.9, 0.1, 0.6, 0.6, 0.5, 0.5, 0.2, 0.2]  # groups of 2: top-2 sums 1.0 1.2 1.0 0.4
+
+
+def test_sigmoid_group_topk_limits_groups():
+    logits = torch.tensor([[_logit(p) for p in SCORES]])
+    r = route(logits, "sigmoid_group_topk", 2, n_group=4, topk_group=1, routed_scaling_factor=2.5)
+    # expert 0 scores highest but its group loses to group 1 (0.6 + 0.6)
+    assert sorted(r.experts[0].tolist()) == [2, 3]
+    torch.testing.assert_close(r.weights, torch.tensor([[1.25, 1.25]]))  # 0.6/1.2 * 2.5
+
+
+def test_sigmoid_group_topk_correction_bias_selects_but_does_not_weigh():
+    logits = torch.tensor([[_logit(p) for p in SCORES]])
+    bias = torch.tensor([0, 0, 0, 0, 0.3, 0, 0, 0])
+    r = route(logits, "sigmoid_group_topk", 2, n_group=4, topk_group=1, correction_bias=bias)
+    # group 2 now scores 0.8 + 0.5 = 1.3; the weights are the unbiased 0.5 and 0.5
+    assert sorted(r.experts[0].tolist()) == [4, 5]
+    torch.testing.assert_close(r.weights, torch.tensor([[0.5, 0.5]]))
+
+
+def test_sigmoid_without_renormalisation_still_scales():
+    logits = torch.tensor([[_logit(p) for p in SCORES]])
+    r = route(logits, "sigmoid_group_topk", 1, renormalize=False, routed_scaling_factor=2.0)
+    assert r.experts.tolist() == [[0]]
+    torch.testing.assert_close(r.weights, torch.tensor([[1.8]]))
+
+
+@pytest.mark.parametrize(
+    "kind, options",
+    [
+        ("softmax_topk", {}),
+        ("softmax_topk", {"renormalize": False}),
+        ("topk_softmax", {}),
+        ("sigmoid_group_topk", {"n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.5}),
+    ],
+)
+def test_gradients_reach_the_logits(kind, options):
+    """Finite differences in float64 agree with autograd through the routing weights."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    coeff = torch.randn(5, 3, generator=g, dtype=torch.float64)
+
+    def f(lg):
+        return (route(lg, kind, 3, **options).weights * coeff).sum()
+
+    assert torch.autograd.gradcheck(f, (logits,))
+    (grad,) = torch.autograd.grad(f(logits), logits)
+    assert grad.abs().sum() > 0
+
+
+def test_routing_is_a_positional_pair():
+    w, e = torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int64)
+    r = Routing(w, e)
+    assert r.weights is w and r.experts is e
+    assert tuple(r) == (w, e)
+
+
+def test_expert_counts_and_losses_hand_case():
+    experts = torch.tensor([[0], [0], [2]])
+    torch.testing.assert_close(expert_counts(experts, 4), torch.tensor([2, 0, 1, 0]))
+    probs = torch.tensor([[0.75, 0.25], [0.25, 0.75]])
+    # f = [1, 0], P = [0.5, 0.5] -> E * sum f P = 2 * 0.5
+    assert load_balancing_loss(probs, torch.tensor([[0], [0]])).item() == pytest.approx(1.0)
+    # balanced k = 2 of 2 experts: every expert gets every token, f = [1, 1], P = 0.5 -> k
+    assert load_balancing_loss(probs, torch.tensor([[0, 1], [1, 0]])).item() == pytest.approx(2.0)
+    assert router_z_loss(torch.zeros(3, 2)).item() == pytest.approx(math.log(2) ** 2)
+    assert router_entropy(torch.full((2, 4), 0.25)).item() == pytest.approx(math.log(4))
+
+
+def test_balance_loss_gradient_reaches_probs():
+    logits = torch.randn(6, 4, requires_grad=True)
+    r = route(logits, "softmax_topk", 2)
+    loss = load_balancing_loss(logits.softmax(-1), r.experts)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "logits, kind, k, options, message",
+    [
+        (torch.randn(4), "softmax_topk", 1, {}, r"\[T, E\]"),
+        (torch.ones(2, 3, dtype=torch.int64), "softmax_topk", 1, {}, "floating point"),
+        (torch.randn(2, 3), "softmax_topk", 4, {}, "top_k"),
+        (torch.randn(2, 3), "softmax_topk", 0, {}, "top_k"),
+        (torch.tensor([[0.0, float("nan"), 1.0]]), "softmax_topk", 1, {}, "NaN or Inf"),
+        (torch.tensor([[0.0, float("inf"), 1.0]]), "topk_softmax", 1, {}, "NaN or Inf"),
+        (torch.randn(2, 3), "softmax", 1, {}, "unknown router kind"),
+        (torch.randn(2, 6), "sigmoid_group_topk", 1, {"n_group": 4}, "must divide"),
+        (torch.randn(2, 6), "sigmoid_group_topk", 1, {"n_group": 2, "topk_group": 3}, "topk_group"),
+        (torch.randn(2, 8), "sigmoid_group_topk", 5, {"n_group": 4, "topk_group": 2}, "exceeds"),
+        (
+            torch.randn(2, 4),
+            "sigmoid_group_topk",
+            1,
+            {"correction_bias": torch.zeros(3)},
+            r"\[E=4\]",
+        ),
+    ],
+)
+def test_bad_input_raises(logits, kind, k, options, message):
+    with pytest.raises(ValueError, match=message):
+        route(logits, kind, k, **options)
+
+
+def test_non_finite_check_can_be_skipped():
+    logits = torch.tensor([[0.0, float("nan"), 1.0]])
+    route(logits, "softmax_topk", 1, validate=False)  # the accelerator default: no host sync
