@@ -248,7 +248,7 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     ms, peak = time_step(step, x0, args.iters)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
     row = dict(
-        ms=round(ms, 3), tflops=round(tflops, 3), peak_mib=None if peak is None else round(peak, 1)
+        ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1)
     )
     if args.profile:
         row["kernels"] = profile_step(step, x0)

@@ -135,50 +135,21 @@ class _GroupedExperts(torch.autograd.Function):
             # sum_j w_tj b_(e_tj) as one small dense product instead of an [N, H] bias gather
             dense_TE = _dense_weights(weights_TK, experts_TK, gate_up.shape[0])
             out_TH = (out_TH.float() + dense_TE @ down_bias.float()).to(x_TH.dtype)
-        ctx.save_for_backward(
-            x_TH,
-            weights_TK,
-            experts_TK,
-            gate_up,
-            down,
-            down_bias,
-            a1,
-            b1,
-            a2,
-            b2,
-            h_NG,
-            act_NI,
-            z1_NR,
-            z2_NR,
-            plan.order_N,
-            plan.token_N,
-            plan.expert_N,
-            plan.offs_E,
-            plan.slot_TK,
-        )
+        # fmt: off
+        ctx.save_for_backward(x_TH, weights_TK, experts_TK, gate_up, down, down_bias,
+                              a1, b1, a2, b2, h_NG, act_NI, z1_NR, z2_NR, *plan.tensors())
+        # fmt: on
         ctx.scale, ctx.activation = scale, activation
         return out_TH
 
     @staticmethod
     def backward(ctx, dout_TH):
-        (
-            x_TH,
-            weights_TK,
-            experts_TK,
-            gate_up,
-            down,
-            down_bias,
-            a1,
-            b1,
-            a2,
-            b2,
-            h_NG,
-            act_NI,
-            z1_NR,
-            z2_NR,
-            *plan_tensors,
-        ) = ctx.saved_tensors
-        plan, offs_E = DispatchPlan(*plan_tensors), plan_tensors[3]
+        # fmt: off
+        (x_TH, weights_TK, experts_TK, gate_up, down, down_bias,
+         a1, b1, a2, b2, h_NG, act_NI, z1_NR, z2_NR, *plan_tensors) = ctx.saved_tensors
+        # fmt: on
+        plan = DispatchPlan(*plan_tensors)
+        offs_E = plan.offs_E
         need, s, activation = ctx.needs_input_grad, ctx.scale, ctx.activation
         grads = [None] * 13
         dout_TH = dout_TH.contiguous()

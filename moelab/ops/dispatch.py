@@ -6,7 +6,7 @@ fixed-order reductions: no host synchronisation, same bits on every run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ class DispatchPlan:
     expert_N: torch.Tensor
     offs_E: torch.Tensor
     slot_TK: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The fields in order, e.g. for ``save_for_backward``; ``DispatchPlan(*t)`` rebuilds."""
+        return tuple(getattr(self, f.name) for f in fields(self))
 
 
 def dispatch(experts_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
