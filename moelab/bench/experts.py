@@ -247,9 +247,7 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
     ms, peak = time_step(step, x0, args.iters)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
-    row = dict(
-        ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1)
-    )
+    row = dict(ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1))
     if args.profile:
         row["kernels"] = profile_step(step, x0)
     return row
@@ -290,7 +288,7 @@ def print_table(rows: list[dict]) -> None:
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         print(
             f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
-            f"{r['ms']:>9.3f}{r['tflops']:>9.1f}{peak:>10}"
+            f"{r['ms']:>9.3f}{r['tflops']:>9.2f}{peak:>10}"
         )
 
 
