@@ -5,3 +5,16 @@ backends), ``models``, ``checkpoints``, ``train``, ``bench``. See shared/docs/de
 """
 
 __version__ = "0.1.0"
+
+from moelab.checkpoints import CheckpointError, load_pretrained, read_config, save_pretrained
+from moelab.models.model import Model
+from moelab.models.options import ForwardOptions
+
+__all__ = [
+    "CheckpointError",
+    "ForwardOptions",
+    "Model",
+    "load_pretrained",
+    "read_config",
+    "save_pretrained",
+]

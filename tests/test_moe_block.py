@@ -16,11 +16,21 @@ def _params(g, e=6, h=16, i=8, s=12, shared_gate=True, dtype=torch.float64):
     params = {
         "router": {"weight": rand(e, h), "correction_bias": torch.rand(e, generator=g).to(dtype)},
         "experts": {"gate_up": rand(e, 2 * i, h), "down": rand(e, h, i)},
-        "shared": {"gate": rand(s, h), "up": rand(s, h), "down": rand(h, s)},
+        "shared": {
+            "gate_proj": {"weight": rand(s, h)},
+            "up_proj": {"weight": rand(s, h)},
+            "down_proj": {"weight": rand(h, s)},
+        },
     }
     if shared_gate:
-        params["shared"]["gate_logit"] = rand(1, h)
+        params["shared_gate"] = {"weight": rand(1, h)}
     return params
+
+
+def _detached_double(tree):
+    if isinstance(tree, dict):
+        return {k: _detached_double(v) for k, v in tree.items()}
+    return tree.detach().double()
 
 
 @pytest.mark.parametrize("backend", ["native_torch", "grouped_mm"])
@@ -39,7 +49,7 @@ def test_block_matches_composition(backend):
     assert out.shape == x.shape
 
     x64 = x.detach().double().reshape(-1, 16)
-    p64 = {k: {n: t.detach().double() for n, t in v.items()} for k, v in params.items()}
+    p64 = _detached_double(params)
     logits = x64 @ p64["router"]["weight"].T
     routing = route(
         logits,
@@ -50,9 +60,11 @@ def test_block_matches_composition(backend):
         routed_scaling_factor=2.5,
         correction_bias=p64["router"]["correction_bias"],
     )
-    sh = p64["shared"]
-    shared = (torch.nn.functional.silu(x64 @ sh["gate"].T) * (x64 @ sh["up"].T)) @ sh["down"].T
-    shared = shared * torch.sigmoid(x64 @ sh["gate_logit"].T)
+    sh = {k: v["weight"] for k, v in p64["shared"].items()}
+    shared = (torch.nn.functional.silu(x64 @ sh["gate_proj"].T) * (x64 @ sh["up_proj"].T)) @ sh[
+        "down_proj"
+    ].T
+    shared = shared * torch.sigmoid(x64 @ p64["shared_gate"]["weight"].T)
     expected = (
         reference_experts(
             x64, routing.weights, routing.experts, p64["experts"]["gate_up"], p64["experts"]["down"]
@@ -67,12 +79,9 @@ def test_block_matches_composition(backend):
         assert loss.dim() == 0 and torch.isfinite(loss)
 
     total = out.square().sum() + stats.aux_loss + stats.z_loss
-    trainable = [
-        x,
-        params["router"]["weight"],
-        *params["experts"].values(),
-        *params["shared"].values(),
-    ]
+    trainable = [x, params["router"]["weight"], *params["experts"].values()]
+    trainable += [p["weight"] for p in params["shared"].values()]
+    trainable.append(params["shared_gate"]["weight"])
     for grad in torch.autograd.grad(total, trainable):
         assert grad.abs().sum() > 0
 

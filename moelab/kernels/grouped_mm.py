@@ -46,6 +46,8 @@ def _grouped_mm_op():
 def unsupported_reason(problem: ExpertProblem) -> str | None:
     if _grouped_mm_op() is None:
         return f"torch {torch.__version__} has no grouped_mm"
+    if problem.accumulate != "fp32":
+        return "grouped_mm sums the k expert outputs in fp32 only"
     if problem.dtype not in _DTYPES:
         return f"grouped_mm takes bf16, fp16 or fp32, not {problem.dtype}"
     if problem.num_experts > _MAX_GROUPS:
@@ -214,6 +216,7 @@ def experts_mlp(
     down_bias_EH: torch.Tensor | None,
     activation: str,
     lora: ExpertLoRA | None,
+    accumulate: str = "fp32",
 ) -> torch.Tensor:
     a1, b1, a2, b2 = lora.tensors() if lora is not None else (None,) * 4
     scale = float(lora.scale) if lora is not None else 0.0

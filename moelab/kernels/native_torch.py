@@ -2,9 +2,10 @@
 
 The readable reference and the last fallback: runs on any device and any float dtype (float64
 included), at the cost of one host synchronisation to learn which experts are hit. Outputs are
-accumulated in fp32 (fp64 for fp64 inputs) in ascending expert order, one ``index_add`` per
-expert; a token meets each expert at most once, so every add is free of duplicate indices and
-the result is deterministic.
+accumulated in fp32 (fp64 for fp64 inputs; or in x's dtype with ``accumulate="input"``, the
+reference models' eager numerics) in ascending expert order, one ``index_add`` per expert; a
+token meets each expert at most once, so every add is free of duplicate indices and the result
+is deterministic.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def experts_mlp(
     down_bias_EH: torch.Tensor | None,
     activation: str,
     lora: ExpertLoRA | None,
+    accumulate: str = "fp32",
 ) -> torch.Tensor:
-    acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
+    acc_dtype = (
+        x_TH.dtype if accumulate == "input" else torch.promote_types(x_TH.dtype, torch.float32)
+    )
     out_TH = x_TH.new_zeros(x_TH.shape, dtype=acc_dtype)
     scale = lora.scale if lora is not None else 0.0
     lora_tensors = lora.tensors() if lora is not None else (None,) * 4
@@ -62,6 +66,10 @@ def experts_mlp(
         h_MG = _project(x_TH[token_M], gate_up_EGH[e], _expert(gate_up_bias_EG, e), a1, b1, scale)
         act_MI = activation_forward(h_MG, activation)
         y_MH = _project(act_MI, down_EHI[e], _expert(down_bias_EH, e), a2, b2, scale)
-        contrib = y_MH.to(acc_dtype) * weights_TK[token_M, slot_M, None].to(acc_dtype)
+        w_M1 = weights_TK[token_M, slot_M, None]
+        if accumulate == "input":  # the reference models' eager path, rounding for rounding
+            contrib = (y_MH * w_M1).to(acc_dtype)
+        else:
+            contrib = y_MH.to(acc_dtype) * w_M1.to(acc_dtype)
         out_TH = out_TH.index_add(0, token_M, contrib)
     return out_TH.to(x_TH.dtype)

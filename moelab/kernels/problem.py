@@ -19,6 +19,7 @@ class ExpertProblem:
     lora_rank: int  # 0 without LoRA
     has_bias: bool
     activation: str
+    accumulate: str = "fp32"
 
     @property
     def routed_rows(self) -> int:

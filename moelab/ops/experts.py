@@ -15,6 +15,8 @@ from moelab.ops.activations import ACTIVATIONS
 from moelab.ops.lora import ExpertLoRA
 from moelab.ops.routing import Routing, should_validate
 
+ACCUMULATE = ("fp32", "input")
+
 
 def moe_experts(
     x: torch.Tensor,
@@ -27,6 +29,7 @@ def moe_experts(
     activation: str = "swiglu",
     lora: ExpertLoRA | None = None,
     backend: str | None = "auto",
+    accumulate: str = "fp32",
     validate: bool | None = None,
 ) -> torch.Tensor:
     """Run each token through its k experts and sum the outputs with the routing weights.
@@ -41,6 +44,10 @@ def moe_experts(
         lora: optional :class:`ExpertLoRA` (Split-LoRA: the merged weight is never formed).
         backend: ``"auto"``, ``"native_torch"``, ``"grouped_mm"`` or ``"triton"``; ``None``
             or ``"auto"`` defers to ``MOELAB_MOE_BACKEND``, then to automatic choice.
+        accumulate: ``"fp32"`` sums the k expert outputs in fp32 in slot order (every backend);
+            ``"input"`` reproduces the reference models' eager path bit for bit: each expert's
+            output times its weight (in the weights' dtype) is rounded to x's dtype and added
+            into an x-dtype sum in ascending expert order (``native_torch`` only).
         validate: check expert ids are in ``[0, E)`` (needs the values on the host; default:
             only for CPU tensors).
 
@@ -67,6 +74,8 @@ def moe_experts(
         lora.check(num_experts, x.shape[1], down.shape[2], x.dtype)
         if any(t.device != x.device for t in lora.tensors()):
             raise ValueError(f"LoRA tensors must be on {x.device} like x")
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"unknown accumulate {accumulate!r}; expected one of {ACCUMULATE}")
     problem = ExpertProblem(
         device=x.device,
         dtype=x.dtype,
@@ -78,12 +87,23 @@ def moe_experts(
         lora_rank=lora.rank if lora is not None else 0,
         has_bias=gate_up_bias is not None or down_bias is not None,
         activation=activation,
+        accumulate=accumulate,
     )
     impl = registry.resolve(None if backend == "auto" else backend, problem)
-    # Routing weights travel in fp32 (fp64 beside fp64 tokens, for reference evaluations).
-    weights_TK = weights_TK.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if accumulate == "fp32":
+        # Routing weights travel in fp32 (fp64 beside fp64 tokens, for reference evaluations).
+        weights_TK = weights_TK.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     return impl.experts_mlp(
-        x, weights_TK, experts_TK.long(), gate_up, down, gate_up_bias, down_bias, activation, lora
+        x,
+        weights_TK,
+        experts_TK.long(),
+        gate_up,
+        down,
+        gate_up_bias,
+        down_bias,
+        activation,
+        lora,
+        accumulate,
     )
 
 

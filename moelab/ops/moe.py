@@ -6,7 +6,11 @@ Parameters are a plain dict (design.md, "Parameters are data")::
      "experts": {"gate_up": [E, 2I, H], "down": [E, H, I], "gate_up_bias": [E, 2I]?,
                  "down_bias": [E, H]?,
                  "lora": {"gate_up_a", "gate_up_b", "down_a", "down_b"}?},
-     "shared":  {"gate": [S, H], "up": [S, H], "down": [H, S], "gate_logit": [1, H]?}?}
+     "shared":  {"gate_proj": {"weight": [S, H]}, "up_proj": ..., "down_proj": ...}?,
+     "shared_gate": {"weight": [1, H]}?}
+
+The shared expert is a dense :func:`moelab.ops.linear.swiglu_mlp` (its linears may carry LoRA);
+with ``shared_gate`` its output is scaled by ``sigmoid(x w^T)`` (Qwen2-MoE style).
 
 The router runs in the dtype of its weight (fp32 for DeepSeek/GLM checkpoints, bf16 for Qwen),
 so the selection matches the reference models; routing math itself is fp32.
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.ops.experts import moe_experts
+from moelab.ops.linear import linear, swiglu_mlp
 from moelab.ops.lora import ExpertLoRA
 from moelab.ops.routing import (
     expert_counts,
@@ -46,6 +51,7 @@ class MoEConfig:
     activation: str = "swiglu"
     lora_scale: float = 1.0
     backend: str | None = "auto"
+    accumulate: str = "fp32"  # "input": the reference models' eager numerics (moe_experts)
 
 
 class RouterStats(NamedTuple):
@@ -68,6 +74,9 @@ def moe_block(x: torch.Tensor, params: dict, cfg: MoEConfig) -> tuple[torch.Tens
         options["correction_bias"] = router["correction_bias"]
     routing = route(logits_TE, cfg.router, cfg.top_k, **options)
 
+    if cfg.accumulate == "input":
+        # the reference models weigh expert outputs in the router logits' dtype
+        routing = type(routing)(routing.weights.to(logits_TE.dtype), routing.experts)
     experts = params["experts"]
     lora = None
     if experts.get("lora") is not None:
@@ -82,9 +91,13 @@ def moe_block(x: torch.Tensor, params: dict, cfg: MoEConfig) -> tuple[torch.Tens
         activation=cfg.activation,
         lora=lora,
         backend=cfg.backend,
+        accumulate=cfg.accumulate,
     )
     if params.get("shared") is not None:
-        out_TH = out_TH + shared_expert(x_TH, params["shared"])
+        shared_TH = swiglu_mlp(x_TH, params["shared"], cfg.lora_scale)
+        if params.get("shared_gate") is not None:
+            shared_TH = shared_TH * torch.sigmoid(linear(x_TH, params["shared_gate"]))
+        out_TH = out_TH + shared_TH
 
     probs_TE = _router_probs(logits_TE, cfg.router)
     stats = RouterStats(
@@ -94,15 +107,6 @@ def moe_block(x: torch.Tensor, params: dict, cfg: MoEConfig) -> tuple[torch.Tens
         entropy=router_entropy(probs_TE.detach()),
     )
     return out_TH.view(x.shape), stats
-
-
-def shared_expert(x_TH: torch.Tensor, params: dict) -> torch.Tensor:
-    """Dense SwiGLU MLP, optionally scaled by ``sigmoid(x gate_logit^T)`` (Qwen2-MoE style)."""
-    h = F.silu(F.linear(x_TH, params["gate"])) * F.linear(x_TH, params["up"])
-    y_TH = F.linear(h, params["down"])
-    if params.get("gate_logit") is not None:
-        y_TH = y_TH * torch.sigmoid(F.linear(x_TH, params["gate_logit"]))
-    return y_TH
 
 
 def _router_probs(logits_TE: torch.Tensor, kind: str) -> torch.Tensor:

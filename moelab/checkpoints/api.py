@@ -1,0 +1,113 @@
+"""``read_config``, ``load_pretrained`` and ``save_pretrained`` for every supported family."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from tqdm.auto import tqdm
+
+from moelab.checkpoints import mapping
+from moelab.checkpoints import qwen3_moe as qwen3_names
+from moelab.checkpoints.safetensors_io import CheckpointError, checkpoint_entries, write_checkpoint
+from moelab.models import qwen3_moe, tree
+from moelab.models.model import Model
+from moelab.models.options import ForwardOptions
+
+log = logging.getLogger("moelab")
+
+# model_type -> (model module, checkpoint name-map module)
+FAMILIES: dict[str, tuple[ModuleType, ModuleType]] = {
+    "qwen3_moe": (qwen3_moe, qwen3_names),
+    "qwen3_vl_moe": (qwen3_moe, qwen3_names),
+}
+
+
+def _family(model_type: str | None) -> tuple[ModuleType, ModuleType]:
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"unsupported model_type {model_type!r}; supported: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def read_config(path: str | os.PathLike):
+    """The family ``Config`` parsed from ``<path>/config.json``."""
+    file = Path(path) / "config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{file} does not exist") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
+    model, _ = _family(raw.get("model_type"))
+    try:
+        return model.Config.from_hf(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from e
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    options: ForwardOptions | None = None,
+) -> Model:
+    """Load a hub-layout checkpoint folder (single file or sharded) into a :class:`Model`.
+
+    Args:
+        path: folder with ``config.json`` and ``model.safetensors`` or a shard index.
+        dtype: parameter dtype (default: the config's ``torch_dtype``, else float32).
+        device: where the parameters live (default CPU).
+        options: default forward options of the returned model.
+
+    Tensors are read one at a time straight into their final (stacked) place; the checkpoint is
+    checked in full before any of it is read, so a bad one raises before memory is spent.
+    """
+    cfg = read_config(path)
+    model_module, names = _family(cfg.model_type)
+    dtype = dtype or cfg.dtype or torch.float32
+    entries = checkpoint_entries(path)
+    meta = model_module.init_params(cfg, dtype=dtype, device="meta")
+    layout = names.expert_layout(cfg, set(entries))
+    targets = names.targets(cfg, meta, layout)
+    mapping.check_entries(entries, targets, meta, lambda n: names.ignored(cfg, n))
+    params = tree.map_leaves(lambda p, t: torch.empty(t.shape, dtype=dtype, device=device), meta)
+
+    def progress(items):
+        return tqdm(
+            items,
+            total=len(targets),
+            desc=f"loading {Path(path).name}",
+            unit="tensor",
+            disable=len(targets) < 200,
+            leave=False,
+        )
+
+    mapping.load_into(params, entries, targets, progress)
+    log.info(
+        "moelab: loaded %s from %s: %.3fB parameters, %s on %s",
+        cfg.model_type,
+        path,
+        tree.count(params) / 1e9,
+        str(dtype).removeprefix("torch."),
+        device or "cpu",
+    )
+    return Model(model_module, cfg, params, options or ForwardOptions())
+
+
+def save_pretrained(
+    model: Model, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    """Write ``model`` in the hub layout (``config.json`` + safetensors), atomically."""
+    _, names = _family(model.config.model_type)
+    targets = names.targets(model.config, model.params, names.save_layout(model.config))
+    dtypes = {t.dtype for _, t in tree.leaves(model.params)}
+    config = model.config.to_hf()
+    if len(dtypes) == 1:
+        config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    write_checkpoint(path, mapping.saved_tensors(model.params, targets), config, max_shard_bytes)

@@ -1,0 +1,195 @@
+"""safetensors files, read tensor by tensor and written atomically.
+
+Reading parses the header itself and reads each tensor with plain file reads into a buffer of
+its own, so loading holds the parameters plus one tensor, never a mapping of the whole file
+(mapped pages count toward resident memory). Every header is checked against the file size
+before any data is used: a truncated or corrupt file is refused up front.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_MAX_HEADER = 100 * 2**20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is: missing, corrupt or not matching."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Entries of one safetensors file, checked against its size and its own shapes."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: header length {header_len} exceeds the file")
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"missing checkpoint file {path}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    base = 8 + header_len
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(n) for n in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: malformed header entry for {name!r}") from e
+        numel = 1
+        for n in shape:
+            numel *= n
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or begin < 0:
+            raise CheckpointError(f"{path}: {name!r} has {end - begin} bytes for shape {shape}")
+        if base + end > size:
+            raise CheckpointError(
+                f"{path}: truncated ({name!r} ends at byte {base + end}, file has {size})"
+            )
+        entries[name] = TensorEntry(path, dtype, shape, base + begin, nbytes)
+    return entries
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """The tensor's bytes read into a fresh CPU tensor of its stored dtype and shape."""
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        got = f.readinto(buf.numpy()) if entry.nbytes else 0
+    if got != entry.nbytes:
+        raise CheckpointError(f"{entry.file}: short read ({got} of {entry.nbytes} bytes)")
+    return buf.view(entry.dtype).view(entry.shape)
+
+
+def checkpoint_entries(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """All tensors of a checkpoint folder: one file or shards listed by the index."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder {root} does not exist")
+    index = root / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid shard index ({e})") from e
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (root / s).exists()]
+        if missing:
+            raise CheckpointError(f"{root}: shards listed in {INDEX_FILE} are missing: {missing}")
+        entries = {}
+        for shard in shards:
+            entries.update(read_header(root / shard))
+        absent = sorted(set(weight_map) - set(entries))
+        if absent:
+            raise CheckpointError(f"{root}: tensors listed in the index are absent: {absent[:8]}")
+        return entries
+    single = root / SINGLE_FILE
+    if not single.exists():
+        raise CheckpointError(f"{root} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+    return read_header(single)
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    config: dict,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write ``config.json`` and the tensors (sharded past ``max_shard_bytes``) atomically.
+
+    Everything goes to a temporary sibling folder first; only a complete checkpoint replaces
+    ``path``, by rename, so a failure leaves any checkpoint already there untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        # each shard is written as soon as it is full, so at most one shard is held on the CPU
+        shard_maps: list[dict[str, int]] = []
+        current: dict[str, torch.Tensor] = {}
+        current_bytes = 0
+        for name, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if current and current_bytes + nbytes > max_shard_bytes:
+                _write_shard(tmp, current, shard_maps)
+                current, current_bytes = {}, 0
+            current[name] = t.detach().contiguous().cpu()
+            current_bytes += nbytes
+        _write_shard(tmp, current, shard_maps)
+        if len(shard_maps) == 1:
+            os.replace(tmp / "shard-0", tmp / SINGLE_FILE)
+        else:
+            weight_map, total = {}, 0
+            for i, sizes in enumerate(shard_maps):
+                file = f"model-{i + 1:05d}-of-{len(shard_maps):05d}.safetensors"
+                os.replace(tmp / f"shard-{i}", tmp / file)
+                weight_map.update({name: file for name in sizes})
+                total += sum(sizes.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _replace_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_shard(folder: Path, tensors: dict, shard_maps: list[dict[str, int]]) -> None:
+    save_file(tensors, str(folder / f"shard-{len(shard_maps)}"), metadata={"format": "pt"})
+    shard_maps.append({n: t.numel() * t.element_size() for n, t in tensors.items()})
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    for file in new.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "previous")
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)

@@ -1,0 +1,23 @@
+"""Run-time choices a model forward takes, separate from the architecture's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """How to run a forward (the architecture itself is the family's Config).
+
+    Attributes:
+        backend: expert-MLP backend (``"auto"``, ``"native_torch"``, ``"grouped_mm"``, ...).
+        attention: ``"sdpa"`` or ``"eager"`` (reference-exact math, for parity checks).
+        lora_scale: ``alpha / rank`` applied to every LoRA adapter in the params.
+        accumulate: ``"fp32"`` k-sum of expert outputs, or ``"input"`` for the reference
+            models' eager numerics (bit-exact parity checks; ``native_torch`` only).
+    """
+
+    backend: str | None = "auto"
+    attention: str = "sdpa"
+    lora_scale: float = 1.0
+    accumulate: str = "fp32"

@@ -1,0 +1,71 @@
+"""Tiny random checkpoints written by Transformers (a test-only oracle), per checkpoint-formats §7.
+
+Weights are re-randomised after construction (norms 1 + 0.3 N, biases 0.5 N, others 0.08 N):
+the library's own init (unit norms, zero biases) would hide whole classes of bugs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+QWEN3_MAIN = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    mlp_only_layers=[1],
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    max_position_embeddings=256,
+)
+
+
+def rerandomize(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "norm" in name:
+                p.copy_(1 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.5 * noise)
+            else:
+                p.copy_(0.08 * noise)
+
+
+def qwen3_model(seed: int = 0, **overrides):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**QWEN3_MAIN, **overrides}))
+    rerandomize(model, seed)
+    return model.eval()
+
+
+def save_qwen3(path: Path, seed: int = 0, max_shard_size: str | None = None, **overrides) -> Path:
+    model = qwen3_model(seed, **overrides)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def load_reference(
+    path: Path, dtype: torch.dtype = torch.float32, cls_name: str = "AutoModelForCausalLM"
+):
+    """The oracle as the spec prescribes: eager attention and eager experts."""
+    import transformers
+
+    cls = getattr(transformers, cls_name)
+    model = cls.from_pretrained(
+        path, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+    )
+    return model.eval()

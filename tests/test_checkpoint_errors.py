@@ -1,0 +1,105 @@
+"""Bad checkpoints are refused with one clear error, before any data is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from hf_fixtures import save_qwen3
+
+import moelab
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return save_qwen3(tmp_path_factory.mktemp("good") / "ckpt")
+
+
+@pytest.fixture
+def ckpt(good, tmp_path):
+    return shutil.copytree(good, tmp_path / "ckpt")
+
+
+def _rewrite(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor(ckpt):
+    _rewrite(ckpt, lambda t: t.pop("model.layers.2.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(moelab.CheckpointError, match=r"1 missing: .*experts\.5\.up_proj"):
+        moelab.load_pretrained(ckpt)
+
+
+def test_unexpected_and_wrong_shape_reported_together(ckpt):
+    def edit(t):
+        t["model.layers.0.mlp.mystery.weight"] = t["model.norm.weight"].clone()
+        t["model.layers.0.self_attn.q_norm.weight"] = t["model.layers.0.self_attn.q_norm.weight"][
+            :16
+        ]
+
+    _rewrite(ckpt, edit)
+    with pytest.raises(moelab.CheckpointError) as info:
+        moelab.load_pretrained(ckpt)
+    message = str(info.value)
+    assert "1 unexpected: model.layers.0.mlp.mystery.weight" in message
+    assert "q_norm.weight: stored [16], expected [32]" in message
+
+
+def test_truncated_file(ckpt):
+    file = ckpt / "model.safetensors"
+    size = file.stat().st_size
+    with open(file, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(moelab.CheckpointError, match="truncated"):
+        moelab.load_pretrained(ckpt)
+
+
+def test_corrupt_header(ckpt):
+    with open(ckpt / "model.safetensors", "r+b") as f:
+        f.seek(8)
+        f.write(b"\x00garbage")
+    with pytest.raises(moelab.CheckpointError, match="corrupt safetensors header"):
+        moelab.load_pretrained(ckpt)
+
+
+def test_missing_shard(tmp_path):
+    path = save_qwen3(tmp_path / "sharded", max_shard_size="100KB")
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    os.remove(shard)
+    with pytest.raises(moelab.CheckpointError, match=f"shards .* missing: \\['{shard.name}'\\]"):
+        moelab.load_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(model_type="llama"), "unsupported model_type 'llama'"),
+        (lambda c: c.pop("num_local_experts"), "lacks num_experts"),
+        (lambda c: c.pop("hidden_size"), "lacks required keys: hidden_size"),
+        (
+            lambda c: c.update(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4}),
+            "unsupported rope type 'dynamic'",
+        ),
+        (lambda c: c.update(dtype="float13"), "unknown dtype"),
+    ],
+)
+def test_bad_config(ckpt, edit, message):
+    config = json.loads((ckpt / "config.json").read_text())
+    edit(config)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(moelab.CheckpointError, match=message):
+        moelab.load_pretrained(ckpt)
+
+
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(moelab.CheckpointError, match="does not exist"):
+        moelab.load_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(moelab.CheckpointError, match="config.json does not exist"):
+        moelab.load_pretrained(tmp_path / "empty")
