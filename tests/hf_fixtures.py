@@ -58,6 +58,38 @@ def save_qwen3(path: Path, seed: int = 0, max_shard_size: str | None = None, **o
     return path
 
 
+def qwen3_vl_model(seed: int = 0):
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    # moe_intermediate 24 keeps H != 2I, so the two expert orientations differ in shape
+    shared = {k: v for k, v in QWEN3_MAIN.items() if k not in ("rope_theta", "norm_topk_prob")}
+    text = dict(
+        **{**shared, "moe_intermediate_size": 24, "num_hidden_layers": 2, "mlp_only_layers": []},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": [8, 4, 4],
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=4,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0, 1],
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration(
+        Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    )
+    rerandomize(model, seed)
+    return model.eval()
+
+
 def load_reference(
     path: Path, dtype: torch.dtype = torch.float32, cls_name: str = "AutoModelForCausalLM"
 ):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
-from hf_fixtures import load_reference, qwen3_model, rerandomize, save_qwen3
+from hf_fixtures import load_reference, qwen3_model, qwen3_vl_model, save_qwen3
 
 import moelab
 from moelab.checkpoints import qwen3_moe as names
@@ -99,47 +99,6 @@ def test_sharded_checkpoint(tmp_path):
     assert rel_err(moelab.load_pretrained(path)(IDS), ref) <= 1e-5
 
 
-def _vl_model(seed=0):
-    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-
-    text = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_experts=8,
-        num_experts_per_tok=2,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=256,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 5e6,
-            "mrope_section": [8, 4, 4],
-            "mrope_interleaved": True,
-        },
-    )
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        patch_size=4,
-        num_position_embeddings=16,
-        deepstack_visual_indexes=[0, 1],
-    )
-    torch.manual_seed(seed)
-    model = Qwen3VLMoeForConditionalGeneration(
-        Qwen3VLMoeConfig(text_config=text, vision_config=vision)
-    )
-    rerandomize(model, seed)
-    return model.eval()
-
-
 def _to_official_orientation(path):
     """Rewrite a v5-saved Qwen3-VL-MoE folder the way the official release stores experts."""
     from safetensors.torch import load_file, save_file
@@ -156,7 +115,7 @@ def _to_official_orientation(path):
 
 @pytest.mark.parametrize("orientation", ["v5", "official"])
 def test_qwen3_vl_moe_text_part(tmp_path, orientation):
-    hf = _vl_model()
+    hf = qwen3_vl_model()
     ref = hf(input_ids=IDS).logits
     path = tmp_path / "vl"
     hf.save_pretrained(path)
@@ -169,7 +128,7 @@ def test_qwen3_vl_moe_text_part(tmp_path, orientation):
 
 def test_vl_orientation_contradicting_config_is_refused(tmp_path):
     path = tmp_path / "vl"
-    _vl_model().save_pretrained(path)
+    qwen3_vl_model().save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
     config["transformers_version"] = "4.57.0"  # claims official orientation; tensors are v5
     (path / "config.json").write_text(json.dumps(config))
@@ -192,7 +151,7 @@ def test_save_load_round_trip(tmp_path, main_ckpt):
 
 def test_vl_round_trip_keeps_orientation(tmp_path):
     path = tmp_path / "vl"
-    _vl_model().save_pretrained(path)
+    qwen3_vl_model().save_pretrained(path)
     _to_official_orientation(path)
     model = moelab.load_pretrained(path)
     out = tmp_path / "saved"

@@ -1,18 +1,22 @@
-"""``python -m moelab.bench <benchmark> [options]``; benchmarks: ``experts``."""
+"""``python -m moelab.bench <benchmark> [options]``; benchmarks: ``experts``, ``load``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from moelab.bench import experts
+from moelab.bench import experts, load_memory
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moelab.bench", description=__doc__)
     sub = parser.add_subparsers(dest="bench", required=True)
     experts.add_arguments(sub.add_parser("experts", help="one MoE block, fwd+bwd, per backend"))
+    load_memory.add_arguments(sub.add_parser("load", help="peak RSS of load_pretrained on CPU"))
     args = parser.parse_args(argv)
+    if args.bench == "load":
+        load_memory.run(args)
+        return 0
     rows = experts.run(args)
     experts.print_table(rows)
     return 0
