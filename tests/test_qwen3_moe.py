@@ -204,3 +204,13 @@ def test_init_params_trains_from_scratch():
     # near-uniform predictions at init: loss close to log(V)
     loss = F.cross_entropy(logits.reshape(-1, 128), IDS.reshape(-1))
     assert abs(loss.item() - torch.log(torch.tensor(128.0)).item()) < 0.1
+
+
+def test_v5_fused_expert_layout(tmp_path):
+    hf = qwen3_model()
+    hf.save_pretrained(tmp_path / "fused", save_original_format=False)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "fused" / "model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in set(f.keys())
+    assert rel_err(moelab.load_pretrained(tmp_path / "fused")(IDS), hf(IDS).logits) <= 1e-5
