@@ -171,7 +171,7 @@ def write_checkpoint(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _replace_folder(tmp, target)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -182,10 +182,12 @@ def _write_shard(folder: Path, tensors: dict, shard_maps: list[dict[str, int]]) 
     shard_maps.append({n: t.numel() * t.element_size() for n, t in tensors.items()})
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    for file in new.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+def replace_folder(new: Path, target: Path) -> None:
+    """Make the complete folder ``new`` be ``target`` by renames; an old ``target`` is dropped."""
+    for file in new.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.replace(target, old / "previous")

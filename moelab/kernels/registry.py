@@ -73,6 +73,11 @@ def resolve(backend: str | None, problem: ExpertProblem) -> ModuleType:
     return _module(requested)
 
 
+def forget_logged() -> None:
+    """Log the next choices again (a new run in the same process, e.g. a Hydra sweep job)."""
+    _logged.clear()
+
+
 def _log_once(name: str, why: str) -> None:
     if (name, why) not in _logged:
         _logged.add((name, why))

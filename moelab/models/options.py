@@ -13,6 +13,9 @@ class ForwardOptions:
         backend: expert-MLP backend (``"auto"``, ``"native_torch"``, ``"grouped_mm"``, ...).
         attention: ``"sdpa"`` or ``"eager"`` (reference-exact math, for parity checks).
         lora_scale: ``alpha / rank`` applied to every LoRA adapter in the params.
+        lora_dropout: dropout on the inputs of dense LoRA adapters (set it for training only).
+        checkpoint_layers: recompute each decoder layer in backward instead of keeping its
+            activations (activation checkpointing).
         accumulate: ``"fp32"`` k-sum of expert outputs, or ``"input"`` for the reference
             models' eager numerics (bit-exact parity checks; ``native_torch`` only).
     """
@@ -20,4 +23,6 @@ class ForwardOptions:
     backend: str | None = "auto"
     attention: str = "sdpa"
     lora_scale: float = 1.0
+    lora_dropout: float = 0.0
     accumulate: str = "fp32"
+    checkpoint_layers: bool = False

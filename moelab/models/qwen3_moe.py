@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moelab.models.hf_config import (
     VERSIONED_KEYS,
@@ -79,6 +80,7 @@ class Config:
             router_options={"renormalize": self.norm_topk_prob},
             activation="swiglu",
             lora_scale=options.lora_scale,
+            lora_dropout=options.lora_dropout,
             backend=options.backend,
             accumulate=options.accumulate,
         )
@@ -250,10 +252,10 @@ def positions_from_documents(document_ids_BS: torch.Tensor) -> torch.Tensor:
 
 def _attention_block(cfg, p, x_BSH, cos, sin, document_ids, options) -> torch.Tensor:
     b, s, _ = x_BSH.shape
-    d, scale = cfg.head_dim, options.lora_scale
+    d, scale, drop = cfg.head_dim, options.lora_scale, options.lora_dropout
 
     def heads(name: str, n: int, norm: str | None) -> torch.Tensor:
-        t = linear(x_BSH, p[name], scale).view(b, s, n, d)
+        t = linear(x_BSH, p[name], scale, drop).view(b, s, n, d)
         if norm is not None:  # per-head RMSNorm before RoPE
             t = rms_norm(t, p[norm]["weight"], cfg.rms_norm_eps)
         return t.transpose(1, 2)
@@ -262,7 +264,17 @@ def _attention_block(cfg, p, x_BSH, cos, sin, document_ids, options) -> torch.Te
     k = apply_rope(heads("k_proj", cfg.num_kv_heads, "k_norm"), cos, sin)
     v = heads("v_proj", cfg.num_kv_heads, None)
     o = attention(q, k, v, scale=d**-0.5, document_ids_BS=document_ids, impl=options.attention)
-    return linear(o.transpose(1, 2).reshape(b, s, cfg.num_heads * d), p["o_proj"], scale)
+    return linear(o.transpose(1, 2).reshape(b, s, cfg.num_heads * d), p["o_proj"], scale, drop)
+
+
+def _decoder_layer(cfg, layer, p, h, cos, sin, document_ids, options):
+    x = rms_norm(h, p["input_norm"]["weight"], cfg.rms_norm_eps)
+    h = h + _attention_block(cfg, p["attn"], x, cos, sin, document_ids, options)
+    x = rms_norm(h, p["post_norm"]["weight"], cfg.rms_norm_eps)
+    if cfg.is_sparse(layer):
+        y, stats = moe_block(x, p["mlp"], cfg.moe(options))
+        return h + y, stats
+    return h + swiglu_mlp(x, p["mlp"], options.lora_scale, options.lora_dropout), None
 
 
 def hidden_states(
@@ -290,18 +302,15 @@ def hidden_states(
             position_ids = position_ids.expand_as(ids_BS)
     h = F.embedding(ids_BS, params["embed"]["weight"])
     cos, sin = rope_cos_sin(cfg.rope, position_ids, h.dtype)
-    moe_cfg = cfg.moe(options)
     stats = []
     for layer, p in enumerate(params["layers"]):
-        x = rms_norm(h, p["input_norm"]["weight"], cfg.rms_norm_eps)
-        h = h + _attention_block(cfg, p["attn"], x, cos, sin, document_ids, options)
-        x = rms_norm(h, p["post_norm"]["weight"], cfg.rms_norm_eps)
-        if cfg.is_sparse(layer):
-            y, layer_stats = moe_block(x, p["mlp"], moe_cfg)
-            stats.append(layer_stats)
+        args = (cfg, layer, p, h, cos, sin, document_ids, options)
+        if options.checkpoint_layers and torch.is_grad_enabled():
+            h, layer_stats = checkpoint(_decoder_layer, *args, use_reentrant=False)
         else:
-            y = swiglu_mlp(x, p["mlp"], options.lora_scale)
-        h = h + y
+            h, layer_stats = _decoder_layer(*args)
+        if layer_stats is not None:
+            stats.append(layer_stats)
     return rms_norm(h, params["norm"]["weight"], cfg.rms_norm_eps), stats
 
 

@@ -2,7 +2,7 @@
 
 A linear layer's params are a dict ``{"weight": [out, in], "bias": [out]?, "lora_a": [r, in]?,
 "lora_b": [out, r]?}`` (the hub's ``nn.Linear`` orientation); LoRA is applied unmerged,
-``x W^T + b + scale * (x A^T) B^T``.
+``x W^T + b + scale * (dropout(x) A^T) B^T`` (dropout only when ``dropout > 0``).
 """
 
 from __future__ import annotations
@@ -11,15 +11,20 @@ import torch
 import torch.nn.functional as F
 
 
-def linear(x: torch.Tensor, params: dict, lora_scale: float = 1.0) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, params: dict, lora_scale: float = 1.0, dropout: float = 0.0
+) -> torch.Tensor:
     y = F.linear(x, params["weight"], params.get("bias"))
     if params.get("lora_a") is not None:
-        y = y + lora_scale * F.linear(F.linear(x, params["lora_a"]), params["lora_b"])
+        x_in = F.dropout(x, dropout) if dropout > 0 else x
+        y = y + lora_scale * F.linear(F.linear(x_in, params["lora_a"]), params["lora_b"])
     return y
 
 
-def swiglu_mlp(x: torch.Tensor, params: dict, lora_scale: float = 1.0) -> torch.Tensor:
+def swiglu_mlp(
+    x: torch.Tensor, params: dict, lora_scale: float = 1.0, dropout: float = 0.0
+) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` with params ``gate_proj``, ``up_proj``, ``down_proj``."""
-    gate = linear(x, params["gate_proj"], lora_scale)
-    up = linear(x, params["up_proj"], lora_scale)
-    return linear(F.silu(gate) * up, params["down_proj"], lora_scale)
+    gate = linear(x, params["gate_proj"], lora_scale, dropout)
+    up = linear(x, params["up_proj"], lora_scale, dropout)
+    return linear(F.silu(gate) * up, params["down_proj"], lora_scale, dropout)

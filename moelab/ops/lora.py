@@ -31,19 +31,20 @@ class ExpertLoRA(NamedTuple):
 
     @property
     def rank(self) -> int:
-        return self.gate_up_a.shape[1]
+        """The smaller of the two ranks (separate gate/up adapters double gate_up's)."""
+        return min(self.gate_up_a.shape[1], self.down_a.shape[1])
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gate_up_a, self.gate_up_b, self.down_a, self.down_b
 
     def check(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> None:
         """Raise ValueError unless the adapters fit experts of shape (E, H, I) in ``dtype``."""
-        r = self.rank
+        r1, r2 = self.gate_up_a.shape[1], self.down_a.shape[1]
         expected = {
-            "gate_up_a": (num_experts, r, hidden),
-            "gate_up_b": (num_experts, 2 * inter, r),
-            "down_a": (num_experts, r, inter),
-            "down_b": (num_experts, hidden, r),
+            "gate_up_a": (num_experts, r1, hidden),
+            "gate_up_b": (num_experts, 2 * inter, r1),
+            "down_a": (num_experts, r2, inter),
+            "down_b": (num_experts, hidden, r2),
         }
         for name, shape in expected.items():
             t = getattr(self, name)
@@ -52,10 +53,28 @@ class ExpertLoRA(NamedTuple):
                 raise ValueError(f"lora.{name} must have shape {list(shape)}, got {got}")
             if t.dtype != dtype:
                 raise ValueError(f"lora.{name} has dtype {t.dtype}, expected {dtype} like x")
-        if r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        if min(r1, r2) < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {min(r1, r2)}")
         if not isinstance(self.scale, (int, float)):
             raise ValueError(f"lora.scale must be a float, got {type(self.scale).__name__}")
+
+
+def expert_lora_from_params(params: dict, scale: float) -> ExpertLoRA:
+    """An :class:`ExpertLoRA` from a params dict, fused or with separate gate and up adapters.
+
+    Fused: ``gate_up_a, gate_up_b, down_a, down_b``. Separate: ``gate_a [E, R, H]``,
+    ``gate_b [E, I, R]``, ``up_a``, ``up_b`` (and the down pair), combined into one rank-2R
+    adapter whose B is block-diagonal, so gate and up keep independent updates.
+    """
+    if "gate_up_a" in params:
+        return ExpertLoRA(
+            params["gate_up_a"], params["gate_up_b"], params["down_a"], params["down_b"], scale
+        )
+    gate_b, up_b = params["gate_b"], params["up_b"]
+    zeros = gate_b.new_zeros(gate_b.shape)
+    b = torch.cat([torch.cat([gate_b, zeros], dim=2), torch.cat([zeros, up_b], dim=2)], dim=1)
+    a = torch.cat([params["gate_a"], params["up_a"]], dim=1)
+    return ExpertLoRA(a, b, params["down_a"], params["down_b"], scale)
 
 
 def init_expert_lora(

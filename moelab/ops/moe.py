@@ -5,7 +5,8 @@ Parameters are a plain dict (design.md, "Parameters are data")::
     {"router":  {"weight": [E, H], "bias": [E]?, "correction_bias": [E]?},
      "experts": {"gate_up": [E, 2I, H], "down": [E, H, I], "gate_up_bias": [E, 2I]?,
                  "down_bias": [E, H]?,
-                 "lora": {"gate_up_a", "gate_up_b", "down_a", "down_b"}?},
+                 "lora": {"gate_up_a", "gate_up_b", "down_a", "down_b"}  (or separate gate/up,
+                          see :func:`moelab.ops.lora.expert_lora_from_params`)?},
      "shared":  {"gate_proj": {"weight": [S, H]}, "up_proj": ..., "down_proj": ...}?,
      "shared_gate": {"weight": [1, H]}?}
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from moelab.ops.experts import moe_experts
 from moelab.ops.linear import linear, swiglu_mlp
-from moelab.ops.lora import ExpertLoRA
+from moelab.ops.lora import expert_lora_from_params
 from moelab.ops.routing import (
     expert_counts,
     load_balancing_loss,
@@ -50,6 +51,7 @@ class MoEConfig:
     router_options: dict[str, Any] = field(default_factory=dict)
     activation: str = "swiglu"
     lora_scale: float = 1.0
+    lora_dropout: float = 0.0  # on the inputs of dense (shared-expert) adapters
     backend: str | None = "auto"
     accumulate: str = "fp32"  # "input": the reference models' eager numerics (moe_experts)
 
@@ -80,7 +82,7 @@ def moe_block(x: torch.Tensor, params: dict, cfg: MoEConfig) -> tuple[torch.Tens
     experts = params["experts"]
     lora = None
     if experts.get("lora") is not None:
-        lora = ExpertLoRA(**experts["lora"], scale=cfg.lora_scale)
+        lora = expert_lora_from_params(experts["lora"], cfg.lora_scale)
     out_TH = moe_experts(
         x_TH,
         routing,
@@ -94,7 +96,7 @@ def moe_block(x: torch.Tensor, params: dict, cfg: MoEConfig) -> tuple[torch.Tens
         accumulate=cfg.accumulate,
     )
     if params.get("shared") is not None:
-        shared_TH = swiglu_mlp(x_TH, params["shared"], cfg.lora_scale)
+        shared_TH = swiglu_mlp(x_TH, params["shared"], cfg.lora_scale, cfg.lora_dropout)
         if params.get("shared_gate") is not None:
             shared_TH = shared_TH * torch.sigmoid(linear(x_TH, params["shared_gate"]))
         out_TH = out_TH + shared_TH

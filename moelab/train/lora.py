@@ -1,0 +1,284 @@
+"""LoRA on a parameter tree: add adapters, choose what trains, merge, export and import.
+
+Adapters live in the params as data: a dense linear ``{"weight", ...}`` gains ``lora_a [r, in]``
+and ``lora_b [out, r]``; an experts dict gains ``lora`` (fused or separate gate/up, see
+:func:`moelab.ops.lora.expert_lora_from_params`). A = Kaiming-uniform, B = 0, as PEFT, so training
+starts at the base model.
+
+Export writes PEFT's layout for Transformers v5 models (``adapter_model.safetensors`` +
+``adapter_config.json``): dense adapters under ``<module>.lora_A/B.weight``; stacked experts as
+``target_parameters`` (gate_up wrapped first, so its keys sit under ``experts.base_layer``),
+with A ``[E*r, in]`` expert-major and B ``[out, r*E]`` rank-major; a trained router under
+``modules_to_save``. Separate gate/up adapters export as one rank-2r adapter with a
+block-diagonal B (the same function); see :func:`save_adapter` for the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moelab.checkpoints.safetensors_io import (
+    CheckpointError,
+    read_header,
+    read_tensor,
+    replace_folder,
+)
+from moelab.models import tree
+from moelab.ops.lora import expert_lora_from_params
+from moelab.train.config import LoraConfig
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+_EXPERT_KEYS = {"fused": ("gate_up", "down"), "separate": ("gate", "up", "down")}
+
+
+def _kind(path: tree.Path) -> str | None:
+    """Which LoRA target a dense linear at ``path`` (ending in "weight") belongs to."""
+    if "router" in path or "experts" in path or "shared_gate" in path:
+        return None
+    if "attn" in path:
+        return "attention"
+    if "shared" in path:
+        return "shared"
+    if "mlp" in path:
+        return "mlp"
+    return None
+
+
+def _kaiming_a(rank: int, fan_in: int, like: torch.Tensor, generator, lead=()) -> torch.Tensor:
+    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)), as nn.Linear and PEFT
+    t = torch.empty(*lead, rank, fan_in, dtype=torch.float32, device=like.device)
+    return t.uniform_(-bound, bound, generator=generator).to(like.dtype)
+
+
+def add_lora(params: dict, cfg: LoraConfig, generator: torch.Generator | None = None) -> int:
+    """Add adapters on ``cfg.targets`` in place; returns how many linears or stacks got one."""
+    r, added = cfg.rank, 0
+    for path, w in list(tree.leaves(params)):
+        owner = tree.get(params, path[:-1])
+        if path[-1] == "weight" and w.dim() == 2 and _kind(path) in cfg.targets:
+            owner["lora_a"] = _kaiming_a(r, w.shape[1], w, generator)
+            owner["lora_b"] = w.new_zeros(w.shape[0], r)
+            added += 1
+        elif path[-1] == "gate_up" and "experts" in cfg.targets:
+            e, g, h = w.shape
+            down = owner["down"]
+            lora = {
+                "down_a": _kaiming_a(r, down.shape[2], w, generator, (e,)),
+                "down_b": down.new_zeros(e, h, r),
+            }
+            if cfg.gate_up == "fused":
+                lora.update(
+                    gate_up_a=_kaiming_a(r, h, w, generator, (e,)), gate_up_b=w.new_zeros(e, g, r)
+                )
+            else:
+                for half in ("gate", "up"):
+                    lora[f"{half}_a"] = _kaiming_a(r, h, w, generator, (e,))
+                    lora[f"{half}_b"] = w.new_zeros(e, g // 2, r)
+            owner["lora"] = lora
+            added += 1
+    if added == 0:
+        raise ValueError(f"lora.targets={list(cfg.targets)} match no weight of this model")
+    return added
+
+
+def trainable_predicate(cfg: LoraConfig):
+    """Which param paths train: everything without LoRA; else adapters (and the router)."""
+    if cfg.rank is None:
+        return lambda path: True
+    train_router = "router" in cfg.targets
+
+    def predicate(path: tree.Path) -> bool:
+        if "lora" in path or path[-1] in ("lora_a", "lora_b"):
+            return True
+        return train_router and path[-3:-1] == ("mlp", "router")
+
+    return predicate
+
+
+def merged(params: dict, scale: float) -> dict:
+    """A copy of the params with every adapter folded into its base weight (for export)."""
+
+    def walk(node):
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if not isinstance(node, dict):
+            return node.detach().clone()
+        out = {k: walk(v) for k, v in node.items() if k not in ("lora_a", "lora_b", "lora")}
+        if "lora_a" in node:
+            delta = scale * node["lora_b"].float() @ node["lora_a"].float()
+            out["weight"] = (node["weight"].float() + delta).to(node["weight"].dtype)
+        if "lora" in node:
+            a1, b1, a2, b2, _ = expert_lora_from_params(node["lora"], scale)
+            for key, a, b in (("gate_up", a1, b1), ("down", a2, b2)):
+                delta = scale * torch.einsum("eor,eri->eoi", b.float(), a.float())
+                out[key] = (node[key].float() + delta).to(node[key].dtype)
+        return out
+
+    return walk(params)
+
+
+# ---- PEFT layout ---------------------------------------------------------------------------
+
+
+def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows of A and columns of B up to ``rank``: the same product B A."""
+    extra = rank - a.shape[-2]
+    if extra == 0:
+        return a, b
+    a = torch.cat([a, a.new_zeros(*a.shape[:-2], extra, a.shape[-1])], dim=-2)
+    return a, torch.cat([b, b.new_zeros(*b.shape[:-1], extra)], dim=-1)
+
+
+def _adapter_tensors(params: dict, hub_names: dict[tuple, str], cfg: LoraConfig, rank: int):
+    """(PEFT key, tensor) pairs; ``hub_names`` maps base param paths to hub names (v5 fused)."""
+    for path, _ in tree.leaves(params):
+        if path[-1] == "lora_a":
+            module = hub_names[(*path[:-1], "weight")].removesuffix(".weight")
+            owner = tree.get(params, path[:-1])
+            a, b = _pad_rank(owner["lora_a"], owner["lora_b"], rank)
+            yield f"{PEFT_PREFIX}{module}.lora_A.weight", a
+            yield f"{PEFT_PREFIX}{module}.lora_B.weight", b
+        elif path[-1] == "gate_up_a" or path[-1] == "gate_a":
+            experts = tree.get(params, path[:-2])
+            lora = expert_lora_from_params(experts["lora"], 1.0)
+            module = hub_names[(*path[:-2], "gate_up")].removesuffix(".gate_up_proj")
+            for inner, a, b in (
+                ("base_layer.", lora.gate_up_a, lora.gate_up_b),
+                ("", lora.down_a, lora.down_b),
+            ):
+                a, b = _pad_rank(a, b, rank)
+                e = a.shape[0]
+                yield f"{PEFT_PREFIX}{module}.{inner}lora_A.weight", a.reshape(e * rank, -1)
+                yield (
+                    f"{PEFT_PREFIX}{module}.{inner}lora_B.weight",
+                    b.permute(1, 2, 0).reshape(b.shape[1], rank * e),
+                )
+        elif path[-3:-1] == ("mlp", "router") and "router" in cfg.targets:
+            yield f"{PEFT_PREFIX}{hub_names[path]}", tree.get(params, path)
+
+
+def save_adapter(
+    params: dict,
+    hub_names: dict[tuple, str],
+    cfg: LoraConfig,
+    path: str | os.PathLike,
+    base_model: str | None = None,
+) -> None:
+    """Write the adapters (and a trained router) in PEFT's layout, atomically.
+
+    PEFT takes one rank for all adapters: separate gate/up adapters make the experts' gate_up
+    adapter rank 2r, so every adapter is written at rank 2r, zero-padded, with alpha doubled
+    to keep the scale alpha / r.
+    """
+    separate = cfg.gate_up == "separate" and "experts" in cfg.targets
+    rank = 2 * cfg.rank if separate else cfg.rank
+    tensors = {
+        k: v.detach().contiguous().cpu() for k, v in _adapter_tensors(params, hub_names, cfg, rank)
+    }
+    modules = sorted(
+        {
+            k.removeprefix(PEFT_PREFIX).split(".")[-3]
+            for k in tensors
+            if ".lora_A." in k and ".experts." not in k
+        }
+    )
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": cfg.alpha * rank / cfg.rank,
+        "lora_dropout": cfg.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "target_modules": modules,
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        if "experts" in cfg.targets
+        else None,
+        "modules_to_save": ["gate"] if "router" in cfg.targets else None,
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        replace_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_adapter(params: dict, hub_names: dict[tuple, str], path: str | os.PathLike) -> LoraConfig:
+    """Put the adapters of a PEFT-layout folder into ``params`` (in place; fused form)."""
+    folder = Path(path)
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG} does not exist") from e
+    entries = read_header(folder / ADAPTER_FILE)
+    by_module = {
+        v.removesuffix(".weight").removesuffix(".gate_up_proj"): k for k, v in hub_names.items()
+    }
+    used = set()
+    for key, entry in entries.items():
+        module = key.removeprefix(PEFT_PREFIX)
+        for suffix in (
+            ".base_layer.lora_A.weight",
+            ".base_layer.lora_B.weight",
+            ".lora_A.weight",
+            ".lora_B.weight",
+        ):
+            if module.endswith(suffix):
+                module = module.removesuffix(suffix)
+                break
+        else:
+            if module in hub_names.values():  # modules_to_save: a fully trained tensor
+                base = next(p for p, n in hub_names.items() if n == module)
+                tree.get(params, base).data.copy_(read_tensor(entry))
+                used.add(key)
+            continue
+        base = by_module.get(module)
+        if base is None:
+            raise CheckpointError(f"{folder}: adapter key {key!r} matches no module of the model")
+        _place(params, base, key, read_tensor(entry))
+        used.add(key)
+    unused = sorted(set(entries) - used)
+    if unused:
+        raise CheckpointError(f"{folder}: adapter keys not understood: {unused[:8]}")
+    return LoraConfig(
+        rank=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        targets=config.get("moelab", {}).get("targets", ["experts", "attention"]),
+    )
+
+
+def _place(params: dict, base: tuple, key: str, value: torch.Tensor) -> None:
+    owner = tree.get(params, base[:-1])
+    is_a = ".lora_A." in key
+    if base[-1] == "weight":  # dense linear
+        w = owner["weight"]
+        owner["lora_a" if is_a else "lora_b"] = value.to(w.dtype, copy=True).to(w.device)
+        return
+    stack = "gate_up" if ".base_layer." in key else "down"
+    w = owner[stack]
+    e = w.shape[0]
+    if is_a:
+        t = value.reshape(e, -1, value.shape[-1])
+    else:
+        t = value.reshape(value.shape[0], -1, e).permute(2, 0, 1)
+    lora = owner.setdefault("lora", {})
+    lora[f"{stack}_{'a' if is_a else 'b'}"] = t.to(w.dtype).contiguous().to(w.device)

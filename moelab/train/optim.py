@@ -1,0 +1,69 @@
+"""AdamW with parameter groups, warmup + cosine schedule, and fp32 masters for bf16 params."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moelab.models import tree
+from moelab.train.config import OptimConfig
+
+
+class MasterWeights:
+    """The optimizer's view of the trainable params: the params themselves when they are
+    fp32, else fp32 copies that gradients are copied into and results copied back from.
+    Frozen params never get a master, a gradient buffer or optimizer state."""
+
+    def __init__(self, trainable: list[tuple[tree.Path, torch.Tensor]]):
+        self.params = [t for _, t in trainable]
+        self.paths = [p for p, _ in trainable]
+        self.masters = [
+            t if t.dtype == torch.float32 else t.detach().float().requires_grad_(True)
+            for t in self.params
+        ]
+
+    def grads_to_masters(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def masters_to_params(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m)
+
+
+def param_groups(masters: MasterWeights, weight_decay: float) -> list[dict]:
+    """Decay matrices (LoRA factors included); never norms, biases, 1-D tensors or embeddings."""
+    decay, no_decay = [], []
+    for path, m in zip(masters.paths, masters.masters):
+        (decay if m.dim() >= 2 and path[0] != "embed" else no_decay).append(m)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(masters: MasterWeights, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(masters, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+    )
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_schedule(optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio),
+    )

@@ -1,0 +1,109 @@
+"""Building what a run needs from its config: device, dtype, model, adapters, data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.checkpoints import api
+from moelab.kernels import registry
+from moelab.kernels.problem import ExpertProblem
+from moelab.models import tree
+from moelab.models.model import Model
+from moelab.train import data as data_mod
+from moelab.train.config import RunConfig
+
+log = logging.getLogger("moelab")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def build_model(cfg: RunConfig, dtype: torch.dtype, device: torch.device) -> Model:
+    """Load ``model.path``, or initialise ``model.arch`` from the seed."""
+    if cfg.model.path is not None:
+        return api.load_pretrained(cfg.model.path, dtype=dtype, device=device)
+    family, _ = api.FAMILIES[cfg.model.family]
+    model_cfg = family.Config.from_hf({"model_type": cfg.model.family, **cfg.model.arch})
+    gen = torch.Generator(device=device).manual_seed(cfg.trainer.seed)
+    params = family.init_params(model_cfg, dtype=dtype, device=device, generator=gen)
+    return Model(family, model_cfg, params)
+
+
+def hub_names(model: Model) -> dict[tree.Path, str]:
+    """Param path -> hub tensor name (Transformers v5 fused names), for adapters."""
+    _, names = api.FAMILIES[model.config.model_type]
+    targets = names.targets(model.config, model.params, "fused")
+    return {t.path: name for name, t in targets.items() if not t.index}
+
+
+@dataclass
+class Data:
+    train: data_mod.BatchStream
+    eval: list[data_mod.Batch]
+    tokenizer: object
+    train_tokens: int
+
+
+def build_data(cfg: RunConfig, model: Model) -> Data:
+    d = cfg.data
+    if d.tokenizer == "byte":
+        tokenizer = data_mod.ByteTokenizer()
+    else:
+        tokenizer = data_mod.ModelTokenizer(cfg.model.path, model.config.hf.get("eos_token_id"))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}"
+        )
+    if d.source == "stdlib":
+        docs = data_mod.stdlib_documents(d.max_bytes)
+    else:
+        docs = data_mod.file_documents(d.path, d.text_field)
+    train_docs, eval_docs = data_mod.split_documents(docs, d.eval_fraction)
+    train = data_mod.pack(train_docs, tokenizer, d.seq_len)
+    held_out = data_mod.pack(eval_docs, tokenizer, d.seq_len)
+    batch = cfg.trainer.micro_batch_tokens // d.seq_len
+    return Data(
+        train=data_mod.BatchStream(train, batch, cfg.trainer.seed),
+        eval=data_mod.eval_batches(held_out, batch, cfg.trainer.eval_batches),
+        tokenizer=tokenizer,
+        train_tokens=train.rows * d.seq_len,
+    )
+
+
+def expert_backend(model: Model, backend: str, dtype: torch.dtype, device, rank: int) -> str:
+    """The expert backend this run's MoE layers will use (resolved once, for the log line)."""
+    c = model.config
+    problem = ExpertProblem(
+        device=device,
+        dtype=dtype,
+        num_tokens=1,
+        top_k=c.top_k,
+        num_experts=c.num_experts,
+        hidden=c.hidden_size,
+        inter=c.moe_intermediate_size,
+        lora_rank=rank,
+        has_bias=False,
+        activation="swiglu",
+    )
+    return registry.resolve(None if backend == "auto" else backend, problem).NAME
+
+
+def save_base_model(model: Model, run_dir: Path) -> str:
+    """A from-scratch LoRA run saves its frozen base once, so its adapters can be reloaded."""
+    path = Path(run_dir) / "base_model"
+    if not path.exists():
+        api.save_pretrained(model, path)
+    return str(path)

@@ -1,0 +1,63 @@
+"""Where a run's numbers go: ``metrics.jsonl`` in the run folder, and wandb (offline by default)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moelab.train.config import LoggerConfig
+
+
+class Tracker:
+    """Appends every record to ``<run_dir>/metrics.jsonl`` and mirrors it to wandb.
+
+    Per-expert load arrives as ``{layer: [fraction per expert]}`` and goes to wandb as one
+    histogram per MoE layer (weights = fractions over expert ids).
+    """
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, resume: bool = False):
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a" if resume else "w")
+        self.run = None
+        if cfg.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(
+                mode=cfg.mode,
+                dir=str(run_dir),
+                project=cfg.project,
+                group=cfg.group,
+                job_type=cfg.job_type,
+                tags=list(cfg.tags) or None,
+                config=config,
+                reinit="finish_previous",
+            )
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        self.file.write(json.dumps({"step": step, **record}) + "\n")
+        self.file.flush()
+        if self.run is None:
+            return
+        import wandb
+
+        flat = {k: v for k, v in record.items() if k != "expert_load"}
+        for layer, fractions in record.get("expert_load", {}).items():
+            counts = np.asarray(fractions)
+            flat[f"expert_load/layer_{layer}"] = wandb.Histogram(
+                np_histogram=(counts, np.arange(len(counts) + 1))
+            )
+        self.run.log(flat, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        self.file.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,313 @@
+"""The training loop: one step = grad-accumulated micro-batches, clip, AdamW, schedule.
+
+``train(cfg, run_dir)`` is the whole run; ``experiments/train.py`` calls it from Hydra. Host
+synchronisation happens only at log, eval and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moelab.kernels import registry
+from moelab.models import tree
+from moelab.models.model import Model
+from moelab.models.options import ForwardOptions
+from moelab.train import lora as lora_mod
+from moelab.train import setup, state
+from moelab.train.config import RunConfig, validate
+from moelab.train.loss import chunked_cross_entropy
+from moelab.train.optim import MasterWeights, build_optimizer, build_schedule
+from moelab.train.tracking import Tracker
+
+log = logging.getLogger("moelab")
+
+
+def step_loss(model: Model, batch, options: ForwardOptions, cfg: RunConfig):
+    """(total loss, CE sum, counted tokens, router stats) of one micro-batch."""
+    fam = model.family
+    h, stats = fam.hidden_states(
+        model.config,
+        model.params,
+        batch.input_ids,
+        document_ids=batch.document_ids,
+        options=options,
+    )
+    ce_sum, count = chunked_cross_entropy(
+        h.reshape(-1, h.shape[-1]),
+        fam.lm_head_weight(model.config, model.params),
+        batch.labels.reshape(-1),
+    )
+    loss = ce_sum / count.clamp_min(1)
+    if stats:
+        t = cfg.trainer
+        loss = loss + t.aux_loss_coef * torch.stack([s.aux_loss for s in stats]).mean()
+        loss = loss + t.z_loss_coef * torch.stack([s.z_loss for s in stats]).mean()
+    return loss, ce_sum, count, stats
+
+
+@torch.no_grad()
+def evaluate(model: Model, batches, options: ForwardOptions, cfg: RunConfig, device) -> float:
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for batch in batches:
+        _, ce_sum, n, _ = step_loss(model, batch.to(device), options, cfg)
+        total, count = total + ce_sum, count + n
+    return (total / count.clamp_min(1)).item()
+
+
+def train(cfg: RunConfig, run_dir: str | Path) -> dict:
+    """Run the configured training; returns the run summary (also in ``summary.json``)."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    registry.forget_logged()
+    device = setup.resolve_device(cfg.trainer.device)
+    dtype = setup.resolve_dtype(cfg.trainer.precision, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(cfg.trainer.seed)
+
+    model = setup.build_model(cfg, dtype, device)
+    names = setup.hub_names(model)
+    base_model = cfg.model.path
+    lora = cfg.lora
+    if lora.rank is not None:
+        if base_model is None:
+            base_model = setup.save_base_model(model, run_dir)
+        lora_mod.add_lora(
+            model.params, lora, torch.Generator(device=device).manual_seed(cfg.trainer.seed + 1)
+        )
+    ckpt = state.find(cfg.trainer.resume_from or run_dir) if cfg.trainer.resume else None
+    saved = state.load_trainer_state(ckpt) if ckpt is not None else None
+    if saved is not None:
+        state.restore_params(ckpt, model, saved)
+    trains = lora_mod.trainable_predicate(lora)
+    trainable = []
+    for path, t in tree.leaves(model.params):
+        t.requires_grad_(trains(path))
+        if trains(path):
+            trainable.append((path, t))
+    masters = MasterWeights(trainable)
+    optimizer = build_optimizer(masters, cfg.optim)
+    schedule = build_schedule(optimizer, cfg.optim, cfg.trainer.steps)
+    data = setup.build_data(cfg, model)
+    start = 0
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        data.train.load_state_dict(saved["data"])
+        for m, value in zip(
+            [m for m, p in zip(masters.masters, masters.params) if m is not p], saved["masters"]
+        ):
+            m.data.copy_(value)
+        start = saved["step"]
+        state.restore_rng(saved)
+        log.info("moelab: resumed from %s at step %d", ckpt, start)
+
+    scale = lora.alpha / lora.rank if lora.rank else 1.0
+    train_opts = ForwardOptions(
+        backend=cfg.backend.name,
+        lora_scale=scale,
+        lora_dropout=lora.dropout if lora.rank else 0.0,
+        checkpoint_layers=cfg.trainer.activation_checkpointing,
+    )
+    eval_opts = dataclasses.replace(train_opts, lora_dropout=0.0, checkpoint_layers=False)
+    backend = setup.expert_backend(model, cfg.backend.name, dtype, device, lora.rank or 0)
+    n_total, n_train = tree.count(model.params), sum(t.numel() for _, t in trainable)
+    mode = "full" if lora.rank is None else f"LoRA r={lora.rank} on {', '.join(lora.targets)}"
+    log.info(
+        "moelab: model %s (%s), %.2fM parameters, %.3fM trainable (%s), backend %s, "
+        "%s on %s, %d train tokens",
+        model.config.model_type,
+        cfg.model.name,
+        n_total / 1e6,
+        n_train / 1e6,
+        mode,
+        backend,
+        str(dtype).removeprefix("torch."),
+        device,
+        data.train_tokens,
+    )
+
+    resolved = dataclasses.asdict(cfg)
+    (run_dir / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    tracker = Tracker(cfg.logger, run_dir, resolved, resume=ckpt is not None)
+    summary = _loop(
+        cfg,
+        run_dir,
+        model,
+        names,
+        base_model,
+        masters,
+        optimizer,
+        schedule,
+        data,
+        train_opts,
+        eval_opts,
+        tracker,
+        start,
+        device,
+    )
+    summary.update(
+        parameters=n_total,
+        trainable=n_train,
+        backend=backend,
+        mode=mode,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+    )
+    tracker.summary(summary)
+    tracker.finish()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _loop(
+    cfg,
+    run_dir,
+    model,
+    names,
+    base_model,
+    masters,
+    optimizer,
+    schedule,
+    data,
+    train_opts,
+    eval_opts,
+    tracker,
+    start,
+    device,
+) -> dict:
+    t = cfg.trainer
+    tokens_per_step = t.micro_batch_tokens * t.grad_accum
+    window = _Window(device)
+    eval_loss, postfix = None, {}
+    if start == 0:  # the untrained baseline, so the eval curve starts where training does
+        tracker.log({"eval_loss": evaluate(model, data.eval, eval_opts, cfg, device)}, 0)
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    for step in range(start, t.steps):
+        for _ in range(t.grad_accum):
+            batch = data.train.next().to(device)
+            loss, ce_sum, count, stats = step_loss(model, batch, train_opts, cfg)
+            (loss / t.grad_accum).backward()
+            window.add(loss.detach(), ce_sum.detach(), count, stats)
+        masters.grads_to_masters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(masters.masters, cfg.optim.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        masters.masters_to_params()
+        window.end_step(grad_norm.detach())
+        done = step + 1
+        if done % t.log_interval == 0 or done == t.steps:
+            record = window.flush(tokens_per_step, schedule.get_last_lr()[0])
+            tracker.log(record, done)
+            postfix.update(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(postfix)
+        if done % t.eval_interval == 0 or done == t.steps:
+            eval_loss = evaluate(model, data.eval, eval_opts, cfg, device)
+            tracker.log({"eval_loss": eval_loss}, done)
+            postfix["eval"] = f"{eval_loss:.3f}"
+            bar.set_postfix(postfix)
+        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
+            resume_state = _resume_state(optimizer, schedule, data, masters, cfg.lora)
+            state.save(run_dir, done, model, cfg.lora, names, resume_state, base_model)
+        bar.update(1)
+    bar.close()
+    return {
+        "final_loss": window.last_loss,
+        "eval_loss": eval_loss,
+        "steps": t.steps,
+        "tokens_per_s": window.mean_tokens_per_s(),
+        "peak_mem_mib": window.peak_mib(),
+    }
+
+
+def _resume_state(optimizer, schedule, data, masters: MasterWeights, lora) -> dict:
+    """What a resume needs beyond the exported model: optimizer, schedule, data position, the
+    fp32 masters of bf16 params, and in LoRA runs the trained tensors themselves."""
+    resume = {
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "data": data.train.state_dict(),
+        "masters": [
+            m.detach().cpu() for m, p in zip(masters.masters, masters.params) if m is not p
+        ],
+    }
+    if lora.rank is not None:
+        resume["trained"] = {
+            tree.dotted(p): t.detach().cpu() for p, t in zip(masters.paths, masters.params)
+        }
+    return resume
+
+
+class _Window:
+    """Device-side sums over the steps since the last log line; synced only when flushed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rates: list[float] = []
+        self.last_loss = None
+        self._reset()
+
+    def _reset(self) -> None:
+        z = torch.zeros((), device=self.device)
+        self.loss, self.ce, self.count, self.grad_norm = z.clone(), z.clone(), z.clone(), z.clone()
+        self.aux, self.z_loss, self.entropy = z.clone(), z.clone(), z.clone()
+        self.micro, self.steps, self.counts = 0, 0, {}
+        self.t0 = time.perf_counter()
+
+    def end_step(self, grad_norm: torch.Tensor) -> None:
+        self.grad_norm += grad_norm
+        self.steps += 1
+
+    def add(self, loss, ce_sum, count, stats) -> None:
+        self.loss += loss
+        self.ce += ce_sum
+        self.count += count
+        self.micro += 1
+        for layer, s in enumerate(stats):
+            self.aux += s.aux_loss.detach() / len(stats)
+            self.z_loss += s.z_loss.detach() / len(stats)
+            self.entropy += s.entropy / len(stats)
+            self.counts[layer] = self.counts.get(layer, 0) + s.counts
+
+    def flush(self, tokens_per_step: int, lr: float) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self.t0
+        steps = max(1, self.steps)
+        rate = tokens_per_step * steps / seconds
+        self.rates.append(rate)
+        self.last_loss = (self.ce / self.count.clamp_min(1)).item()
+        record = {
+            "loss": self.last_loss,
+            "total_loss": (self.loss / self.micro).item(),
+            "aux_loss": (self.aux / self.micro).item(),
+            "z_loss": (self.z_loss / self.micro).item(),
+            "router_entropy": (self.entropy / self.micro).item(),
+            "grad_norm": (self.grad_norm / steps).item(),
+            "lr": lr,
+            "tokens_per_s": rate,
+            "step_ms": 1e3 * seconds / steps,
+            "peak_mem_mib": self.peak_mib(),
+            "expert_load": {
+                layer: (c.float() / c.sum()).tolist() for layer, c in self.counts.items()
+            },
+        }
+        self._reset()
+        return record
+
+    def peak_mib(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+    def mean_tokens_per_s(self) -> float | None:
+        return sum(self.rates) / len(self.rates) if self.rates else None

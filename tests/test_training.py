@@ -1,0 +1,265 @@
+"""The training app: config composition, short runs, resume, adapters, sweeps, bad values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import moelab
+from moelab.models.options import ForwardOptions
+from moelab.train import lora as lora_mod
+from moelab.train import setup, state
+from moelab.train.config import RunConfig
+from moelab.train.trainer import train as run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TRAIN = ROOT / "experiments" / "train.py"
+REPORT = ROOT / "experiments" / "report.py"
+sys.path.insert(0, str(ROOT / "experiments"))
+import train  # noqa: E402, F401  (registers the structured-config schema with Hydra)
+
+SMOKE = ["trainer=smoke", "logger=disabled", "data.max_bytes=400000"]
+
+
+def run_config(overrides: list[str]) -> RunConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_loss = {r["step"]: r["loss"] for r in records if "loss" in r}
+    eval_loss = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    return train_loss, eval_loss
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes(experiment):
+    cfg = run_config([f"experiment={experiment}", "model.path=/ckpt", "data.path=/data.jsonl"])
+    assert isinstance(cfg, RunConfig)
+
+
+@pytest.mark.parametrize(
+    "group", ["backend", "lora", "optim", "data", "trainer", "logger", "model"]
+)
+def test_every_group_option_composes(group):
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = run_config([f"{group}={option}", "model.path=/ckpt", "data.path=/data.jsonl"])
+        assert isinstance(cfg, RunConfig), (group, option)
+
+
+def test_few_steps_in_process(tmp_path):
+    summary = run_training(run_config(SMOKE), tmp_path)
+    train_loss, eval_loss = metrics(tmp_path)
+    assert sorted(train_loss) == [1, 2, 3, 4, 5, 6] and sorted(eval_loss) == [0, 3, 6]
+    assert eval_loss[6] < eval_loss[0]
+    assert summary["backend"] == "grouped_mm" and summary["mode"] == "full"
+    assert json.loads((tmp_path / "summary.json").read_text())["eval_loss"] == eval_loss[6]
+    assert (tmp_path / "checkpoints" / "last").read_text().strip() == "step_000006"
+    # the full model in the hub layout loads back
+    model = moelab.load_pretrained(tmp_path / "checkpoints" / "step_000006" / "model")
+    assert model.config.vocab_size == 256
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [[], ["lora.rank=8", "lora.dropout=0.1", "lora.targets=[experts,attention,router]"]],
+    ids=["full", "lora_dropout_router"],
+)
+def test_resume_continues_the_same_trajectory(tmp_path, mode):
+    whole = tmp_path / "whole"
+    run_training(run_config(SMOKE + mode), whole)
+    resumed = tmp_path / "resumed"
+    ckpt = whole / "checkpoints" / "step_000003"
+    run_training(
+        run_config(SMOKE + mode + ["trainer.resume=true", f"trainer.resume_from={ckpt}"]), resumed
+    )
+    expected, _ = metrics(whole)
+    got, _ = metrics(resumed)
+    assert sorted(got) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert got[step] == expected[step], step
+
+
+def test_resume_in_place_after_an_interruption(tmp_path, monkeypatch):
+    first = run_training(
+        run_config(SMOKE + ["trainer.steps=6", "trainer.checkpoint_interval=2"]), tmp_path / "ref"
+    )
+    run = tmp_path / "run"
+    # a run that dies after its step-4 checkpoint, then `trainer.resume=true` in its folder
+    original = state.save
+
+    def dying_save(run_dir, step, *args, **kwargs):
+        path = original(run_dir, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(state, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(run_config(SMOKE + ["trainer.checkpoint_interval=2"]), run)
+    monkeypatch.setattr(state, "save", original)
+    again = run_training(
+        run_config(SMOKE + ["trainer.checkpoint_interval=2", "trainer.resume=true"]), run
+    )
+    assert again["final_loss"] == first["final_loss"]
+
+
+@pytest.mark.parametrize("gate_up", ["fused", "separate"])
+def test_lora_adapters_round_trip_merge_and_load_in_peft(tmp_path, gate_up):
+    run = tmp_path / "run"
+    run_training(
+        run_config(
+            SMOKE
+            + ["lora.rank=8", f"lora.gate_up={gate_up}", "lora.targets=[experts,attention,router]"]
+        ),
+        run,
+    )
+    ckpt = state.find(run)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    # the trained tensors, exactly as they were (kept for resume) ...
+    trained = moelab.load_pretrained(run / "base_model")
+    lora_cfg = run_config(
+        SMOKE
+        + ["lora.rank=8", f"lora.gate_up={gate_up}", "lora.targets=[experts,attention,router]"]
+    ).lora
+    lora_mod.add_lora(trained.params, lora_cfg)
+    state.restore_params(ckpt, trained, state.load_trainer_state(ckpt))
+    options = ForwardOptions(lora_scale=lora_cfg.alpha / lora_cfg.rank)
+    expected = trained(ids, options=options)
+    # ... equal the exported PEFT adapter reloaded into a fresh base
+    fresh = moelab.load_pretrained(run / "base_model")
+    loaded = lora_mod.load_adapter(fresh.params, setup.hub_names(fresh), ckpt / "adapter")
+    scale = loaded.alpha / loaded.rank
+    assert scale == lora_cfg.alpha / lora_cfg.rank
+    assert rel_err(fresh(ids, options=ForwardOptions(lora_scale=scale)), expected) <= 1e-6
+    base_logits = moelab.load_pretrained(run / "base_model")(ids)
+    assert rel_err(base_logits, expected) > 1e-3  # the adapters (and router) changed the model
+    merged = moelab.Model(fresh.family, fresh.config, lora_mod.merged(fresh.params, scale))
+    assert rel_err(merged(ids), expected) <= 1e-5
+
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        run / "base_model", attn_implementation="eager", experts_implementation="eager"
+    )
+    with_adapter = peft.PeftModel.from_pretrained(hf, ckpt / "adapter")
+    assert rel_err(with_adapter(ids).logits, expected) <= 1e-5
+
+
+def test_activation_checkpointing_changes_nothing(tmp_path):
+    a = run_training(run_config(SMOKE), tmp_path / "a")
+    b = run_training(run_config(SMOKE + ["trainer.activation_checkpointing=true"]), tmp_path / "b")
+    assert metrics(tmp_path / "a")[0] == metrics(tmp_path / "b")[0]
+    assert a["eval_loss"] == b["eval_loss"]
+
+
+def test_bf16_keeps_fp32_masters(tmp_path):
+    summary = run_training(
+        run_config(SMOKE + ["trainer.precision=bf16", "trainer.steps=3"]), tmp_path
+    )
+    assert summary["dtype"] == "bfloat16"
+    saved = state.load_trainer_state(state.find(tmp_path))
+    assert saved["masters"] and all(m.dtype == torch.float32 for m in saved["masters"])
+
+
+def test_fine_tune_a_checkpoint_on_jsonl_with_its_tokenizer(tmp_path):
+    from hf_fixtures import save_qwen3
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    ckpt = save_qwen3(tmp_path / "ckpt")
+    texts = [
+        f"document {i}: the quick brown fox jumps over the lazy dog {i % 7}" for i in range(80)
+    ]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        texts, trainers.WordLevelTrainer(vocab_size=100, special_tokens=["[UNK]"])
+    )
+    tok.save(str(ckpt / "tokenizer.json"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    cfg = run_config(
+        SMOKE
+        + [
+            "model=qwen3_moe",
+            f"model.path={ckpt}",
+            "data=files",
+            f"data.path={data}",
+            "data.seq_len=16",
+            "trainer.micro_batch_tokens=64",
+            "lora=experts_attention",
+            "lora.rank=8",
+        ]
+    )
+    summary = run_training(cfg, tmp_path / "run")
+    assert summary["mode"].startswith("LoRA r=8")
+    assert (state.find(tmp_path / "run") / "adapter" / "adapter_config.json").exists()
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_two_job_multirun_and_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = _cli(
+        [
+            "-m",
+            "backend=native_torch,grouped_mm",
+            "trainer=smoke",
+            "logger=offline",
+            "data.max_bytes=400000",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["backend"] == ("native_torch" if job == "0" else "grouped_mm")
+        assert list((sweep / job / "wandb").glob("offline-run-*")), "no wandb offline run"
+        logger = json.loads((sweep / job / "run_config.json").read_text())["logger"]
+        assert logger["group"] == "sweep" and logger["job_type"] == summary["backend"]
+        assert f"backend_{summary['backend']}" in logger["tags"] and "full" in logger["tags"]
+    report = subprocess.run(
+        [sys.executable, str(REPORT), str(sweep)], capture_output=True, text=True, timeout=120
+    )
+    assert report.returncode == 0, report.stderr
+    table = (sweep / "report.md").read_text()
+    assert "native_torch" in table and "grouped_mm" in table
+    assert (sweep / "loss.png").stat().st_size > 0 and (sweep / "throughput.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["backend=cuda_magic"], "Could not find 'backend/cuda_magic'"),
+        (["backend.name=cuda_magic"], "backend.name='cuda_magic' is not valid"),
+        (["lora.rank=0"], "lora.rank=0 is not valid"),
+        (["lora.rank=4", "lora.targets=[experts,everything]"], "lora.targets"),
+        (["data=files"], "data.source=files needs data.path"),
+        (["data=files", "data.path=/no/such/file.jsonl"], "does not exist"),
+        (["model.nonexistent=1"], "nonexistent"),
+        (["model=qwen3_moe", "model.path=/no/such/ckpt"], "is not a folder"),
+        (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid"),
+    ],
+)
+def test_bad_values_stop_before_any_work(tmp_path, overrides, message):
+    out = _cli([*overrides, f"hydra.run.dir={tmp_path / 'run'}", "logger=disabled"], tmp_path)
+    assert out.returncode != 0
+    assert message in out.stderr + out.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
