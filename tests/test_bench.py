@@ -31,6 +31,8 @@ def test_experts_benchmark_runs_and_checks(tmp_path, capsys):
             "--check",
             "--check-tokens",
             "24",
+            "--backends",
+            "native_torch,grouped_mm",
             "--json",
             str(out),
         ]

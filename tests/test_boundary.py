@@ -111,6 +111,7 @@ def _problem(hidden=16, inter=8, dtype=torch.bfloat16, rank=0, experts=4):
 def test_available_backends_on_this_machine():
     names = available()
     assert "native_torch" in names and "grouped_mm" in names
+    assert "triton" in names  # CUDA, or the CPU interpreter the test session switches on
     assert set(names) <= set(registry.BACKENDS)
 
 

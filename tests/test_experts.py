@@ -18,7 +18,7 @@ from moelab.kernels.problem import ExpertProblem
 from moelab.kernels.registry import unsupported_reason
 from moelab.ops import ExpertLoRA, moe_experts, route
 
-BACKENDS = ["native_torch", "grouped_mm"]
+BACKENDS = ["native_torch", "grouped_mm", "triton"]
 DTYPES = [torch.float32, torch.bfloat16]
 
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from moelab.bench.shapes import SHAPES, BlockShape, moe_flops
-from moelab.kernels import available
+from moelab.kernels import available, registry
 from moelab.kernels.problem import ExpertProblem
 from moelab.kernels.registry import unsupported_reason
 from moelab.ops import ExpertLoRA, MoEConfig, moe_block, moe_experts, route
@@ -248,6 +248,10 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     ms, peak = time_step(step, x0, args.iters)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
     row = dict(ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1))
+    saved = getattr(registry._module(backend), "saved_bytes_per_token", None)
+    if saved is not None:
+        problem = _problem(shape, tokens, args.rank if mode == "lora" else 0, dtype, device)
+        row["saved_bytes_per_token"] = saved(problem, x0.element_size())
     if args.profile:
         row["kernels"] = profile_step(step, x0)
     return row
@@ -276,7 +280,7 @@ def print_table(rows: list[dict]) -> None:
                 print(f"  {ms:8.3f} ms {calls:4d}x  {name}")
     print(
         f"\n{'shape':<15}{'tokens':>7} {'mode':<5}{'backend':<14}{'ms':>9}{'TFLOP/s':>9}"
-        f"{'peak MiB':>10}"
+        f"{'peak MiB':>10}{'saved B/token':>15}"
     )
     for r in timed:
         if "skipped" in r:
@@ -286,9 +290,10 @@ def print_table(rows: list[dict]) -> None:
             )
             continue
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        saved = r.get("saved_bytes_per_token", "n/a")
         print(
             f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
-            f"{r['ms']:>9.3f}{r['tflops']:>9.2f}{peak:>10}"
+            f"{r['ms']:>9.3f}{r['tflops']:>9.2f}{peak:>10}{saved!s:>15}"
         )
 
 

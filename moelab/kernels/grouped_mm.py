@@ -39,6 +39,12 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHUNK_ELEMENTS = 1 << 23
 
 
+def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
+    """Activation bytes kept for backward per token (x, h, act, z1, z2, routing and plan ints)."""
+    k, r = problem.top_k, problem.lora_rank
+    return itemsize * (problem.hidden + k * (3 * problem.inter + 2 * r)) + k * (4 + 5 * 8)
+
+
 def _grouped_mm_op():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 

@@ -18,7 +18,7 @@ from moelab.kernels.problem import ExpertProblem
 log = logging.getLogger("moelab")
 
 BACKENDS = ("native_torch", "grouped_mm", "triton")
-AUTO_ORDER = ("grouped_mm", "native_torch")
+AUTO_ORDER = ("triton", "grouped_mm", "native_torch")
 ENV_VAR = "MOELAB_MOE_BACKEND"
 _logged: set[tuple[str, str]] = set()
 
@@ -56,6 +56,9 @@ def resolve(backend: str | None, problem: ExpertProblem) -> ModuleType:
         skipped = []
         for name in AUTO_ORDER:
             reason = unsupported_reason(name, problem)
+            if reason is None:
+                auto_check = getattr(_module(name), "auto_reason", None)
+                reason = auto_check(problem) if auto_check is not None else None
             if reason is None:
                 _log_once(name, f"auto ({source}); skipped: {'; '.join(skipped) or 'none'}")
                 return _module(name)

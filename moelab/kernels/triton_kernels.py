@@ -1,0 +1,267 @@
+"""Triton kernels of the ``triton`` expert backend (launchers and autograd: ``triton.py``).
+
+One grouped GEMM serves every expert product. Programs walk a tile table (expert, first row,
+end row) over the expert-sorted rows; the A operand is read straight from token order through
+a row index when ``GATHER`` (no permuted copy of x or dout), and results can be written to
+(token, slot) order through a row index when ``SCATTER``. Epilogues:
+
+- ``STORE``: ``A W_e^T (+ s z B_e^T) (+ b_e)`` as it is.
+- ``SWIGLU_FWD``: gate and up in two accumulators; stores the pre-activation h and the
+  activation (computed from the rounded h, exactly what backward recomputes).
+- ``SWIGLU_BWD``: the accumulator is ``g = dY W2`` before the routing weight; recomputes the
+  activation from h, writes the per-row partial ``<g, act>`` (the router gradient, no expert
+  outputs kept), ``dh = act'(h, w g)`` and optionally ``w * act`` for weight gradients.
+
+Shape suffixes: see :mod:`moelab.ops`. ``UPCAST`` makes both dot operands fp32: Triton's CPU
+interpreter returns garbage for bf16 dots (kernel-notes.md), the GPU keeps bf16 tensor cores.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+STORE, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2
+
+
+# GPT-OSS clamped SwiGLU: limit 7.0, alpha 1.702 (moelab.ops.activations.OAI_LIMIT, OAI_ALPHA)
+@triton.jit
+def _act_fwd(gate, up, OAI: tl.constexpr):
+    if OAI:
+        g = tl.minimum(gate, 7.0)
+        u = tl.minimum(tl.maximum(up, -7.0), 7.0)
+        return (u + 1.0) * g * tl.sigmoid(1.702 * g)
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def _act_bwd(gate, up, dact, OAI: tl.constexpr):
+    if OAI:
+        g = tl.minimum(gate, 7.0)
+        u = tl.minimum(tl.maximum(up, -7.0), 7.0)
+        sig = tl.sigmoid(1.702 * g)
+        glu = g * sig
+        dup = tl.where(tl.abs(up) > 7.0, 0.0, dact * glu)
+        dgate = tl.where(gate > 7.0, 0.0, dact * (u + 1.0) * (sig + 1.702 * glu * (1.0 - sig)))
+        return dgate, dup
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    return dact * up * (sig + silu * (1.0 - sig)), dact * silu
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)``; under the interpreter (UPCAST), bf16 by explicit round-to-nearest-even,
+    as the interpreter truncates and the GPU rounds."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    a_ptr,
+    a_rows_ptr,
+    stride_am,
+    stride_ak,
+    w_ptr,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    z_ptr,
+    stride_zm,
+    stride_zr,
+    lb_ptr,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    bias_ptr,
+    stride_be,
+    stride_bn,
+    tile_expert_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    out_ptr,
+    stride_om,
+    stride_on,
+    out_rows_ptr,
+    h_ptr,
+    stride_hm,
+    stride_hn,
+    actw_ptr,
+    stride_xm,
+    stride_xn,
+    wrow_ptr,
+    dw_ptr,
+    stride_dwm,
+    n_out,
+    k_dim,
+    rank,
+    lora_scale,
+    EPILOGUE: tl.constexpr,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    LORA: tl.constexpr,
+    BIAS: tl.constexpr,
+    OAI: tl.constexpr,
+    STORE_ACTW: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:  # the tile table is sized for the worst case; the rest is padding
+        return
+    row_start = tl.load(tile_start_ptr + pid_m)
+    row_end = tl.load(tile_end_ptr + pid_m)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    if GATHER:
+        src = tl.load(a_rows_ptr + rows, mask=row_mask, other=0)
+    else:
+        src = rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_out
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + src[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    w_ptrs = w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        k_mask = (k0 + ks) < k_dim
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _dot(a, w, acc, UPCAST, PRECISION)
+        if EPILOGUE == SWIGLU_FWD:  # the up half sits n_out rows further in W
+            w_up = tl.load(
+                w_ptrs + n_out * stride_wn, mask=k_mask[:, None] & col_mask[None, :], other=0.0
+            )
+            acc_up = _dot(a, w_up, acc_up, UPCAST, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if LORA:  # Split-LoRA: + s (x A^T) B^T, with z = x A^T computed by a rank-r launch
+        rs = tl.arange(0, BLOCK_R)
+        r_mask = rs < rank
+        z = tl.load(
+            z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr,
+            mask=row_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        lb_ptrs = (
+            lb_ptr
+            + e.to(tl.int64) * stride_lbe
+            + cols[None, :] * stride_lbn
+            + rs[:, None] * stride_lbr
+        )
+        lb = tl.load(lb_ptrs, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += lora_scale * _dot(
+            z, lb, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION
+        )
+        if EPILOGUE == SWIGLU_FWD:
+            lb_up = tl.load(
+                lb_ptrs + n_out * stride_lbn, mask=r_mask[:, None] & col_mask[None, :], other=0.0
+            )
+            acc_up += lora_scale * _dot(
+                z, lb_up, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION
+            )
+    if BIAS:
+        b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn
+        acc += tl.load(b_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == SWIGLU_FWD:
+            acc_up += tl.load(b_ptrs + n_out * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[
+                None, :
+            ]
+
+    mask = row_mask[:, None] & col_mask[None, :]
+    out_dtype = out_ptr.dtype.element_ty
+    if EPILOGUE == STORE:
+        if SCATTER:
+            dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
+        else:
+            dst = rows
+        tl.store(
+            out_ptr + dst[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
+            _cast(acc, out_dtype, UPCAST),
+            mask=mask,
+        )
+    elif EPILOGUE == SWIGLU_FWD:
+        h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
+        gate = _cast(acc, out_dtype, UPCAST)
+        up = _cast(acc_up, out_dtype, UPCAST)
+        tl.store(h_ptrs, gate, mask=mask)
+        tl.store(h_ptrs + n_out * stride_hn, up, mask=mask)
+        act = _act_fwd(gate.to(tl.float32), up.to(tl.float32), OAI)
+        act = _cast(act, out_dtype, UPCAST)
+        tl.store(
+            out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
+            act,
+            mask=mask,
+        )
+    else:  # SWIGLU_BWD: acc = g = dY W2 (+ LoRA), before the routing weight
+        h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
+        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptrs + n_out * stride_hn, mask=mask, other=0.0).to(tl.float32)
+        act = _cast(_act_fwd(gate, up, OAI), out_dtype, UPCAST).to(tl.float32)  # as stored
+        tl.store(
+            dw_ptr + rows.to(tl.int64) * stride_dwm + pid_n,
+            tl.sum(acc * act, axis=1),
+            mask=row_mask,
+        )
+        w_row = tl.load(wrow_ptr + rows, mask=row_mask, other=0.0)
+        dgate, dup = _act_bwd(gate, up, acc * w_row[:, None], OAI)
+        o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
+        tl.store(o_ptrs, _cast(dgate, out_dtype, UPCAST), mask=mask)
+        tl.store(o_ptrs + n_out * stride_on, _cast(dup, out_dtype, UPCAST), mask=mask)
+        if STORE_ACTW:
+            tl.store(
+                actw_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xn,
+                _cast(act * w_row[:, None], out_dtype, UPCAST),
+                mask=mask,
+            )
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr,
+    w_ptr,
+    out_ptr,
+    hidden,
+    stride_y,
+    stride_o,
+    TOP_K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """out[t] = sum_j w[t, j] * y[t * K + j], in slot order, fp32 accumulation."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = t.to(tl.int64) * TOP_K + j
+        y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_W:
+            y = y * tl.load(w_ptr + row)
+        acc += y
+    tl.store(
+        out_ptr + t.to(tl.int64) * stride_o + cols,
+        _cast(acc, out_ptr.dtype.element_ty, UPCAST),
+        mask=mask,
+    )
