@@ -147,7 +147,7 @@ def _expert_gemm_kernel(
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = _dot(a, w, acc, UPCAST, PRECISION)
-        if EPILOGUE == SWIGLU_FWD:  # the up half sits n_out rows further in W
+        if EPILOGUE == 1:  # SWIGLU_FWD  # the up half sits n_out rows further in W
             w_up = tl.load(
                 w_ptrs + n_out * stride_wn, mask=k_mask[:, None] & col_mask[None, :], other=0.0
             )
@@ -173,7 +173,7 @@ def _expert_gemm_kernel(
         acc += lora_scale * _dot(
             z, lb, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION
         )
-        if EPILOGUE == SWIGLU_FWD:
+        if EPILOGUE == 1:  # SWIGLU_FWD
             lb_up = tl.load(
                 lb_ptrs + n_out * stride_lbn, mask=r_mask[:, None] & col_mask[None, :], other=0.0
             )
@@ -183,14 +183,14 @@ def _expert_gemm_kernel(
     if BIAS:
         b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn
         acc += tl.load(b_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if EPILOGUE == SWIGLU_FWD:
+        if EPILOGUE == 1:  # SWIGLU_FWD
             acc_up += tl.load(b_ptrs + n_out * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[
                 None, :
             ]
 
     mask = row_mask[:, None] & col_mask[None, :]
     out_dtype = out_ptr.dtype.element_ty
-    if EPILOGUE == STORE:
+    if EPILOGUE == 0:  # STORE
         if SCATTER:
             dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
         else:
@@ -200,7 +200,7 @@ def _expert_gemm_kernel(
             _cast(acc, out_dtype, UPCAST),
             mask=mask,
         )
-    elif EPILOGUE == SWIGLU_FWD:
+    elif EPILOGUE == 1:  # SWIGLU_FWD
         h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
         gate = _cast(acc, out_dtype, UPCAST)
         up = _cast(acc_up, out_dtype, UPCAST)
