@@ -10,8 +10,8 @@ TOKENS=${1:-8192,32768}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.txt"
 python3 -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' | tee -a "$OUT/env.txt"
 for shape in ${SHAPES:-qwen3-30b-a3b gpt-oss-20b}; do
-  python3 -m moelab.bench experts --shape "$shape" --tokens "$TOKENS" --mode lora,full \
-    --backends "${BACKENDS:-grouped_mm,triton}" --check ${PROFILE:+--profile} --json "$OUT/moelab_$shape.json" 2>&1 \
+  python3 -m moelab.bench experts --shape "$shape" --tokens "$TOKENS" --mode "${MODES:-lora,full}" \
+    --backends "${BACKENDS:-grouped_mm,triton}" ${NOCHECK:---check} ${PROFILE:+--profile} --json "$OUT/moelab_$shape.json" 2>&1 \
     | tee "$OUT/moelab_$shape.log" | grep -v '^{'
 done
 if [ -f .anchor/anchor_bench.py ] && [ -z "${SKIP_ANCHOR:-}" ]; then
