@@ -65,12 +65,16 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
 
 
 def auto_reason(problem: ExpertProblem) -> str | None:
-    """Why ``auto`` should not pick triton although it could run (interpreter, older GPUs)."""
+    """Why ``auto`` does not pick triton although it could run.
+
+    NOTE: measured on an H200 on 2026-11-29 (BENCHMARKS.md), this version was slower than
+    grouped_mm in LoRA mode at both reference shapes (its grouped GEMM kernel reaches about
+    150 TFLOP/s against CUTLASS's 450+), so auto keeps grouped_mm until a measurement says
+    otherwise; ``backend="triton"`` still runs it.
+    """
     if problem.device.type != "cuda":
         return "the CPU interpreter is for tests; ask for triton by name"
-    if torch.cuda.get_device_capability(problem.device) < (9, 0):
-        return "tuned for sm90+ only"
-    return None
+    return "measured slower than grouped_mm (BENCHMARKS.md); ask for triton by name"
 
 
 def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
