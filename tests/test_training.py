@@ -140,7 +140,7 @@ def test_lora_adapters_round_trip_merge_and_load_in_peft(tmp_path, gate_up):
     expected = trained(ids, options=options)
     # ... equal the exported PEFT adapter reloaded into a fresh base
     fresh = moelab.load_pretrained(run / "base_model")
-    loaded = lora_mod.load_adapter(fresh.params, setup.hub_names(fresh), ckpt / "adapter")
+    loaded = lora_mod.load_adapter(fresh.params, setup.adapter_layout(fresh), ckpt / "adapter")
     scale = loaded.alpha / loaded.rank
     assert scale == lora_cfg.alpha / lora_cfg.rank
     assert rel_err(fresh(ids, options=ForwardOptions(lora_scale=scale)), expected) <= 1e-6

@@ -11,10 +11,11 @@ from types import ModuleType
 import torch
 from tqdm.auto import tqdm
 
+from moelab.checkpoints import gpt_oss as gpt_oss_names
 from moelab.checkpoints import mapping
 from moelab.checkpoints import qwen3_moe as qwen3_names
 from moelab.checkpoints.safetensors_io import CheckpointError, checkpoint_entries, write_checkpoint
-from moelab.models import qwen3_moe, tree
+from moelab.models import gpt_oss, qwen3_moe, tree
 from moelab.models.model import Model
 from moelab.models.options import ForwardOptions
 
@@ -24,6 +25,7 @@ log = logging.getLogger("moelab")
 FAMILIES: dict[str, tuple[ModuleType, ModuleType]] = {
     "qwen3_moe": (qwen3_moe, qwen3_names),
     "qwen3_vl_moe": (qwen3_moe, qwen3_names),
+    "gpt_oss": (gpt_oss, gpt_oss_names),
 }
 
 

@@ -1,9 +1,10 @@
 """Checkpoint tensors <-> the parameter tree, through a family's declarative name map.
 
 A family maps every hub tensor name to a :class:`Target`: the param path, an index into that
-param (one expert's gate or up half of the stacked weight) and whether the stored tensor is
-the transpose of that slot. The same map serves loading (checked in full before any data is
-read: missing, unexpected and mis-shaped tensors are reported together) and saving.
+param (one expert's gate or up half of the stacked weight), and the small named transforms of
+the stored form (transposed, gate/up interleaved, MXFP4 blocks + scales). The same map serves
+loading (checked in full before any data is read: missing, unexpected and mis-shaped tensors
+are reported together) and saving.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moelab.checkpoints import mxfp4
 from moelab.checkpoints.safetensors_io import CheckpointError, TensorEntry, read_tensor
 from moelab.models import tree
 
@@ -22,17 +24,64 @@ log = logging.getLogger("moelab")
 
 @dataclass(frozen=True)
 class Target:
+    """Where one hub tensor lives in the params, and how it is stored.
+
+    Attributes:
+        path: the param's path.
+        index: an index into the param (e.g. one expert's gate rows of the stacked weight).
+        transposed: stored as the transpose of the slot's last two dims.
+        interleaved_dim: gate and up alternate along this dim on disk (GPT-OSS); the params
+            hold them as two halves, gate first.
+        mxfp4_scales: the stored tensor is MXFP4 blocks, with their exponents under this name.
+    """
+
     path: tree.Path
     index: tuple = ()
-    transposed: bool = False  # stored as the transpose of the slot's last two dims
+    transposed: bool = False
+    interleaved_dim: int | None = None
+    mxfp4_scales: str | None = None
 
     def slot(self, params: dict) -> torch.Tensor:
         t = tree.get(params, self.path)
         return t[self.index] if self.index else t
 
-    def stored_shape(self, params: dict) -> tuple[int, ...]:
+    def stored_shapes(self, name: str, params: dict) -> dict[str, tuple[int, ...]]:
+        """Every stored tensor this target reads, with the shape it must have."""
         shape = tuple(self.slot(params).shape)
-        return (*shape[:-2], shape[-1], shape[-2]) if self.transposed else shape
+        if self.transposed:
+            shape = (*shape[:-2], shape[-1], shape[-2])
+        if self.mxfp4_scales is None:
+            return {name: shape}
+        groups = (*shape[:-1], shape[-1] // mxfp4.GROUP)
+        return {name: (*groups, mxfp4.GROUP // 2), self.mxfp4_scales: groups}
+
+    def read(self, name: str, entries: dict[str, TensorEntry]) -> torch.Tensor:
+        """The stored tensor(s) turned into the slot's layout (on the CPU, stored precision)."""
+        value = read_tensor(entries[name])
+        if self.mxfp4_scales is not None:
+            value = mxfp4.dequantize(value, read_tensor(entries[self.mxfp4_scales]), torch.float32)
+        elif not value.is_floating_point():
+            raise CheckpointError(f"{name}: stored as {value.dtype}, expected a float tensor")
+        if self.transposed:
+            value = value.transpose(-1, -2)
+        if self.interleaved_dim is not None:
+            dim = self.interleaved_dim % value.dim()
+            pairs = value.unflatten(dim, (-1, 2))
+            value = torch.cat([pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)], dim=dim)
+        return value
+
+    def write(self, name: str, value: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The inverse of :meth:`read`: the tensor(s) to store for the slot's ``value``."""
+        if self.interleaved_dim is not None:
+            dim = self.interleaved_dim % value.dim()
+            gate, up = value.chunk(2, dim=dim)
+            value = torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
+        if self.transposed:
+            value = value.transpose(-1, -2)
+        if self.mxfp4_scales is None:
+            return [(name, value)]
+        blocks, scales = mxfp4.quantize(value.contiguous())
+        return [(name, blocks), (self.mxfp4_scales, scales)]
 
 
 def check_entries(
@@ -42,12 +91,15 @@ def check_entries(
     ignored: Callable[[str], bool],
 ) -> None:
     """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor."""
-    missing = sorted(n for n in targets if n not in entries)
-    unexpected = sorted(n for n in entries if n not in targets and not ignored(n))
+    expected = {}
+    for name, target in targets.items():
+        expected.update(target.stored_shapes(name, meta_params))
+    missing = sorted(n for n in expected if n not in entries)
+    unexpected = sorted(n for n in entries if n not in expected and not ignored(n))
     mismatched = sorted(
-        f"{n}: stored {list(entries[n].shape)}, expected {list(t.stored_shape(meta_params))}"
-        for n, t in targets.items()
-        if n in entries and tuple(entries[n].shape) != t.stored_shape(meta_params)
+        f"{n}: stored {list(entries[n].shape)}, expected {list(shape)}"
+        for n, shape in expected.items()
+        if n in entries and tuple(entries[n].shape) != shape
     )
     problems = []
     for label, items in (
@@ -73,19 +125,11 @@ def load_into(
     """Read every target's tensor, one at a time, into its slot of the allocated params."""
     for name in progress(sorted(targets, key=lambda n: (entries[n].file, entries[n].start))):
         target = targets[name]
-        slot = target.slot(params)
-        value = read_tensor(entries[name])
-        if target.transposed:
-            value = value.transpose(-1, -2)
-        if not value.is_floating_point():
-            raise CheckpointError(f"{name}: stored as {value.dtype}, expected a float tensor")
-        slot.copy_(value)  # casts to the param's dtype and moves to its device
-        del value
+        with torch.no_grad():
+            target.slot(params).copy_(target.read(name, entries))  # casts, moves to the device
 
 
 def saved_tensors(params: dict, targets: dict[str, Target]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hub name, tensor)`` for every target, in name order (the inverse of loading)."""
+    """``(hub name, tensor)`` for every stored tensor, in name order (the inverse of loading)."""
     for name in sorted(targets):
-        target = targets[name]
-        value = target.slot(params)
-        yield name, value.transpose(-1, -2) if target.transposed else value
+        yield from targets[name].write(name, targets[name].slot(params).detach())

@@ -35,8 +35,12 @@ def _project(
     lora_a_RK: torch.Tensor | None,
     lora_b_NR: torch.Tensor | None,
     scale: float,
+    reference: bool = False,
 ) -> torch.Tensor:
-    y = F.linear(x_MK, w_NK, bias_N)
+    if reference and bias_N is not None:  # the reference models round x W^T, then add b
+        y = F.linear(x_MK, w_NK) + bias_N
+    else:
+        y = F.linear(x_MK, w_NK, bias_N)
     if lora_a_RK is not None:
         y = y + scale * F.linear(F.linear(x_MK, lora_a_RK), lora_b_NR)
     return y
@@ -54,18 +58,19 @@ def experts_mlp(
     lora: ExpertLoRA | None,
     accumulate: str = "fp32",
 ) -> torch.Tensor:
-    acc_dtype = (
-        x_TH.dtype if accumulate == "input" else torch.promote_types(x_TH.dtype, torch.float32)
-    )
+    reference = accumulate == "input"
+    acc_dtype = x_TH.dtype if reference else torch.promote_types(x_TH.dtype, torch.float32)
     out_TH = x_TH.new_zeros(x_TH.shape, dtype=acc_dtype)
     scale = lora.scale if lora is not None else 0.0
     lora_tensors = lora.tensors() if lora is not None else (None,) * 4
     for e in torch.unique(experts_TK).tolist():
         token_M, slot_M = (experts_TK == e).nonzero(as_tuple=True)
         a1, b1, a2, b2 = (_expert(t, e) for t in lora_tensors)
-        h_MG = _project(x_TH[token_M], gate_up_EGH[e], _expert(gate_up_bias_EG, e), a1, b1, scale)
+        h_MG = _project(
+            x_TH[token_M], gate_up_EGH[e], _expert(gate_up_bias_EG, e), a1, b1, scale, reference
+        )
         act_MI = activation_forward(h_MG, activation)
-        y_MH = _project(act_MI, down_EHI[e], _expert(down_bias_EH, e), a2, b2, scale)
+        y_MH = _project(act_MI, down_EHI[e], _expert(down_bias_EH, e), a2, b2, scale, reference)
         w_M1 = weights_TK[token_M, slot_M, None]
         if accumulate == "input":  # the reference models' eager path, rounding for rounding
             contrib = (y_MH * w_M1).to(acc_dtype)

@@ -16,11 +16,12 @@ A model is ``(Config, params, forward)``; checkpoint-formats.md §2 has the math
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from moelab.models.decoder import run_decoder
 from moelab.models.hf_config import (
     VERSIONED_KEYS,
     config_dtype,
@@ -34,7 +35,7 @@ from moelab.ops.attention import attention
 from moelab.ops.linear import linear, swiglu_mlp
 from moelab.ops.moe import MoEConfig, RouterStats, moe_block
 from moelab.ops.norms import rms_norm
-from moelab.ops.rope import RopeConfig, apply_rope, rope_cos_sin
+from moelab.ops.rope import RopeConfig, apply_rope
 
 MODEL_TYPES = ("qwen3_moe", "qwen3_vl_moe")
 DEFAULT_OPTIONS = ForwardOptions()
@@ -241,15 +242,6 @@ def init_params(
     return params
 
 
-def positions_from_documents(document_ids_BS: torch.Tensor) -> torch.Tensor:
-    """Position ids restarting at 0 at every document boundary of a packed row."""
-    seq = torch.arange(document_ids_BS.shape[1], device=document_ids_BS.device)
-    starts = torch.ones_like(document_ids_BS, dtype=torch.bool)
-    starts[:, 1:] = document_ids_BS[:, 1:] != document_ids_BS[:, :-1]
-    start_index = torch.where(starts, seq, torch.zeros_like(seq)).cummax(dim=1).values
-    return seq - start_index
-
-
 def _attention_block(cfg, p, x_BSH, cos, sin, document_ids, options) -> torch.Tensor:
     b, s, _ = x_BSH.shape
     d, scale, drop = cfg.head_dim, options.lora_scale, options.lora_dropout
@@ -286,32 +278,18 @@ def hidden_states(
     document_ids: torch.Tensor | None = None,
     options: ForwardOptions = DEFAULT_OPTIONS,
 ) -> tuple[torch.Tensor, list[RouterStats]]:
-    """Final-normed hidden states ``[B, S, H]`` and the router statistics of each MoE layer.
-
-    Args:
-        input_ids: ``[B, S]`` (or ``[S]``) token ids.
-        position_ids: ``[B, S]``; default ``0..S-1``, restarting per document when packed.
-        document_ids: ``[B, S]`` ids of packed documents; attention stays inside a document.
-    """
-    ids_BS = input_ids if input_ids.dim() == 2 else input_ids[None]
-    if position_ids is None:
-        if document_ids is not None:
-            position_ids = positions_from_documents(document_ids)
-        else:
-            position_ids = torch.arange(ids_BS.shape[1], device=ids_BS.device)[None]
-            position_ids = position_ids.expand_as(ids_BS)
-    h = F.embedding(ids_BS, params["embed"]["weight"])
-    cos, sin = rope_cos_sin(cfg.rope, position_ids, h.dtype)
-    stats = []
-    for layer, p in enumerate(params["layers"]):
-        args = (cfg, layer, p, h, cos, sin, document_ids, options)
-        if options.checkpoint_layers and torch.is_grad_enabled():
-            h, layer_stats = checkpoint(_decoder_layer, *args, use_reentrant=False)
-        else:
-            h, layer_stats = _decoder_layer(*args)
-        if layer_stats is not None:
-            stats.append(layer_stats)
-    return rms_norm(h, params["norm"]["weight"], cfg.rms_norm_eps), stats
+    """Final-normed hidden states ``[B, S, H]`` and the router statistics of each MoE layer;
+    see :func:`moelab.models.decoder.run_decoder` for the arguments."""
+    return run_decoder(
+        cfg.rope,
+        params,
+        input_ids,
+        partial(_decoder_layer, cfg),
+        lambda h: rms_norm(h, params["norm"]["weight"], cfg.rms_norm_eps),
+        position_ids,
+        document_ids,
+        options,
+    )
 
 
 def lm_head_weight(cfg: Config, params: dict) -> torch.Tensor:

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +38,6 @@ from moelab.train.config import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-_EXPERT_KEYS = {"fused": ("gate_up", "down"), "separate": ("gate", "up", "down")}
 
 
 def _kind(path: tree.Path) -> str | None:
@@ -138,8 +138,32 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
     return a, torch.cat([b, b.new_zeros(*b.shape[:-1], extra)], dim=-1)
 
 
-def _adapter_tensors(params: dict, hub_names: dict[tuple, str], cfg: LoraConfig, rank: int):
-    """(PEFT key, tensor) pairs; ``hub_names`` maps base param paths to hub names (v5 fused)."""
+def _interleave_rows(b_EGR: torch.Tensor) -> torch.Tensor:
+    """Canonical gate-then-up rows -> alternating gate/up rows (GPT-OSS's stored order)."""
+    gate, up = b_EGR.chunk(2, dim=1)
+    return torch.stack([gate, up], dim=2).flatten(1, 2)
+
+
+def _deinterleave_rows(b_EGR: torch.Tensor) -> torch.Tensor:
+    return torch.cat([b_EGR[:, 0::2], b_EGR[:, 1::2]], dim=1)
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """How a family's params map to PEFT adapter keys.
+
+    Attributes:
+        names: base param path -> hub tensor name in the unquantised Transformers v5 layout.
+        interleaved_gate_up: the family stores gate and up rows alternating (GPT-OSS).
+    """
+
+    names: dict[tuple, str]
+    interleaved_gate_up: bool = False
+
+
+def _adapter_tensors(params, layout: AdapterLayout, cfg: LoraConfig, rank: int):
+    """(PEFT key, tensor) pairs."""
+    hub_names, interleaved = layout.names, layout.interleaved_gate_up
     for path, _ in tree.leaves(params):
         if path[-1] == "lora_a":
             module = hub_names[(*path[:-1], "weight")].removesuffix(".weight")
@@ -151,8 +175,9 @@ def _adapter_tensors(params: dict, hub_names: dict[tuple, str], cfg: LoraConfig,
             experts = tree.get(params, path[:-2])
             lora = expert_lora_from_params(experts["lora"], 1.0)
             module = hub_names[(*path[:-2], "gate_up")].removesuffix(".gate_up_proj")
+            gate_up_b = _interleave_rows(lora.gate_up_b) if interleaved else lora.gate_up_b
             for inner, a, b in (
-                ("base_layer.", lora.gate_up_a, lora.gate_up_b),
+                ("base_layer.", lora.gate_up_a, gate_up_b),
                 ("", lora.down_a, lora.down_b),
             ):
                 a, b = _pad_rank(a, b, rank)
@@ -168,7 +193,7 @@ def _adapter_tensors(params: dict, hub_names: dict[tuple, str], cfg: LoraConfig,
 
 def save_adapter(
     params: dict,
-    hub_names: dict[tuple, str],
+    layout: AdapterLayout,
     cfg: LoraConfig,
     path: str | os.PathLike,
     base_model: str | None = None,
@@ -182,7 +207,7 @@ def save_adapter(
     separate = cfg.gate_up == "separate" and "experts" in cfg.targets
     rank = 2 * cfg.rank if separate else cfg.rank
     tensors = {
-        k: v.detach().contiguous().cpu() for k, v in _adapter_tensors(params, hub_names, cfg, rank)
+        k: v.detach().contiguous().cpu() for k, v in _adapter_tensors(params, layout, cfg, rank)
     }
     modules = sorted(
         {
@@ -207,7 +232,7 @@ def save_adapter(
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
         if "experts" in cfg.targets
         else None,
-        "modules_to_save": ["gate"] if "router" in cfg.targets else None,
+        "modules_to_save": sorted({k.split(".")[-2] for k in tensors if ".lora_" not in k}) or None,
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -221,8 +246,9 @@ def save_adapter(
         raise
 
 
-def load_adapter(params: dict, hub_names: dict[tuple, str], path: str | os.PathLike) -> LoraConfig:
+def load_adapter(params: dict, layout: AdapterLayout, path: str | os.PathLike) -> LoraConfig:
     """Put the adapters of a PEFT-layout folder into ``params`` (in place; fused form)."""
+    hub_names = layout.names
     folder = Path(path)
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
@@ -253,7 +279,7 @@ def load_adapter(params: dict, hub_names: dict[tuple, str], path: str | os.PathL
         base = by_module.get(module)
         if base is None:
             raise CheckpointError(f"{folder}: adapter key {key!r} matches no module of the model")
-        _place(params, base, key, read_tensor(entry))
+        _place(params, base, key, read_tensor(entry), layout.interleaved_gate_up)
         used.add(key)
     unused = sorted(set(entries) - used)
     if unused:
@@ -266,7 +292,7 @@ def load_adapter(params: dict, hub_names: dict[tuple, str], path: str | os.PathL
     )
 
 
-def _place(params: dict, base: tuple, key: str, value: torch.Tensor) -> None:
+def _place(params: dict, base: tuple, key: str, value: torch.Tensor, interleaved: bool) -> None:
     owner = tree.get(params, base[:-1])
     is_a = ".lora_A." in key
     if base[-1] == "weight":  # dense linear
@@ -280,5 +306,7 @@ def _place(params: dict, base: tuple, key: str, value: torch.Tensor) -> None:
         t = value.reshape(e, -1, value.shape[-1])
     else:
         t = value.reshape(value.shape[0], -1, e).permute(2, 0, 1)
+        if interleaved and stack == "gate_up":
+            t = _deinterleave_rows(t)
     lora = owner.setdefault("lora", {})
     lora[f"{stack}_{'a' if is_a else 'b'}"] = t.to(w.dtype).contiguous().to(w.device)

@@ -11,10 +11,10 @@ import torch
 from moelab.checkpoints import api
 from moelab.kernels import registry
 from moelab.kernels.problem import ExpertProblem
-from moelab.models import tree
 from moelab.models.model import Model
 from moelab.train import data as data_mod
 from moelab.train.config import RunConfig
+from moelab.train.lora import AdapterLayout
 
 log = logging.getLogger("moelab")
 
@@ -42,11 +42,16 @@ def build_model(cfg: RunConfig, dtype: torch.dtype, device: torch.device) -> Mod
     return Model(family, model_cfg, params)
 
 
-def hub_names(model: Model) -> dict[tree.Path, str]:
-    """Param path -> hub tensor name (Transformers v5 fused names), for adapters."""
+def adapter_layout(model: Model) -> AdapterLayout:
+    """The family's PEFT adapter naming (unquantised Transformers v5 layout)."""
     _, names = api.FAMILIES[model.config.model_type]
-    targets = names.targets(model.config, model.params, "fused")
-    return {t.path: name for name, t in targets.items() if not t.index}
+    targets = names.targets(model.config, model.params, names.ADAPTER_LAYOUT)
+    return AdapterLayout(
+        names={t.path: name for name, t in targets.items() if not t.index},
+        interleaved_gate_up=any(
+            t.interleaved_dim is not None and t.path[-1] == "gate_up" for t in targets.values()
+        ),
+    )
 
 
 @dataclass

@@ -47,7 +47,7 @@ def save(
     step: int,
     model: Model,
     lora: LoraConfig,
-    hub_names: dict,
+    layout: lora_io.AdapterLayout,
     trainer_state: dict,
     base_model: str | None,
 ) -> Path:
@@ -60,7 +60,7 @@ def save(
         if lora.rank is None:
             api.save_pretrained(model, tmp / "model")
         else:
-            lora_io.save_adapter(model.params, hub_names, lora, tmp / "adapter", base_model)
+            lora_io.save_adapter(model.params, layout, lora, tmp / "adapter", base_model)
         torch.save({**trainer_state, "step": step, "rng": _rng_state()}, tmp / "trainer_state.pt")
         replace_folder(tmp, target)
     except BaseException:

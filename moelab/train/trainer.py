@@ -74,7 +74,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     torch.manual_seed(cfg.trainer.seed)
 
     model = setup.build_model(cfg, dtype, device)
-    names = setup.hub_names(model)
+    names = setup.adapter_layout(model)
     base_model = cfg.model.path
     lora = cfg.lora
     if lora.rank is not None:

@@ -1,0 +1,86 @@
+"""MXFP4 (OCP microscaling FP4, E2M1 values with an E8M0 scale per 32) as GPT-OSS stores experts.
+
+A logical ``W [..., R, K]`` is cut along K into groups of 32; ``blocks [..., R, K/32, 16]`` (uint8)
+holds two 4-bit codes per byte, element 2b in the low nibble and 2b+1 in the high one;
+``scales [..., R, K/32]`` (uint8) holds the exponent of each group, biased by 127.
+checkpoint-formats.md §4.3. Dequantisation is exact in bf16 and fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelab.checkpoints.safetensors_io import CheckpointError
+
+# nibble -> value (E2M1)
+FP4_VALUES = (
+    0.0,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    4.0,
+    6.0,
+    -0.0,
+    -0.5,
+    -1.0,
+    -1.5,
+    -2.0,
+    -3.0,
+    -4.0,
+    -6.0,
+)
+GROUP = 32
+
+
+def check_shapes(blocks: torch.Tensor, scales: torch.Tensor, rows: int, cols: int, name: str):
+    """Raise CheckpointError unless blocks/scales encode a ``[..., rows, cols]`` weight."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise CheckpointError(
+            f"{name}: MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}"
+        )
+    if cols % GROUP:
+        raise CheckpointError(f"{name}: MXFP4 needs a contraction dim divisible by 32, got {cols}")
+    want_blocks = (rows, cols // GROUP, GROUP // 2)
+    if tuple(blocks.shape[-3:]) != want_blocks:
+        raise CheckpointError(
+            f"{name}_blocks: shape {list(blocks.shape)} does not encode "
+            f"[..., {rows}, {cols}] (expected [..., {', '.join(map(str, want_blocks))}])"
+        )
+    if tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise CheckpointError(
+            f"{name}_scales: shape {list(scales.shape)}, expected "
+            f"{list(blocks.shape[:-1])} (one scale per 32 values)"
+        )
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., R, K/32, 16]`` codes and ``[..., R, K/32]`` exponents -> ``[..., R, K]``."""
+    table = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    low = table[(blocks & 0x0F).long()]
+    high = table[(blocks >> 4).long()]
+    values = torch.stack([low, high], dim=-1).flatten(-2)  # [..., R, K/32, 32]
+    scaled = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
+    return scaled.flatten(-2).to(dtype)
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[..., R, K]`` -> (blocks, scales). Per group: exponent ``ceil(log2(amax / 6))``, then
+    nearest FP4 code. Values that came out of :func:`dequantize` come back bit for bit."""
+    *lead, rows, cols = weight.shape
+    if cols % GROUP:
+        raise ValueError(f"MXFP4 needs a last dim divisible by 32, got {cols}")
+    groups = weight.float().reshape(*lead, rows, cols // GROUP, GROUP)
+    amax = groups.abs().amax(dim=-1)
+    exponent = torch.where(
+        amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127)
+    )
+    exponent = exponent.clamp(-127, 127)
+    scaled = groups / torch.ldexp(torch.ones_like(amax), exponent.to(torch.int32))[..., None]
+    table = torch.tensor(FP4_VALUES[:8], device=weight.device)
+    magnitude = (scaled.abs()[..., None] - table).abs().argmin(dim=-1)  # nearest |code|
+    codes = (magnitude + 8 * (scaled < 0)).to(torch.uint8)
+    pairs = codes.reshape(*lead, rows, cols // GROUP, GROUP // 2, 2)
+    blocks = pairs[..., 0] | (pairs[..., 1] << 4)
+    return blocks, (exponent + 127).to(torch.uint8)

@@ -1,0 +1,63 @@
+"""The decoder skeleton every family shares: embed, positions, the layer loop, the LM head.
+
+A family supplies its decoder layer ``layer_fn(layer, params, h, cos, sin, document_ids,
+options) -> (h, RouterStats | None)`` and its final norm; this module does the rest, including
+activation checkpointing per layer (``ForwardOptions.checkpoint_layers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from moelab.models.options import ForwardOptions
+from moelab.ops.moe import RouterStats
+from moelab.ops.rope import RopeConfig, rope_cos_sin
+
+
+def positions_from_documents(document_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Position ids restarting at 0 at every document boundary of a packed row."""
+    seq = torch.arange(document_ids_BS.shape[1], device=document_ids_BS.device)
+    starts = torch.ones_like(document_ids_BS, dtype=torch.bool)
+    starts[:, 1:] = document_ids_BS[:, 1:] != document_ids_BS[:, :-1]
+    start_index = torch.where(starts, seq, torch.zeros_like(seq)).cummax(dim=1).values
+    return seq - start_index
+
+
+def run_decoder(
+    rope: RopeConfig,
+    params: dict,
+    input_ids: torch.Tensor,
+    layer_fn: Callable,
+    final_norm: Callable[[torch.Tensor], torch.Tensor],
+    position_ids: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    options: ForwardOptions,
+) -> tuple[torch.Tensor, list[RouterStats]]:
+    """Final-normed hidden states ``[B, S, H]`` and the router stats of every MoE layer.
+
+    ``input_ids`` is ``[B, S]`` (or ``[S]``); positions default to ``0..S-1``, restarting per
+    document when ``document_ids`` marks packed documents (attention stays inside each).
+    """
+    ids_BS = input_ids if input_ids.dim() == 2 else input_ids[None]
+    if position_ids is None:
+        if document_ids is not None:
+            position_ids = positions_from_documents(document_ids)
+        else:
+            position_ids = torch.arange(ids_BS.shape[1], device=ids_BS.device)[None]
+            position_ids = position_ids.expand_as(ids_BS)
+    h = F.embedding(ids_BS, params["embed"]["weight"])
+    cos, sin = rope_cos_sin(rope, position_ids, h.dtype)
+    stats = []
+    for layer, p in enumerate(params["layers"]):
+        args = (layer, p, h, cos, sin, document_ids, options)
+        if options.checkpoint_layers and torch.is_grad_enabled():
+            h, layer_stats = checkpoint(layer_fn, *args, use_reentrant=False)
+        else:
+            h, layer_stats = layer_fn(*args)
+        if layer_stats is not None:
+            stats.append(layer_stats)
+    return final_norm(h), stats
