@@ -63,8 +63,8 @@ def write_synthetic(path: Path, cfg: qwen3_moe.Config) -> None:
 
     def tensors():
         for name in sorted(targets):
-            shape = targets[name].stored_shape(meta)
-            yield name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            for stored, shape in targets[name].stored_shapes(name, meta).items():
+                yield stored, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
     write_checkpoint(path, tensors(), cfg.to_hf(), max_shard_bytes=2**30)
 
