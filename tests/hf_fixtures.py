@@ -36,7 +36,7 @@ def rerandomize(model: torch.nn.Module, seed: int = 0) -> None:
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if "norm" in name:
                 p.copy_(1 + 0.3 * noise)
-            elif name.endswith("bias"):
+            elif name.endswith(("bias", "sinks")):
                 p.copy_(0.5 * noise)
             else:
                 p.copy_(0.08 * noise)
@@ -87,6 +87,37 @@ def qwen3_vl_model(seed: int = 0):
         Qwen3VLMoeConfig(text_config=text, vision_config=vision)
     )
     rerandomize(model, seed)
+    return model.eval()
+
+
+GPT_OSS_MAIN = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    sliding_window=4,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+)
+
+
+def gpt_oss_model(seed: int = 0, **overrides):
+    """Tiny GPT-OSS; gate_up drawn with std 0.6 so |gate|, |up| pass 7 and the clamps fire."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(GptOssConfig(**{**GPT_OSS_MAIN, **overrides}))
+    rerandomize(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("experts.gate_up_proj"):
+                p.copy_(0.6 * torch.randn(p.shape, generator=g))
     return model.eval()
 
 

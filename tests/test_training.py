@@ -158,6 +158,32 @@ def test_lora_adapters_round_trip_merge_and_load_in_peft(tmp_path, gate_up):
     assert rel_err(with_adapter(ids).logits, expected) <= 1e-5
 
 
+def test_gpt_oss_lora_adapters_load_in_peft(tmp_path):
+    """GPT-OSS stores gate and up interleaved: the exported adapter must follow."""
+    overrides = SMOKE + [
+        "model=tiny_gpt_oss",
+        "lora.rank=8",
+        "lora.targets=[experts,attention,router]",
+    ]
+    run = tmp_path / "run"
+    run_training(run_config(overrides), run)
+    ckpt = state.find(run)
+    model = moelab.load_pretrained(run / "base_model")
+    lora_cfg = run_config(overrides).lora
+    lora_mod.add_lora(model.params, lora_cfg)
+    state.restore_params(ckpt, model, state.load_trainer_state(ckpt))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = model(ids, options=ForwardOptions(lora_scale=lora_cfg.alpha / lora_cfg.rank))
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        run / "base_model", attn_implementation="eager", experts_implementation="eager"
+    )
+    assert (
+        rel_err(peft.PeftModel.from_pretrained(hf, ckpt / "adapter")(ids).logits, expected) <= 1e-5
+    )
+
+
 def test_activation_checkpointing_changes_nothing(tmp_path):
     a = run_training(run_config(SMOKE), tmp_path / "a")
     b = run_training(run_config(SMOKE + ["trainer.activation_checkpointing=true"]), tmp_path / "b")

@@ -103,13 +103,30 @@ def load_pretrained(
 
 
 def save_pretrained(
-    model: Model, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30
+    model: Model,
+    path: str | os.PathLike,
+    max_shard_bytes: int = 5 * 2**30,
+    experts_format: str | None = None,
 ) -> None:
-    """Write ``model`` in the hub layout (``config.json`` + safetensors), atomically."""
+    """Write ``model`` in the hub layout (``config.json`` + safetensors), atomically.
+
+    ``experts_format="mxfp4"`` re-quantises GPT-OSS experts the way the hub release stores them
+    (experts that did not change come back bit for bit); by default tensors keep their dtype.
+    """
     _, names = _family(model.config.model_type)
-    targets = names.targets(model.config, model.params, names.save_layout(model.config))
+    layout = names.save_layout(model.config)
+    if experts_format is not None:
+        if experts_format not in getattr(names, "LAYOUTS", ()):
+            raise ValueError(
+                f"experts_format={experts_format!r} is not available for "
+                f"{model.config.model_type} (layouts: {getattr(names, 'LAYOUTS', ())})"
+            )
+        layout = experts_format
+    targets = names.targets(model.config, model.params, layout)
     dtypes = {t.dtype for _, t in tree.leaves(model.params)}
     config = model.config.to_hf()
     if len(dtypes) == 1:
         config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    if layout == "mxfp4":
+        config["quantization_config"] = dict(names.MXFP4_CONFIG)
     write_checkpoint(path, mapping.saved_tensors(model.params, targets), config, max_shard_bytes)

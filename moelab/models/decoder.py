@@ -61,3 +61,14 @@ def run_decoder(
         if layer_stats is not None:
             stats.append(layer_stats)
     return final_norm(h), stats
+
+
+def lm_head_weight(cfg, params: dict) -> torch.Tensor:
+    """The LM head, or the embedding when the config ties them."""
+    return params["embed" if cfg.tie_word_embeddings else "lm_head"]["weight"]
+
+
+def logits(hidden_states: Callable, cfg, params: dict, input_ids: torch.Tensor, **kwargs):
+    """Logits ``[B, S, V]`` in the params' dtype from a family's ``hidden_states``."""
+    h, _ = hidden_states(cfg, params, input_ids, **kwargs)
+    return F.linear(h, lm_head_weight(cfg, params))

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
+from moelab.models import decoder
 from moelab.models.decoder import run_decoder
 from moelab.models.hf_config import (
     VERSIONED_KEYS,
@@ -118,7 +118,7 @@ class Config:
             moe_intermediate_size=d["intermediate_size"],
             num_experts=num_experts,
             top_k=d["num_experts_per_tok"],
-            rope=rope_config(d, head_dim, default_theta=150000.0),
+            rope=rope_config(_with_default_rope(d), head_dim),
             layer_types=layer_types,
             sliding_window=d.get("sliding_window") or 128,
             rms_norm_eps=d.get("rms_norm_eps", 1e-5),
@@ -160,6 +160,24 @@ class Config:
         return out
 
 
+# The released rope settings, which Transformers' GptOssConfig also applies when none are given.
+DEFAULT_ROPE = {
+    "rope_type": "yarn",
+    "rope_theta": 150000.0,
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+
+
+def _with_default_rope(d: dict) -> dict:
+    if any(d.get(k) is not None for k in ("rope_parameters", "rope_scaling", "rope_theta")):
+        return d
+    return {**d, "rope_parameters": DEFAULT_ROPE}
+
+
 def init_params(
     cfg: Config,
     *,
@@ -176,6 +194,9 @@ def init_params(
 
     def zeros(*shape: int) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device=device)
+
+    def ones() -> dict:
+        return {"weight": torch.ones(h, dtype=dtype, device=device)}
 
     def proj(out_dim: int, in_dim: int) -> dict:
         return {"weight": normal(out_dim, in_dim), "bias": zeros(out_dim)}
@@ -199,13 +220,8 @@ def init_params(
                 "down_bias": zeros(e, h),
             },
         }
-        ones = {"weight": torch.ones(h, dtype=dtype, device=device)}
-        layers.append({"input_norm": ones, "post_norm": dict(ones), "attn": attn, "mlp": mlp})
-    params = {
-        "embed": {"weight": normal(cfg.vocab_size, h)},
-        "layers": layers,
-        "norm": {"weight": torch.ones(h, dtype=dtype, device=device)},
-    }
+        layers.append({"input_norm": ones(), "post_norm": ones(), "attn": attn, "mlp": mlp})
+    params = {"embed": {"weight": normal(cfg.vocab_size, h)}, "layers": layers, "norm": ones()}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"weight": normal(cfg.vocab_size, h)}
     return params
@@ -269,8 +285,7 @@ def hidden_states(
     )
 
 
-def lm_head_weight(cfg: Config, params: dict) -> torch.Tensor:
-    return params["embed" if cfg.tie_word_embeddings else "lm_head"]["weight"]
+lm_head_weight = decoder.lm_head_weight
 
 
 def forward(
@@ -283,7 +298,8 @@ def forward(
     options: ForwardOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """Logits ``[B, S, V]`` in the params' dtype; see :func:`hidden_states` for the args."""
-    h, _ = hidden_states(
+    return decoder.logits(
+        hidden_states,
         cfg,
         params,
         input_ids,
@@ -291,4 +307,3 @@ def forward(
         document_ids=document_ids,
         options=options,
     )
-    return F.linear(h, lm_head_weight(cfg, params))

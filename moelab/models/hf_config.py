@@ -66,9 +66,14 @@ def rope_config(d: dict, head_dim: int, default_theta: float = 10000.0) -> RopeC
 
 
 def rope_to_hf(rope: RopeConfig) -> dict:
-    """v4-style ``rope_theta`` / ``rope_scaling`` keys, which v4 and v5 loaders both read."""
+    """v4-style ``rope_theta`` / ``rope_scaling`` keys, which v4 and v5 loaders both read, and
+    the v5 ``rope_parameters`` (a v5 class may otherwise fill in its own default rope)."""
     if rope.kind == "default":
-        return {"rope_theta": rope.theta, "rope_scaling": None}
+        return {
+            "rope_theta": rope.theta,
+            "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": rope.theta},
+        }
     scaling = {
         "rope_type": "yarn",
         "factor": rope.factor,
@@ -80,7 +85,11 @@ def rope_to_hf(rope: RopeConfig) -> dict:
     for key in ("mscale", "mscale_all_dim", "attention_factor"):
         if getattr(rope, key) is not None:
             scaling[key] = getattr(rope, key)
-    return {"rope_theta": rope.theta, "rope_scaling": scaling}
+    return {
+        "rope_theta": rope.theta,
+        "rope_scaling": scaling,
+        "rope_parameters": {**scaling, "rope_theta": rope.theta},
+    }
 
 
 # keys whose spelling differs between versions: dropped before a config is written back

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
+from moelab.models import decoder
 from moelab.models.decoder import run_decoder
 from moelab.models.hf_config import (
     VERSIONED_KEYS,
@@ -292,8 +292,7 @@ def hidden_states(
     )
 
 
-def lm_head_weight(cfg: Config, params: dict) -> torch.Tensor:
-    return params["embed" if cfg.tie_word_embeddings else "lm_head"]["weight"]
+lm_head_weight = decoder.lm_head_weight
 
 
 def forward(
@@ -306,7 +305,8 @@ def forward(
     options: ForwardOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """Logits ``[B, S, V]`` in the params' dtype; see :func:`hidden_states` for the args."""
-    h, _ = hidden_states(
+    return decoder.logits(
+        hidden_states,
         cfg,
         params,
         input_ids,
@@ -314,4 +314,3 @@ def forward(
         document_ids=document_ids,
         options=options,
     )
-    return F.linear(h, lm_head_weight(cfg, params))

@@ -1,0 +1,262 @@
+"""GPT-OSS: Transformers-written and hand-made MXFP4 checkpoints, loaded by moelab."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from hf_fixtures import gpt_oss_model, load_reference
+from safetensors.torch import load_file, save_file
+
+import moelab
+from moelab.models import tree
+from moelab.ops.lora import init_expert_lora
+
+pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(3))  # T > window 4
+FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt_oss") / "bf16"
+    gpt_oss_model().save_pretrained(path)
+    return path
+
+
+# ---- an MXFP4 checkpoint made by hand, with a quantiser and dequantiser of the test's own ----
+
+
+def _ref_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """checkpoint-formats §4.3: exponent ceil(log2(amax / 6)), nearest code, low nibble first."""
+    *lead, rows, cols = w.shape
+    groups = w.double().reshape(-1, 32)
+    blocks, scales = [], []
+    for group in groups:
+        amax = group.abs().max().item()
+        exp = 0 if amax == 0 else int(torch.tensor(amax / 6).log2().ceil())
+        codes = []
+        for v in (group / 2.0**exp).tolist():
+            code = min(range(8), key=lambda i: abs(abs(v) - FP4[i]))
+            codes.append(code + (8 if v < 0 else 0))
+        blocks.append([codes[2 * b] | (codes[2 * b + 1] << 4) for b in range(16)])
+        scales.append(exp + 127)
+    shape = (*lead, rows, cols // 32)
+    return (
+        torch.tensor(blocks, dtype=torch.uint8).reshape(*shape, 16),
+        torch.tensor(scales, dtype=torch.uint8).reshape(shape),
+    )
+
+
+def _ref_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    values = torch.tensor(FP4 + [-v for v in FP4], dtype=torch.float64)
+    low, high = values[(blocks % 16).long()], values[(blocks // 16).long()]
+    pairs = torch.stack([low, high], dim=-1).reshape(*blocks.shape[:-1], 32)
+    return (pairs * 2.0 ** (scales.double() - 127)[..., None]).reshape(*scales.shape[:-1], -1)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_ckpt(tmp_path_factory, ckpt):
+    path = tmp_path_factory.mktemp("gpt_oss") / "mxfp4"
+    path.mkdir()
+    tensors = load_file(ckpt / "model.safetensors")
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = _ref_quantize(t.transpose(1, 2))  # to the blocks orientation
+            out[f"{name}_blocks"], out[f"{name}_scales"] = blocks, scales
+        else:
+            out[name] = t.to(torch.bfloat16)
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("backend", ["native_torch", "grouped_mm"])
+def test_fp32_logits_match_transformers(ckpt, attention, backend):
+    ref = load_reference(ckpt)(IDS).logits
+    model = moelab.load_pretrained(ckpt)
+    assert model.config.layer_types[:2] == ("sliding_attention", "full_attention")
+    out = model(IDS, options=moelab.ForwardOptions(attention=attention, backend=backend))
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_bf16_bit_exact_with_reference_numerics(ckpt):
+    ref = load_reference(ckpt, torch.bfloat16)(IDS).logits
+    model = moelab.load_pretrained(ckpt, dtype=torch.bfloat16)
+    exact = moelab.ForwardOptions(backend="native_torch", attention="eager", accumulate="input")
+    assert torch.equal(model(IDS, options=exact), ref)
+
+
+BACKENDS = ("native_torch", "grouped_mm", "triton")
+
+
+def test_every_backend_matches_in_fp32(ckpt):
+    ref = load_reference(ckpt)(IDS).logits
+    model = moelab.load_pretrained(ckpt)
+    for backend in BACKENDS:
+        assert rel_err(model(IDS, options=moelab.ForwardOptions(backend=backend)), ref) <= 1e-5
+
+
+def test_every_backend_runs_the_model_in_bf16(ckpt):
+    """bf16 logits are chaotic in a tiny MoE: an ULP-level difference flips a near-tie top-k
+    choice and moves that token (and later ones, through attention) by up to ~0.2. So: per-token
+    errors against Transformers (median within bf16 tolerance) and, layer by layer on the same
+    inputs, the backends' expert outputs against each other."""
+    ref = load_reference(ckpt, torch.bfloat16)(IDS).logits.double()
+    model = moelab.load_pretrained(ckpt, dtype=torch.bfloat16)
+    for backend in BACKENDS:
+        out = model(IDS, options=moelab.ForwardOptions(backend=backend, attention="eager"))
+        per_token = (out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)
+        print(
+            f"bf16 {backend}: per-token relative error median {per_token.median():.2e}, "
+            f"max {per_token.max():.2e}"
+        )
+        assert per_token.median() <= 2e-2, backend
+
+    import moelab.ops.moe as moe_module
+
+    calls, original = [], moe_module.moe_experts
+
+    def record(x, routing, gate_up, down, **kwargs):
+        calls.append((x, routing, gate_up, down, kwargs))
+        return original(x, routing, gate_up, down, **kwargs)
+
+    moe_module.moe_experts = record
+    try:
+        model(IDS, options=moelab.ForwardOptions(backend="native_torch"))
+    finally:
+        moe_module.moe_experts = original
+    for x, routing, gate_up, down, kwargs in calls:
+        kwargs.pop("backend")
+        outs = [original(x, routing, gate_up, down, backend=b, **kwargs) for b in BACKENDS]
+        for out in outs[1:]:
+            assert rel_err(out, outs[0]) <= 1e-2
+
+
+def test_mxfp4_checkpoint_dequantises_exactly(mxfp4_ckpt, ckpt):
+    model = moelab.load_pretrained(mxfp4_ckpt, dtype=torch.float32)
+    stored = load_file(mxfp4_ckpt / "model.safetensors")
+    for layer in range(4):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up = _ref_dequantize(
+            stored[prefix + "gate_up_proj_blocks"], stored[prefix + "gate_up_proj_scales"]
+        )  # [E, 2I, H] interleaved
+        canonical = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1)
+        experts = model.params["layers"][layer]["mlp"]["experts"]
+        assert torch.equal(experts["gate_up"].double(), canonical)
+        down = _ref_dequantize(
+            stored[prefix + "down_proj_blocks"], stored[prefix + "down_proj_scales"]
+        )
+        assert torch.equal(experts["down"].double(), down)
+    # and the whole model agrees with Transformers loading the same MXFP4 file
+    hf = load_reference(mxfp4_ckpt, torch.float32)
+    assert rel_err(model(IDS), hf(IDS).logits) <= 1e-5
+
+
+def test_mxfp4_resave_gives_back_the_same_experts(mxfp4_ckpt, tmp_path):
+    model = moelab.load_pretrained(mxfp4_ckpt, dtype=torch.float32)
+    moelab.save_pretrained(model, tmp_path / "again", experts_format="mxfp4")
+    again = moelab.load_pretrained(tmp_path / "again", dtype=torch.float32)
+    for (path, a), (_, b) in zip(tree.leaves(model.params), tree.leaves(again.params)):
+        if "experts" in path:
+            assert torch.equal(a, b), tree.dotted(path)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+
+
+def test_bf16_save_loads_in_transformers(ckpt, tmp_path):
+    model = moelab.load_pretrained(ckpt)
+    moelab.save_pretrained(model, tmp_path / "saved")
+    assert rel_err(load_reference(tmp_path / "saved")(IDS).logits, model(IDS)) <= 1e-6
+
+
+def test_lora_training_step_gradients_match_float64(ckpt):
+    def loss_and_grads(dtype, backend):
+        model = moelab.load_pretrained(ckpt, dtype=dtype)
+        loras = []
+        for layer in model.params["layers"]:
+            experts = layer["mlp"]["experts"]
+            lora = init_expert_lora(
+                4, 64, 64, 8, 16.0, dtype=dtype, generator=torch.Generator().manual_seed(len(loras))
+            )
+            lora = lora._replace(
+                gate_up_b=torch.randn(lora.gate_up_b.shape).to(dtype) * 0.1,
+                down_b=torch.randn(lora.down_b.shape).to(dtype) * 0.1,
+            )
+            experts["lora"] = dict(
+                zip(("gate_up_a", "gate_up_b", "down_a", "down_b"), lora.tensors())
+            )
+            q = layer["attn"]["q_proj"]
+            q["lora_a"] = torch.randn(8, 64).to(dtype) * 0.1
+            q["lora_b"] = torch.randn(64, 8).to(dtype) * 0.1
+            loras += [*experts["lora"].values(), q["lora_a"], q["lora_b"]]
+        for t in loras:
+            t.requires_grad_(True)
+        options = moelab.ForwardOptions(backend=backend, lora_scale=2.0)
+        logits = model(IDS, options=options)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 128).float(), IDS[:, 1:].reshape(-1))
+        return loss, torch.autograd.grad(loss, loras)
+
+    torch.manual_seed(0)
+    ref_loss, ref_grads = loss_and_grads(torch.float64, "native_torch")
+    for backend in ("native_torch", "grouped_mm"):
+        torch.manual_seed(0)
+        loss, grads = loss_and_grads(torch.float32, backend)
+        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g, r) <= 1e-4, backend
+
+
+def _edit(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_scales_of_the_wrong_shape_are_refused(mxfp4_ckpt, tmp_path):
+    import shutil
+
+    bad = shutil.copytree(mxfp4_ckpt, tmp_path / "bad")
+    name = "model.layers.1.mlp.experts.down_proj_scales"
+    _edit(bad, lambda t: t.__setitem__(name, t[name][:, :, :1].contiguous()))
+    with pytest.raises(moelab.CheckpointError, match=f"{name}: stored \\[4, 64, 1\\], expected"):
+        moelab.load_pretrained(bad)
+
+
+def test_blocks_not_matching_the_config_are_refused(mxfp4_ckpt, tmp_path):
+    import shutil
+
+    bad = shutil.copytree(mxfp4_ckpt, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] = 96  # the stored experts are 64 wide
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        moelab.CheckpointError, match="gate_up_proj_blocks: stored \\[4, 128, 2, 16\\]"
+    ):
+        moelab.load_pretrained(bad)
+
+
+def test_unsupported_swiglu_constants_are_refused(ckpt, tmp_path):
+    import shutil
+
+    bad = shutil.copytree(ckpt, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["swiglu_limit"] = 5.0
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(moelab.CheckpointError, match="swiglu_limit=5.0"):
+        moelab.load_pretrained(bad)
