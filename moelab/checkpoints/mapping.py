@@ -55,11 +55,18 @@ class Target:
         groups = (*shape[:-1], shape[-1] // mxfp4.GROUP)
         return {name: (*groups, mxfp4.GROUP // 2), self.mxfp4_scales: groups}
 
-    def read(self, name: str, entries: dict[str, TensorEntry]) -> torch.Tensor:
-        """The stored tensor(s) turned into the slot's layout (on the CPU, stored precision)."""
+    def read(
+        self, name: str, entries: dict[str, TensorEntry], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The stored tensor(s) turned into the slot's layout, on the CPU (MXFP4 dequantised
+        into ``dtype`` one leading slice at a time, so the fp32 temporaries stay small)."""
         value = read_tensor(entries[name])
         if self.mxfp4_scales is not None:
-            value = mxfp4.dequantize(value, read_tensor(entries[self.mxfp4_scales]), torch.float32)
+            scales = read_tensor(entries[self.mxfp4_scales])
+            out = torch.empty((*scales.shape[:-1], scales.shape[-1] * mxfp4.GROUP), dtype=dtype)
+            for i in range(out.shape[0]):
+                out[i] = mxfp4.dequantize(value[i], scales[i], dtype)
+            value = out
         elif not value.is_floating_point():
             raise CheckpointError(f"{name}: stored as {value.dtype}, expected a float tensor")
         if self.transposed:
@@ -126,7 +133,8 @@ def load_into(
     for name in progress(sorted(targets, key=lambda n: (entries[n].file, entries[n].start))):
         target = targets[name]
         with torch.no_grad():
-            target.slot(params).copy_(target.read(name, entries))  # casts, moves to the device
+            slot = target.slot(params)
+            slot.copy_(target.read(name, entries, slot.dtype))  # casts, moves to the device
 
 
 def saved_tensors(params: dict, targets: dict[str, Target]) -> Iterator[tuple[str, torch.Tensor]]:
