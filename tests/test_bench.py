@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from moelab.bench.__main__ import main
 from moelab.bench.shapes import SHAPES, moe_flops
 
@@ -47,3 +49,30 @@ def test_experts_benchmark_runs_and_checks(tmp_path, capsys):
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in timed)
     table = capsys.readouterr().out
     assert "backend" in table and "grouped_mm" in table and "TFLOP/s" in table
+
+
+def test_train_step_benchmark_runs_moelab_and_transformers(capsys):
+    pytest.importorskip("peft")
+    from moelab.bench import train_step
+
+    code = main(
+        [
+            "train",
+            "--model",
+            "tiny-qwen3",
+            "--layers",
+            "2",
+            "--seq",
+            "64",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--systems",
+            "moelab,hf:grouped_mm",
+        ]
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "moelab" in table and "hf:grouped_mm" in table
+    assert train_step.hf_config("qwen3-30b-a3b", 4)["num_hidden_layers"] == 4

@@ -1,0 +1,269 @@
+"""End-to-end training step: moelab against Transformers v5 + PEFT, same model, same process.
+
+``python -m moelab.bench train --model qwen3-30b-a3b --layers 4 --seq 8192 --mode lora``
+
+Real-width models with reduced depth and random bf16 weights; LoRA r=16 on experts and attention
+(or full fine-tune), AdamW, activation checkpointing per layer, one sequence per step. Reports
+tokens/s and peak GPU memory at ``--seq`` (3 warm-up and 5 timed steps, as
+``shared/bench/anchor_e2e.py``), and with ``--budget-gb`` the longest sequence (4096 doubling)
+that trains within that much GPU memory. Transformers rows need transformers and peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from moelab.checkpoints import api
+from moelab.models import tree
+from moelab.models.options import ForwardOptions
+from moelab.train.config import LoraConfig, OptimConfig
+from moelab.train.lora import add_lora, trainable_predicate
+from moelab.train.loss import chunked_cross_entropy
+from moelab.train.optim import MasterWeights, build_optimizer
+
+MODELS = {
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        intermediate_size=6144,
+        vocab_size=151936,
+        max_position_embeddings=262144,
+        rope_theta=1e6,
+    ),
+    "gpt-oss-20b": dict(
+        model_type="gpt_oss",
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=201088,
+        max_position_embeddings=262144,
+    ),
+    "tiny-qwen3": dict(
+        model_type="qwen3_moe",
+        hidden_size=64,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=256,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+def hf_config(name: str, layers: int) -> dict:
+    return {**MODELS[name], "num_hidden_layers": layers}
+
+
+class MoelabSystem:
+    """moelab's model, LoRA (or full), fp32 masters of the trainable tensors, chunked loss."""
+
+    def __init__(self, cfg: dict, mode: str, rank: int, backend: str, device, dtype):
+        family, _ = api.FAMILIES[cfg["model_type"]]
+        self.family = family
+        self.cfg = family.Config.from_hf(cfg)
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.params = family.init_params(self.cfg, dtype=dtype, device=device, generator=gen)
+        lora = LoraConfig(
+            rank=rank if mode == "lora" else None,
+            alpha=2.0 * rank,
+            targets=["experts", "attention"],
+        )
+        if lora.rank is not None:
+            add_lora(self.params, lora, gen)
+        trains = trainable_predicate(lora)
+        trainable = []
+        for path, t in tree.leaves(self.params):
+            t.requires_grad_(trains(path))
+            if trains(path):
+                trainable.append((path, t))
+        self.masters = MasterWeights(trainable)
+        self.optimizer = build_optimizer(self.masters, OptimConfig(lr=1e-4, weight_decay=0.0))
+        self.options = ForwardOptions(backend=backend, lora_scale=2.0, checkpoint_layers=True)
+        self.vocab = self.cfg.vocab_size
+
+    def step(self, ids: torch.Tensor) -> None:
+        h, _ = self.family.hidden_states(self.cfg, self.params, ids, options=self.options)
+        weight = self.family.lm_head_weight(self.cfg, self.params)
+        loss_sum, count = chunked_cross_entropy(h[0, :-1], weight, ids[0, 1:])
+        (loss_sum / count).backward()
+        self.masters.grads_to_masters()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.masters.masters_to_params()
+
+
+class TransformersSystem:
+    """Transformers v5 with PEFT LoRA on the stacked experts and attention, as users run it."""
+
+    def __init__(self, cfg: dict, mode: str, rank: int, experts: str, device, dtype):
+        import transformers
+
+        config_cls = transformers.AutoConfig.for_model(**cfg).__class__
+        config = config_cls(**{k: v for k, v in cfg.items() if k != "model_type"})
+        # Transformers offers GPT-OSS no sdpa path (sinks): eager is what runs without hub kernels
+        attn = "eager" if cfg["model_type"] == "gpt_oss" else "sdpa"
+        torch.set_default_dtype(dtype)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        model.set_experts_implementation(experts)
+        model.config.use_cache = False
+        if mode == "lora":
+            from peft import LoraConfig as PeftLora
+            from peft import get_peft_model
+
+            model = get_peft_model(
+                model,
+                PeftLora(
+                    r=rank,
+                    lora_alpha=2 * rank,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                ),
+            )
+        self.model = model.to(device)
+        self.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        self.model.enable_input_require_grads()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.vocab = cfg["vocab_size"]
+
+    def step(self, ids: torch.Tensor) -> None:
+        self.model(input_ids=ids, labels=ids).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def build(system: str, cfg: dict, args, device, dtype):
+    if system == "moelab":
+        return MoelabSystem(cfg, args.mode, args.rank, args.backend, device, dtype)
+    return TransformersSystem(cfg, args.mode, args.rank, system.split(":")[1], device, dtype)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(runner, seq: int, device, warmup: int = 3, steps: int = 5) -> dict:
+    ids = torch.randint(0, runner.vocab, (1, seq), device=device)
+    for _ in range(warmup):
+        runner.step(ids)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runner.step(ids)
+    _sync(device)
+    seconds = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return dict(
+        step_s=round(seconds, 4),
+        tokens_per_s=round(seq / seconds, 1),
+        peak_gib=None if peak is None else round(peak, 2),
+    )
+
+
+def longest_sequence(runner, budget_gb: float, device, start: int = 4096, stop: int = 262144):
+    """Largest power-of-two multiple of ``start`` whose step fits in ``budget_gb`` (CUDA)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gb * 2**30 / total), device)
+    best, seq = 0, start
+    try:
+        while seq <= stop:
+            try:
+                torch.cuda.empty_cache()
+                runner.step(torch.randint(0, runner.vocab, (1, seq), device=device))
+                _sync(device)
+                best, seq = seq, seq * 2
+            except torch.cuda.OutOfMemoryError:
+                break
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+    return best
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = hf_config(args.model, args.layers)
+    rows = []
+    for system in args.systems.split(","):
+        row = dict(
+            model=args.model, layers=args.layers, system=system, mode=args.mode, seq=args.seq
+        )
+        try:
+            runner = build(system, cfg, args, device, dtype)
+            row.update(measure(runner, args.seq, device, args.warmup, args.steps))
+            if args.budget_gb and device.type == "cuda":
+                row["max_seq_in_budget"] = longest_sequence(runner, args.budget_gb, device)
+                row["budget_gb"] = args.budget_gb
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = "OOM"
+        except ImportError as e:
+            row["error"] = f"skipped: {e}"
+        runner = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        f"\n{'model':<15}{'system':<18}{'mode':<6}{'seq':>7}{'tokens/s':>11}{'peak GiB':>10}"
+        f"{'max seq':>9}"
+    )
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<15}{r['system']:<18}{r['mode']:<6}{r['seq']:>7}  {r['error']}")
+            continue
+        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        print(
+            f"{r['model']:<15}{r['system']:<18}{r['mode']:<6}{r['seq']:>7}"
+            f"{r['tokens_per_s']:>11,.0f}{peak:>10}{r.get('max_seq_in_budget', 'n/a')!s:>9}"
+        )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(MODELS))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--mode", default="lora", choices=["lora", "full"])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--backend", default="auto", help="moelab's expert backend")
+    p.add_argument("--systems", default="moelab,hf:grouped_mm,hf:eager")
+    p.add_argument("--budget-gb", type=float, default=0.0, help="search the longest sequence")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None)
