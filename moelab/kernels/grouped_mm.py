@@ -112,6 +112,61 @@ def _dense_weights(weights_TK: torch.Tensor, experts_TK: torch.Tensor, num_exper
     return dense_TE.scatter_(1, experts_TK, weights_TK)
 
 
+def down_grads(
+    need,
+    s,
+    plan,
+    dout_TH,
+    dout_NH,
+    act_w_NI,
+    u2_NR,
+    z2_NR,
+    w_N1,
+    weights_TK,
+    experts_TK,
+    down_bias,
+    num_experts,
+    grads: list,
+) -> None:
+    """Gradients of the down projection's weights: dW2 (4), down bias (6), LoRA dA2 (9) and
+    dB2 (10), with ``act_w = w * act`` so that dW2 = dY^T act = dout^T (w act)."""
+    offs_E = plan.offs_E
+    if need[9]:
+        grads[9] = _gmm_wgrad(u2_NR, act_w_NI, offs_E).mul_(s)
+    if need[10]:
+        grads[10] = _gmm_wgrad(dout_NH, (z2_NR * w_N1).to(z2_NR.dtype), offs_E).mul_(s)
+    if need[4]:
+        grads[4] = _gmm_wgrad(dout_NH, act_w_NI, offs_E)
+    if need[6]:
+        dense_TE = _dense_weights(weights_TK, experts_TK, num_experts)
+        grads[6] = (dense_TE.t() @ dout_TH.float()).to(down_bias.dtype)
+
+
+def up_grads(need, s, plan, x_TH, dh_NG, u1_NR, z1_NR, grads: list) -> None:
+    """Gradients of the up projection's weights: dW1 (3), gate_up bias (5), LoRA dA1 (7) and
+    dB1 (8); x is gathered again only when dW1 or dA1 needs it."""
+    offs_E = plan.offs_E
+    if need[5]:
+        # per-expert row sums as a product with ones: fp32 accumulation, fixed order
+        grads[5] = _gmm_wgrad(dh_NG, dh_NG.new_ones(dh_NG.shape[0], 8), offs_E)[..., 0]
+    if need[8]:
+        grads[8] = _gmm_wgrad(dh_NG, z1_NR, offs_E).mul_(s)
+    if need[3] or need[7]:
+        xs_NH = x_TH.index_select(0, plan.token_N)
+        if need[3]:
+            grads[3] = _gmm_wgrad(dh_NG, xs_NH, offs_E)
+        if need[7]:
+            grads[7] = _gmm_wgrad(u1_NR, xs_NH, offs_E).mul_(s)
+
+
+def router_grad(g_dot_act_N, plan, dout_TH, down_bias, experts_TK) -> torch.Tensor:
+    """dL/dw[t, j] = <g, act> + <dout_t, b2[e_tj]>, back in (token, slot) order."""
+    dw_TK = scatter_to_slots(g_dot_act_N, plan)
+    if down_bias is not None:
+        dw_TK += (dout_TH.float() @ down_bias.float().t()).gather(1, experts_TK)
+    return dw_TK
+
+
 class _GroupedExperts(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -170,40 +225,32 @@ class _GroupedExperts(torch.autograd.Function):
             u2_NR = _gmm(dout_NH, b2, offs_E)
             g_NI.add_(_gmm(u2_NR, a2, offs_E), alpha=s)
         if need[1]:
-            dw_TK = scatter_to_slots((g_NI * act_NI).sum(-1, dtype=torch.float32), plan)
-            if down_bias is not None:
-                dw_TK += (dout_TH.float() @ down_bias.float().t()).gather(1, experts_TK)
-            grads[1] = dw_TK
-        act_w_NI = (act_NI * w_N1).to(act_NI.dtype)  # dW2 = dY^T act = dout^T (w act)
-        if a2 is not None:
-            if need[9]:
-                grads[9] = _gmm_wgrad(u2_NR, act_w_NI, offs_E).mul_(s)
-            if need[10]:
-                grads[10] = _gmm_wgrad(dout_NH, (z2_NR * w_N1).to(z2_NR.dtype), offs_E).mul_(s)
-        if need[4]:
-            grads[4] = _gmm_wgrad(dout_NH, act_w_NI, offs_E)
-        if need[6]:
-            dense_TE = _dense_weights(weights_TK, experts_TK, gate_up.shape[0])
-            grads[6] = (dense_TE.t() @ dout_TH.float()).to(down_bias.dtype)
+            g_dot_act = (g_NI * act_NI).sum(-1, dtype=torch.float32)
+            grads[1] = router_grad(g_dot_act, plan, dout_TH, down_bias, experts_TK)
+        act_w_NI = (act_NI * w_N1).to(act_NI.dtype)
+        down_grads(
+            need,
+            s,
+            plan,
+            dout_TH,
+            dout_NH,
+            act_w_NI,
+            u2_NR if a2 is not None else None,
+            z2_NR,
+            w_N1,
+            weights_TK,
+            experts_TK,
+            down_bias,
+            gate_up.shape[0],
+            grads,
+        )
         del act_w_NI, dout_NH
 
         # activation, then the up projection
         dh_NG = activation_backward(h_NG, g_NI.mul_(w_N1), activation)
         del g_NI
-        if need[5]:
-            # per-expert row sums as a product with ones: fp32 accumulation, fixed order
-            ones_N8 = dh_NG.new_ones(dh_NG.shape[0], 8)
-            grads[5] = _gmm_wgrad(dh_NG, ones_N8, offs_E)[..., 0]
         u1_NR = _gmm(dh_NG, b1, offs_E) if a1 is not None else None
-        if a1 is not None and need[8]:
-            grads[8] = _gmm_wgrad(dh_NG, z1_NR, offs_E).mul_(s)
-        if need[3] or (a1 is not None and need[7]):
-            xs_NH = x_TH.index_select(0, plan.token_N)
-            if need[3]:
-                grads[3] = _gmm_wgrad(dh_NG, xs_NH, offs_E)
-            if a1 is not None and need[7]:
-                grads[7] = _gmm_wgrad(u1_NR, xs_NH, offs_E).mul_(s)
-            del xs_NH
+        up_grads(need, s, plan, x_TH, dh_NG, u1_NR, z1_NR, grads)
         if need[0]:
             dxs_NH = _gmm(dh_NG, gate_up, offs_E)
             if a1 is not None:

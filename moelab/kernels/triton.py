@@ -31,7 +31,7 @@ import torch
 from moelab.kernels import grouped_mm as gmm
 from moelab.kernels import triton_kernels as tk
 from moelab.kernels.problem import ExpertProblem
-from moelab.ops.dispatch import DispatchPlan, dispatch, scatter_to_slots
+from moelab.ops.dispatch import DispatchPlan, dispatch
 from moelab.ops.lora import ExpertLoRA
 
 NAME = "triton"
@@ -423,10 +423,7 @@ class _TritonExperts(torch.autograd.Function):
             lora=None if a2 is None else (u2, a2, (a2.stride(0), a2.stride(2), a2.stride(1)), s),
         )
         if need[1]:
-            dw_TK = scatter_to_slots(dw_parts.sum(1), plan)
-            if down_bias is not None:
-                dw_TK += (dout_TH.float() @ down_bias.float().t()).gather(1, experts_TK)
-            grads[1] = dw_TK
+            grads[1] = gmm.router_grad(dw_parts.sum(1), plan, dout_TH, down_bias, experts_TK)
 
         # up projection backward
         u1 = None
@@ -453,28 +450,24 @@ class _TritonExperts(torch.autograd.Function):
             grads[0] = combine_rows(dx_slots, top_k, None)
 
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
-        offs = plan.offs_E
-        if need[9] or need[10] or need[4]:
-            dout_NH = dout_TH.index_select(0, plan.token_N)
-            if need[9]:
-                grads[9] = gmm._gmm_wgrad(u2, act_w, offs).mul_(s)
-            if need[10]:
-                grads[10] = gmm._gmm_wgrad(dout_NH, (z2 * w_N[:, None]).to(z2.dtype), offs).mul_(s)
-            if need[4]:
-                grads[4] = gmm._gmm_wgrad(dout_NH, act_w, offs)
-        if need[6]:
-            dense_TE = gmm._dense_weights(weights_TK, experts_TK, num_experts)
-            grads[6] = (dense_TE.t() @ dout_TH.float()).to(down_bias.dtype)
-        if need[5]:
-            grads[5] = gmm._gmm_wgrad(dh_NG, dh_NG.new_ones(rows, 8), offs)[..., 0]
-        if need[8]:
-            grads[8] = gmm._gmm_wgrad(dh_NG, z1, offs).mul_(s)
-        if need[3] or need[7]:
-            xs_NH = x_TH.index_select(0, plan.token_N)
-            if need[3]:
-                grads[3] = gmm._gmm_wgrad(dh_NG, xs_NH, offs)
-            if need[7]:
-                grads[7] = gmm._gmm_wgrad(u1, xs_NH, offs).mul_(s)
+        dout_NH = dout_TH.index_select(0, plan.token_N) if need[4] or need[10] else None
+        gmm.down_grads(
+            need,
+            s,
+            plan,
+            dout_TH,
+            dout_NH,
+            act_w,
+            u2,
+            z2,
+            w_N[:, None],
+            weights_TK,
+            experts_TK,
+            down_bias,
+            num_experts,
+            grads,
+        )
+        gmm.up_grads(need, s, plan, x_TH, dh_NG, u1, z1, grads)
         return tuple(grads)
 
 

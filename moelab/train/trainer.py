@@ -138,7 +138,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     resolved = dataclasses.asdict(cfg)
     (run_dir / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     tracker = Tracker(cfg.logger, run_dir, resolved, resume=ckpt is not None)
-    summary = _loop(
+    run = _Run(
         cfg,
         run_dir,
         model,
@@ -151,9 +151,9 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         train_opts,
         eval_opts,
         tracker,
-        start,
         device,
     )
+    summary = _loop(run, start)
     summary.update(
         parameters=n_total,
         trainable=n_train,
@@ -168,22 +168,29 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     return summary
 
 
-def _loop(
-    cfg,
-    run_dir,
-    model,
-    names,
-    base_model,
-    masters,
-    optimizer,
-    schedule,
-    data,
-    train_opts,
-    eval_opts,
-    tracker,
-    start,
-    device,
-) -> dict:
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop works with, built by :func:`train`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    model: Model
+    names: object  # the family's adapter layout
+    base_model: str | None
+    masters: MasterWeights
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    data: object
+    train_opts: ForwardOptions
+    eval_opts: ForwardOptions
+    tracker: Tracker
+    device: torch.device
+
+
+def _loop(run: _Run, start: int) -> dict:
+    cfg, model, data, masters, device = run.cfg, run.model, run.data, run.masters, run.device
+    optimizer, schedule, tracker = run.optimizer, run.schedule, run.tracker
+    train_opts, eval_opts = run.train_opts, run.eval_opts
     t = cfg.trainer
     tokens_per_step = t.micro_batch_tokens * t.grad_accum
     window = _Window(device)
@@ -217,7 +224,7 @@ def _loop(
             bar.set_postfix(postfix)
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
             resume_state = _resume_state(optimizer, schedule, data, masters, cfg.lora)
-            state.save(run_dir, done, model, cfg.lora, names, resume_state, base_model)
+            state.save(run.run_dir, done, model, cfg.lora, run.names, resume_state, run.base_model)
         bar.update(1)
     bar.close()
     return {
