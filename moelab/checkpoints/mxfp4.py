@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from moelab.checkpoints.safetensors_io import CheckpointError
-
 # nibble -> value (E2M1)
 FP4_VALUES = (
     0.0,
@@ -32,27 +30,6 @@ FP4_VALUES = (
     -6.0,
 )
 GROUP = 32
-
-
-def check_shapes(blocks: torch.Tensor, scales: torch.Tensor, rows: int, cols: int, name: str):
-    """Raise CheckpointError unless blocks/scales encode a ``[..., rows, cols]`` weight."""
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
-        raise CheckpointError(
-            f"{name}: MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}"
-        )
-    if cols % GROUP:
-        raise CheckpointError(f"{name}: MXFP4 needs a contraction dim divisible by 32, got {cols}")
-    want_blocks = (rows, cols // GROUP, GROUP // 2)
-    if tuple(blocks.shape[-3:]) != want_blocks:
-        raise CheckpointError(
-            f"{name}_blocks: shape {list(blocks.shape)} does not encode "
-            f"[..., {rows}, {cols}] (expected [..., {', '.join(map(str, want_blocks))}])"
-        )
-    if tuple(scales.shape) != tuple(blocks.shape[:-1]):
-        raise CheckpointError(
-            f"{name}_scales: shape {list(scales.shape)}, expected "
-            f"{list(blocks.shape[:-1])} (one scale per 32 values)"
-        )
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

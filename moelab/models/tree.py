@@ -32,10 +32,6 @@ def get(tree: Any, path: Path) -> Any:
     return tree
 
 
-def set_(tree: Any, path: Path, value: Any) -> None:
-    get(tree, path[:-1])[path[-1]] = value
-
-
 def map_leaves(fn: Callable[[Path, torch.Tensor], Any], tree: Any, prefix: Path = ()) -> Any:
     """A tree of the same structure with ``fn(path, tensor)`` at every tensor."""
     if isinstance(tree, dict):
