@@ -1,13 +1,13 @@
 """The decoder skeleton every family shares: embed, positions, the layer loop, the LM head.
 
-A family supplies its decoder layer ``layer_fn(layer, params, h, cos, sin, document_ids,
-options) -> (h, RouterStats | None)`` and its final norm; this module does the rest, including
-activation checkpointing per layer (``ForwardOptions.checkpoint_layers``).
+A family's Config supplies ``rope``, ``tie_word_embeddings``, its decoder layer
+``decoder_layer(layer, params, h, cos, sin, document_ids, options) -> (h, RouterStats | None)``
+and ``final_norm(h, params)``; this module does the rest, including activation checkpointing per
+layer (``ForwardOptions.checkpoint_layers``). Families export :func:`hidden_states`,
+:func:`forward` and :func:`lm_head_weight` as their own.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from moelab.models.options import ForwardOptions
 from moelab.ops.moe import RouterStats
-from moelab.ops.rope import RopeConfig, rope_cos_sin
+from moelab.ops.rope import rope_cos_sin
+
+DEFAULT_OPTIONS = ForwardOptions()
 
 
 def positions_from_documents(document_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -27,15 +29,14 @@ def positions_from_documents(document_ids_BS: torch.Tensor) -> torch.Tensor:
     return seq - start_index
 
 
-def run_decoder(
-    rope: RopeConfig,
+def hidden_states(
+    cfg,
     params: dict,
     input_ids: torch.Tensor,
-    layer_fn: Callable,
-    final_norm: Callable[[torch.Tensor], torch.Tensor],
-    position_ids: torch.Tensor | None,
-    document_ids: torch.Tensor | None,
-    options: ForwardOptions,
+    *,
+    position_ids: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    options: ForwardOptions = DEFAULT_OPTIONS,
 ) -> tuple[torch.Tensor, list[RouterStats]]:
     """Final-normed hidden states ``[B, S, H]`` and the router stats of every MoE layer.
 
@@ -50,17 +51,17 @@ def run_decoder(
             position_ids = torch.arange(ids_BS.shape[1], device=ids_BS.device)[None]
             position_ids = position_ids.expand_as(ids_BS)
     h = F.embedding(ids_BS, params["embed"]["weight"])
-    cos, sin = rope_cos_sin(rope, position_ids, h.dtype)
+    cos, sin = rope_cos_sin(cfg.rope, position_ids, h.dtype)
     stats = []
     for layer, p in enumerate(params["layers"]):
         args = (layer, p, h, cos, sin, document_ids, options)
         if options.checkpoint_layers and torch.is_grad_enabled():
-            h, layer_stats = checkpoint(layer_fn, *args, use_reentrant=False)
+            h, layer_stats = checkpoint(cfg.decoder_layer, *args, use_reentrant=False)
         else:
-            h, layer_stats = layer_fn(*args)
+            h, layer_stats = cfg.decoder_layer(*args)
         if layer_stats is not None:
             stats.append(layer_stats)
-    return final_norm(h), stats
+    return cfg.final_norm(h, params), stats
 
 
 def lm_head_weight(cfg, params: dict) -> torch.Tensor:
@@ -68,7 +69,22 @@ def lm_head_weight(cfg, params: dict) -> torch.Tensor:
     return params["embed" if cfg.tie_word_embeddings else "lm_head"]["weight"]
 
 
-def logits(hidden_states: Callable, cfg, params: dict, input_ids: torch.Tensor, **kwargs):
-    """Logits ``[B, S, V]`` in the params' dtype from a family's ``hidden_states``."""
-    h, _ = hidden_states(cfg, params, input_ids, **kwargs)
+def forward(
+    cfg,
+    params: dict,
+    input_ids: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    options: ForwardOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:
+    """Logits ``[B, S, V]`` in the params' dtype; see :func:`hidden_states` for the args."""
+    h, _ = hidden_states(
+        cfg,
+        params,
+        input_ids,
+        position_ids=position_ids,
+        document_ids=document_ids,
+        options=options,
+    )
     return F.linear(h, lm_head_weight(cfg, params))

@@ -20,12 +20,10 @@ router with bias, top-k of the logits then softmax; experts with biases and the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
 from moelab.models import decoder
-from moelab.models.decoder import run_decoder
 from moelab.models.hf_config import (
     VERSIONED_KEYS,
     config_dtype,
@@ -38,13 +36,12 @@ from moelab.models.options import ForwardOptions
 from moelab.ops.activations import OAI_ALPHA, OAI_LIMIT
 from moelab.ops.attention import attention
 from moelab.ops.linear import linear
-from moelab.ops.moe import MoEConfig, RouterStats, moe_block
+from moelab.ops.moe import MoEConfig, moe_block
 from moelab.ops.norms import rms_norm
 from moelab.ops.rope import RopeConfig, apply_rope
 
 MODEL_TYPES = ("gpt_oss",)
 LAYER_TYPES = ("sliding_attention", "full_attention")
-DEFAULT_OPTIONS = ForwardOptions()
 
 
 @dataclass(frozen=True)
@@ -67,6 +64,12 @@ class Config:
     model_type: str = "gpt_oss"
     dtype: torch.dtype | None = None
     hf: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def decoder_layer(self, layer, p, h, cos, sin, document_ids, options):
+        return _decoder_layer(self, layer, p, h, cos, sin, document_ids, options)
+
+    def final_norm(self, h: torch.Tensor, params: dict) -> torch.Tensor:
+        return _norm(self, h, params["norm"]["weight"])
 
     def moe(self, options: ForwardOptions) -> MoEConfig:
         return MoEConfig(
@@ -262,48 +265,6 @@ def _decoder_layer(cfg, layer, p, h, cos, sin, document_ids, options):
     return h + y, stats
 
 
-def hidden_states(
-    cfg: Config,
-    params: dict,
-    input_ids: torch.Tensor,
-    *,
-    position_ids: torch.Tensor | None = None,
-    document_ids: torch.Tensor | None = None,
-    options: ForwardOptions = DEFAULT_OPTIONS,
-) -> tuple[torch.Tensor, list[RouterStats]]:
-    """Final-normed hidden states ``[B, S, H]`` and the router statistics of each layer;
-    see :func:`moelab.models.decoder.run_decoder` for the arguments."""
-    return run_decoder(
-        cfg.rope,
-        params,
-        input_ids,
-        partial(_decoder_layer, cfg),
-        lambda h: _norm(cfg, h, params["norm"]["weight"]),
-        position_ids,
-        document_ids,
-        options,
-    )
-
-
+hidden_states = decoder.hidden_states
+forward = decoder.forward
 lm_head_weight = decoder.lm_head_weight
-
-
-def forward(
-    cfg: Config,
-    params: dict,
-    input_ids: torch.Tensor,
-    *,
-    position_ids: torch.Tensor | None = None,
-    document_ids: torch.Tensor | None = None,
-    options: ForwardOptions = DEFAULT_OPTIONS,
-) -> torch.Tensor:
-    """Logits ``[B, S, V]`` in the params' dtype; see :func:`hidden_states` for the args."""
-    return decoder.logits(
-        hidden_states,
-        cfg,
-        params,
-        input_ids,
-        position_ids=position_ids,
-        document_ids=document_ids,
-        options=options,
-    )

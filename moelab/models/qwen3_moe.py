@@ -16,12 +16,10 @@ A model is ``(Config, params, forward)``; checkpoint-formats.md §2 has the math
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
 from moelab.models import decoder
-from moelab.models.decoder import run_decoder
 from moelab.models.hf_config import (
     VERSIONED_KEYS,
     config_dtype,
@@ -33,12 +31,11 @@ from moelab.models.hf_config import (
 from moelab.models.options import ForwardOptions
 from moelab.ops.attention import attention
 from moelab.ops.linear import linear, swiglu_mlp
-from moelab.ops.moe import MoEConfig, RouterStats, moe_block
+from moelab.ops.moe import MoEConfig, moe_block
 from moelab.ops.norms import rms_norm
 from moelab.ops.rope import RopeConfig, apply_rope
 
 MODEL_TYPES = ("qwen3_moe", "qwen3_vl_moe")
-DEFAULT_OPTIONS = ForwardOptions()
 
 
 @dataclass(frozen=True)
@@ -72,6 +69,12 @@ class Config:
             and self.num_experts > 0
             and (layer + 1) % self.decoder_sparse_step == 0
         )
+
+    def decoder_layer(self, layer, p, h, cos, sin, document_ids, options):
+        return _decoder_layer(self, layer, p, h, cos, sin, document_ids, options)
+
+    def final_norm(self, h: torch.Tensor, params: dict) -> torch.Tensor:
+        return rms_norm(h, params["norm"]["weight"], self.rms_norm_eps)
 
     def moe(self, options: ForwardOptions) -> MoEConfig:
         return MoEConfig(
@@ -269,48 +272,6 @@ def _decoder_layer(cfg, layer, p, h, cos, sin, document_ids, options):
     return h + swiglu_mlp(x, p["mlp"], options.lora_scale, options.lora_dropout), None
 
 
-def hidden_states(
-    cfg: Config,
-    params: dict,
-    input_ids: torch.Tensor,
-    *,
-    position_ids: torch.Tensor | None = None,
-    document_ids: torch.Tensor | None = None,
-    options: ForwardOptions = DEFAULT_OPTIONS,
-) -> tuple[torch.Tensor, list[RouterStats]]:
-    """Final-normed hidden states ``[B, S, H]`` and the router statistics of each MoE layer;
-    see :func:`moelab.models.decoder.run_decoder` for the arguments."""
-    return run_decoder(
-        cfg.rope,
-        params,
-        input_ids,
-        partial(_decoder_layer, cfg),
-        lambda h: rms_norm(h, params["norm"]["weight"], cfg.rms_norm_eps),
-        position_ids,
-        document_ids,
-        options,
-    )
-
-
+hidden_states = decoder.hidden_states
+forward = decoder.forward
 lm_head_weight = decoder.lm_head_weight
-
-
-def forward(
-    cfg: Config,
-    params: dict,
-    input_ids: torch.Tensor,
-    *,
-    position_ids: torch.Tensor | None = None,
-    document_ids: torch.Tensor | None = None,
-    options: ForwardOptions = DEFAULT_OPTIONS,
-) -> torch.Tensor:
-    """Logits ``[B, S, V]`` in the params' dtype; see :func:`hidden_states` for the args."""
-    return decoder.logits(
-        hidden_states,
-        cfg,
-        params,
-        input_ids,
-        position_ids=position_ids,
-        document_ids=document_ids,
-        options=options,
-    )
