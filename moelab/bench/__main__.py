@@ -1,11 +1,11 @@
-"""``python -m moelab.bench <experts|load|train> [options]``: benchmarks of moelab."""
+"""``python -m moelab.bench <experts|stages|load|train> [options]``: benchmarks of moelab."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from moelab.bench import experts, load_memory, train_step
+from moelab.bench import experts, load_memory, stages, train_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,9 +14,13 @@ def main(argv: list[str] | None = None) -> int:
     experts.add_arguments(sub.add_parser("experts", help="one MoE block, fwd+bwd, per backend"))
     load_memory.add_arguments(sub.add_parser("load", help="peak RSS of load_pretrained on CPU"))
     train_step.add_arguments(sub.add_parser("train", help="a training step vs Transformers"))
+    stages.add_arguments(sub.add_parser("stages", help="the triton backend's stages, timed"))
     args = parser.parse_args(argv)
     if args.bench == "load":
         load_memory.run(args)
+        return 0
+    if args.bench == "stages":
+        stages.print_table(stages.run(args))
         return 0
     if args.bench == "train":
         train_step.print_table(train_step.run(args))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -112,41 +113,72 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _configs(dual: bool) -> list[dict]:
-    blocks = (64,) if dual else (64, 128)
-    return [
-        dict(BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=3) for bn in blocks for w in (4, 8)
-    ]
+# Hopper-shaped candidates (wgmma wants 64-row warpgroups, BLOCK_K 64 keeps 128-byte rows);
+# the dual (gate + up) kernel holds two accumulators, so its column block is half as wide.
+_CONFIGS = {
+    tk.STORE: ((128, 8, 3), (128, 8, 4), (256, 8, 3), (128, 4, 4), (64, 4, 4)),
+    tk.SWIGLU_FWD: ((64, 4, 4), (64, 8, 4), (128, 8, 3), (128, 8, 2)),
+    tk.SWIGLU_BWD: ((64, 4, 4), (64, 8, 4), (128, 8, 3), (128, 8, 4)),
+}
+_FIXED = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # CI, the interpreter, reproducibility
+_BLOCK_K, _GROUP_M = 64, 8
+_MIN_BLOCK_N = 64  # SWIGLU_BWD writes one router partial per column block
 
 
 def _autotune_enabled() -> bool:
     return not _interpreting() and os.environ.get("MOELAB_TRITON_AUTOTUNE", "1") != "0"
 
 
-_tuned_kernels: dict[bool, object] = {}
+def _even(args: dict) -> dict:
+    return dict(
+        EVEN_K=args["k_dim"] % args["BLOCK_K"] == 0, EVEN_N=args["n_out"] % args["BLOCK_N"] == 0
+    )
 
 
-def _tuned(dual: bool):
-    if dual not in _tuned_kernels:
+_kernels: dict[int | None, object] = {}
+
+
+def _kernel(epilogue: int | None):
+    """The GEMM kernel with the EVEN_* heuristics; autotuned per epilogue unless ``None``."""
+    if epilogue not in _kernels:
         import triton
 
-        configs = [
-            triton.Config(
-                {"BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"]},
-                num_warps=c["num_warps"],
-                num_stages=c["num_stages"],
-            )
-            for c in _configs(dual)
-        ]
-        extra = (
-            {"cache_results": True}
-            if "cache_results" in triton.autotune.__code__.co_varnames
-            else {}
-        )
-        _tuned_kernels[dual] = triton.autotune(
-            configs, key=["n_out", "k_dim", "EPILOGUE", "LORA", "GATHER", "SCATTER"], **extra
+        kernel = triton.heuristics(
+            {"EVEN_K": lambda a: _even(a)["EVEN_K"], "EVEN_N": lambda a: _even(a)["EVEN_N"]}
         )(tk._expert_gemm_kernel)
-    return _tuned_kernels[dual]
+        if epilogue is not None:
+            configs = [
+                triton.Config(
+                    {"BLOCK_N": bn, "BLOCK_K": _BLOCK_K}, num_warps=warps, num_stages=stages
+                )
+                for bn, warps, stages in _CONFIGS[epilogue]
+            ]
+            extra = (
+                {"cache_results": True}
+                if "cache_results" in triton.autotune.__code__.co_varnames
+                else {}
+            )
+            kernel = triton.autotune(
+                configs,
+                key=["n_out", "k_dim", "rank", "EPILOGUE", "GATHER", "SCATTER", "BLOCK_M"],
+                **extra,
+            )(kernel)
+        _kernels[epilogue] = kernel
+    return _kernels[epilogue]
+
+
+class LowRank(NamedTuple):
+    """Split-LoRA inside one product: ``z = A la^T`` (stored to ``z``), then ``+ s z lb^T``.
+
+    ``la`` is read as ``[E, r, K]`` and ``lb`` as ``[E, N, r]`` through the given strides.
+    """
+
+    la: torch.Tensor
+    la_strides: tuple[int, int, int]
+    lb: torch.Tensor
+    lb_strides: tuple[int, int, int]
+    scale: float
+    z: torch.Tensor
 
 
 def expert_gemm(
@@ -161,7 +193,7 @@ def expert_gemm(
     *,
     gather: torch.Tensor | None = None,
     scatter: torch.Tensor | None = None,
-    lora: tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], float] | None = None,
+    lora: LowRank | None = None,
     bias: torch.Tensor | None = None,
     epilogue: int = tk.STORE,
     h: torch.Tensor | None = None,
@@ -169,17 +201,16 @@ def expert_gemm(
     dw: torch.Tensor | None = None,
     act_w: torch.Tensor | None = None,
     oai: bool = False,
-    block_n: int | None = None,
 ) -> torch.Tensor:
     """One grouped product over the tile table; see ``triton_kernels`` for the epilogues.
 
     ``w_strides`` are W's (expert, out feature, reduction) strides, so one kernel reads W1,
-    W2 and the LoRA factors in either orientation without copies. ``block_n`` fixes the
-    column block (rank-r launches); otherwise the block shape is autotuned when enabled.
+    W2 and the LoRA factors in either orientation without copies. The column block and
+    pipeline depth are autotuned when enabled.
     """
-    z, lb, lb_strides, scale = lora if lora is not None else (None, None, (0, 0, 0), 0.0)
-    rank = z.shape[1] if z is not None else 0
     dummy = a  # never read: its branch is compiled out
+    rank = lora.z.shape[1] if lora is not None else 0
+    num_row_tiles = tiles.shape[1]
     args = (
         a,
         gather if gather is not None else dummy,
@@ -187,15 +218,18 @@ def expert_gemm(
         a.stride(1),
         w,
         *w_strides,
-        z if z is not None else dummy,
-        *(z.stride() if z is not None else (0, 0)),
-        lb if lb is not None else dummy,
-        *lb_strides,
+        lora.la if lora is not None else dummy,
+        *(lora.la_strides if lora is not None else (0, 0, 0)),
+        lora.z if lora is not None else dummy,
+        *(lora.z.stride() if lora is not None else (0, 0)),
+        lora.lb if lora is not None else dummy,
+        *(lora.lb_strides if lora is not None else (0, 0, 0)),
         bias if bias is not None else dummy,
         *(bias.stride() if bias is not None else (0, 0)),
         tiles[0],
         tiles[1],
         tiles[2],
+        num_row_tiles,
         out,
         out.stride(0),
         out.stride(1),
@@ -210,7 +244,7 @@ def expert_gemm(
         n_out,
         k_dim,
         rank,
-        float(scale),
+        float(lora.scale) if lora is not None else 0.0,
     )
     flags = dict(
         EPILOGUE=epilogue,
@@ -224,13 +258,16 @@ def expert_gemm(
         PRECISION="ieee" if a.dtype == torch.float32 else None,
         BLOCK_M=block_m,
         BLOCK_R=max(16, triton_next_pow2(rank)),
+        GROUP_M=_GROUP_M,
     )
-    rows_grid = tiles.shape[1]
-    if block_n is None and _autotune_enabled():
-        kernel = _tuned(epilogue == tk.SWIGLU_FWD)
-        key = (epilogue, n_out, k_dim, flags["LORA"], flags["GATHER"], str(a.dtype))
+
+    def grid(meta: dict) -> tuple[int]:
+        return (num_row_tiles * triton_cdiv(n_out, meta["BLOCK_N"]),)
+
+    if _autotune_enabled():
+        key = (epilogue, n_out, k_dim, rank, flags["GATHER"], str(a.dtype))
         t0 = time.perf_counter()
-        kernel[lambda meta: (rows_grid, triton_cdiv(n_out, meta["BLOCK_N"]))](*args, **flags)
+        _kernel(epilogue)[grid](*args, **flags)
         if key not in _tuned_logged:
             _tuned_logged.add(key)
             log.info(
@@ -239,40 +276,21 @@ def expert_gemm(
                 time.perf_counter() - t0,
             )
         return out
-    cfg = _configs(epilogue == tk.SWIGLU_FWD)[0]
-    if block_n is not None:
-        cfg = dict(cfg, BLOCK_N=block_n)
-    grid = (rows_grid, triton_cdiv(n_out, cfg["BLOCK_N"]))
-    tk._expert_gemm_kernel[grid](
-        *args,
-        **flags,
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    _kernel(None)[grid](*args, **flags, BLOCK_K=_BLOCK_K, **_FIXED)
     return out
+
+
+def best_configs() -> dict[int, str]:
+    """The autotuner's choice per epilogue (for benchmark reports)."""
+    return {
+        ep: str(getattr(kernel, "best_config", None))
+        for ep, kernel in _kernels.items()
+        if ep is not None
+    }
 
 
 def triton_next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def low_rank(a, factor, strides, rank, rows, tiles, block_m, gather=None) -> torch.Tensor:
-    """``[N, r]`` product of the (gathered) sorted rows with a rank-r LoRA factor."""
-    out = a.new_empty(rows, rank)
-    return expert_gemm(
-        a,
-        factor,
-        strides,
-        rank,
-        a.shape[1],
-        tiles,
-        block_m,
-        out,
-        gather=gather,
-        block_n=max(16, triton_next_pow2(rank)),
-    )
 
 
 def combine_rows(y_NH: torch.Tensor, top_k: int, weights_N: torch.Tensor | None) -> torch.Tensor:
@@ -297,6 +315,15 @@ def combine_rows(y_NH: torch.Tensor, top_k: int, weights_N: torch.Tensor | None)
 
 
 # ---- autograd ------------------------------------------------------------------------------
+
+
+def _low_rank(la, la_strides, lb, lb_strides, scale: float, rows: int, rank: int) -> LowRank:
+    return LowRank(la, la_strides, lb, lb_strides, scale, la.new_empty(rows, rank))
+
+
+def _t(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of an ``[E, m, n]`` tensor read as ``[E, n, m]``."""
+    return t.stride(0), t.stride(2), t.stride(1)
 
 
 class _TritonExperts(torch.autograd.Function):
@@ -325,45 +352,26 @@ class _TritonExperts(torch.autograd.Function):
         bm = _block_m(rows, num_experts)
         tiles = tile_table(plan.offs_E, rows, bm)
         oai = activation == "swiglu_oai"
-        z1 = z2 = None
-        if a1 is not None:
-            z1 = low_rank(x_TH, a1, a1.stride(), a1.shape[1], rows, tiles, bm, gather=plan.token_N)
+        up_lora = (
+            None
+            if a1 is None
+            else _low_rank(a1, a1.stride(), b1, b1.stride(), scale, rows, a1.shape[1])
+        )
         h_NG = x_TH.new_empty(rows, two_inter)
         act_NI = x_TH.new_empty(rows, inter)
-        expert_gemm(
-            x_TH,
-            gate_up,
-            gate_up.stride(),
-            inter,
-            hidden,
-            tiles,
-            bm,
-            act_NI,
-            gather=plan.token_N,
-            epilogue=tk.SWIGLU_FWD,
-            h=h_NG,
-            oai=oai,
-            lora=None if a1 is None else (z1, b1, b1.stride(), scale),
-            bias=gate_up_bias,
-        )
-        if a2 is not None:
-            z2 = low_rank(act_NI, a2, a2.stride(), a2.shape[1], rows, tiles, bm)
-        y_slots = x_TH.new_empty(rows, hidden)
-        expert_gemm(
-            act_NI,
-            down,
-            down.stride(),
-            hidden,
-            inter,
-            tiles,
-            bm,
-            y_slots,
-            scatter=plan.order_N,
-            bias=down_bias,
-            lora=None if a2 is None else (z2, b2, b2.stride(), scale),
-        )
-        out_TH = combine_rows(y_slots, top_k, weights_TK.reshape(-1).contiguous())
         # fmt: off
+        expert_gemm(x_TH, gate_up, gate_up.stride(), inter, hidden, tiles, bm, act_NI,
+                    gather=plan.token_N, epilogue=tk.SWIGLU_FWD, h=h_NG, oai=oai,
+                    lora=up_lora, bias=gate_up_bias)
+        down_lora = None if a2 is None else _low_rank(
+            a2, a2.stride(), b2, b2.stride(), scale, rows, a2.shape[1]
+        )
+        y_slots = x_TH.new_empty(rows, hidden)
+        expert_gemm(act_NI, down, down.stride(), hidden, inter, tiles, bm, y_slots,
+                    scatter=plan.order_N, bias=down_bias, lora=down_lora)
+        out_TH = combine_rows(y_slots, top_k, weights_TK.reshape(-1).contiguous())
+        z1 = None if up_lora is None else up_lora.z
+        z2 = None if down_lora is None else down_lora.z
         ctx.save_for_backward(x_TH, weights_TK, experts_TK, gate_up, down, down_bias,
                               a1, b1, a2, b2, h_NG, z1, z2, tiles, *plan.tensors())
         # fmt: on
@@ -385,88 +393,42 @@ class _TritonExperts(torch.autograd.Function):
         dout_TH = dout_TH.contiguous()
         w_N = weights_TK.reshape(-1).index_select(0, plan.order_N).contiguous()
 
-        # down projection backward: g = dout W2 (+ s u2 A2), fused with dSwiGLU and dw
-        u2 = None
-        if a2 is not None:  # B2 [E, H, r] read as [E, r, H]
-            u2 = low_rank(
-                dout_TH,
-                b2,
-                (b2.stride(0), b2.stride(2), b2.stride(1)),
-                b2.shape[2],
-                rows,
-                tiles,
-                bm,
-                gather=plan.token_N,
-            )
+        # down projection backward: g = dout W2 + s (dout B2) A2, fused with dSwiGLU and dw;
+        # u2 = dout B2 comes out of the same main loop (B2 [E, H, r] read as [E, r, H])
+        down_lora = None if a2 is None else _low_rank(b2, _t(b2), a2, _t(a2), s, rows, a2.shape[1])
         dh_NG = h_NG.new_empty(rows, two_inter)
         dw_parts = torch.zeros(
-            rows, triton_cdiv(inter, 64), device=h_NG.device, dtype=torch.float32
+            rows, triton_cdiv(inter, _MIN_BLOCK_N), device=h_NG.device, dtype=torch.float32
         )
         want_actw = a2 is not None or need[4]
         act_w = h_NG.new_empty(rows, inter) if want_actw else None
-        expert_gemm(
-            dout_TH,
-            down,
-            (down.stride(0), down.stride(2), down.stride(1)),
-            inter,
-            hidden,
-            tiles,
-            bm,
-            dh_NG,
-            gather=plan.token_N,
-            epilogue=tk.SWIGLU_BWD,
-            h=h_NG,
-            w_rows=w_N,
-            dw=dw_parts,
-            act_w=act_w,
-            oai=oai,
-            lora=None if a2 is None else (u2, a2, (a2.stride(0), a2.stride(2), a2.stride(1)), s),
-        )
+        # fmt: off
+        expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, bm, dh_NG,
+                    gather=plan.token_N, epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N,
+                    dw=dw_parts, act_w=act_w, oai=oai, lora=down_lora)
+        # fmt: on
         if need[1]:
             grads[1] = gmm.router_grad(dw_parts.sum(1), plan, dout_TH, down_bias, experts_TK)
 
-        # up projection backward
-        u1 = None
-        if a1 is not None:  # B1 [E, 2I, r] read as [E, r, 2I]
-            u1 = low_rank(
-                dh_NG, b1, (b1.stride(0), b1.stride(2), b1.stride(1)), b1.shape[2], rows, tiles, bm
-            )
-        if need[0]:
+        # up projection backward: dX = dh W1 + s (dh B1) A1, u1 = dh B1 from the same loop
+        up_lora = None if a1 is None else _low_rank(b1, _t(b1), a1, _t(a1), s, rows, a1.shape[1])
+        if need[0] or up_lora is not None:
             dx_slots = dh_NG.new_empty(rows, hidden)
-            expert_gemm(
-                dh_NG,
-                gate_up,
-                (gate_up.stride(0), gate_up.stride(2), gate_up.stride(1)),
-                hidden,
-                two_inter,
-                tiles,
-                bm,
-                dx_slots,
-                scatter=plan.order_N,
-                lora=None
-                if a1 is None
-                else (u1, a1, (a1.stride(0), a1.stride(2), a1.stride(1)), s),
-            )
-            grads[0] = combine_rows(dx_slots, top_k, None)
+            # fmt: off
+            expert_gemm(dh_NG, gate_up, _t(gate_up), hidden, two_inter, tiles, bm, dx_slots,
+                        scatter=plan.order_N, lora=up_lora)
+            # fmt: on
+            if need[0]:
+                grads[0] = combine_rows(dx_slots, top_k, None)
+        u1 = None if up_lora is None else up_lora.z
+        u2 = None if down_lora is None else down_lora.z
 
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
         dout_NH = dout_TH.index_select(0, plan.token_N) if need[4] or need[10] else None
-        gmm.down_grads(
-            need,
-            s,
-            plan,
-            dout_TH,
-            dout_NH,
-            act_w,
-            u2,
-            z2,
-            w_N[:, None],
-            weights_TK,
-            experts_TK,
-            down_bias,
-            num_experts,
-            grads,
-        )
+        # fmt: off
+        gmm.down_grads(need, s, plan, dout_TH, dout_NH, act_w, u2, z2, w_N[:, None],
+                       weights_TK, experts_TK, down_bias, num_experts, grads)
+        # fmt: on
         gmm.up_grads(need, s, plan, x_TH, dh_NG, u1, z1, grads)
         return tuple(grads)
 

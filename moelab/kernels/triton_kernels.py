@@ -77,6 +77,10 @@ def _expert_gemm_kernel(
     stride_we,
     stride_wn,
     stride_wk,
+    la_ptr,
+    stride_lae,
+    stride_lar,
+    stride_lak,
     z_ptr,
     stride_zm,
     stride_zr,
@@ -90,6 +94,7 @@ def _expert_gemm_kernel(
     tile_expert_ptr,
     tile_start_ptr,
     tile_end_ptr,
+    num_row_tiles,
     out_ptr,
     stride_om,
     stride_on,
@@ -116,13 +121,23 @@ def _expert_gemm_kernel(
     STORE_ACTW: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # L2-friendly order: GROUP_M row tiles (mostly of one expert) sweep all column tiles
+    # together, so their rows and the expert's weight columns are read from HBM about once.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(n_out, BLOCK_N)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_row_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:  # the tile table is sized for the worst case; the rest is padding
         return
@@ -130,39 +145,62 @@ def _expert_gemm_kernel(
     row_end = tl.load(tile_end_ptr + pid_m)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
+    # rows past the tile's end re-read its last row: loads stay unmasked, stores are masked
+    rows_in = tl.minimum(rows, row_end - 1)
     if GATHER:
-        src = tl.load(a_rows_ptr + rows, mask=row_mask, other=0)
+        src = tl.load(a_rows_ptr + rows_in)
     else:
-        src = rows
+        src = rows_in
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + src[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
-    w_base = w_ptr + e.to(tl.int64) * stride_we
-    w_ptrs = w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    w_ptrs = (
+        w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Split-LoRA's rank-r product z = A la^T rides along the main loop's A tiles (each column
+    # block recomputes it: r / BLOCK_N more MMA work instead of another pass over A)
+    rs = tl.arange(0, BLOCK_R)
+    r_mask = rs < rank
+    la_ptrs = (
+        la_ptr + e.to(tl.int64) * stride_lae + rs[None, :] * stride_lar + ks[:, None] * stride_lak
+    )
+    acc_z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
-        k_mask = (k0 + ks) < k_dim
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < k_dim, other=0.0)
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptrs)
+        else:
+            w_mask = ((k0 + ks)[:, None] < k_dim) & col_mask[None, :]
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc = _dot(a, w, acc, UPCAST, PRECISION)
-        if EPILOGUE == 1:  # SWIGLU_FWD  # the up half sits n_out rows further in W
-            w_up = tl.load(
-                w_ptrs + n_out * stride_wn, mask=k_mask[:, None] & col_mask[None, :], other=0.0
-            )
+        if EPILOGUE == 1:  # SWIGLU_FWD: the up half sits n_out rows further in W
+            if EVEN_K and EVEN_N:
+                w_up = tl.load(w_ptrs + n_out * stride_wn)
+            else:
+                w_up = tl.load(w_ptrs + n_out * stride_wn, mask=w_mask, other=0.0)
             acc_up = _dot(a, w_up, acc_up, UPCAST, PRECISION)
+        if LORA:
+            la = tl.load(la_ptrs, mask=((k0 + ks)[:, None] < k_dim) & r_mask[None, :], other=0.0)
+            acc_z = _dot(a, la, acc_z, UPCAST, PRECISION)
+            la_ptrs += BLOCK_K * stride_lak
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    if LORA:  # Split-LoRA: + s (x A^T) B^T, with z = x A^T computed by a rank-r launch
-        rs = tl.arange(0, BLOCK_R)
-        r_mask = rs < rank
-        z = tl.load(
-            z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr,
-            mask=row_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
+    out_dtype = out_ptr.dtype.element_ty
+    if LORA:  # + s z lb^T; z is rounded as stored, and kept for the LoRA gradients
+        z = _cast(acc_z, out_dtype, UPCAST)
+        if pid_n == 0:
+            tl.store(
+                z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr,
+                z,
+                mask=row_mask[:, None] & r_mask[None, :],
+            )
         lb_ptrs = (
             lb_ptr
             + e.to(tl.int64) * stride_lbe
@@ -189,7 +227,6 @@ def _expert_gemm_kernel(
             ]
 
     mask = row_mask[:, None] & col_mask[None, :]
-    out_dtype = out_ptr.dtype.element_ty
     if EPILOGUE == 0:  # STORE
         if SCATTER:
             dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
