@@ -160,7 +160,16 @@ def _kernel(epilogue: int | None):
             )
             kernel = triton.autotune(
                 configs,
-                key=["n_out", "k_dim", "rank", "EPILOGUE", "GATHER", "SCATTER", "BLOCK_M"],
+                key=[
+                    "n_out",
+                    "k_dim",
+                    "rank",
+                    "num_row_tiles",
+                    "EPILOGUE",
+                    "GATHER",
+                    "SCATTER",
+                    "BLOCK_M",
+                ],
                 **extra,
             )(kernel)
         _kernels[epilogue] = kernel
