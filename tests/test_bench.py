@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from conftest import rel_err
 
+from moelab.bench import compiled
 from moelab.bench.__main__ import main
-from moelab.bench.shapes import SHAPES, moe_flops
+from moelab.bench.experts import block_config, build_block
+from moelab.bench.shapes import SHAPES, BlockShape, moe_flops
+from moelab.ops import moe_block
 
 
 def test_flop_convention_matches_performance_md():
@@ -49,6 +54,9 @@ def test_experts_benchmark_runs_and_checks(tmp_path, capsys):
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in timed)
     table = capsys.readouterr().out
     assert "backend" in table and "grouped_mm" in table and "TFLOP/s" in table
+    png = tmp_path / "sweep.png"
+    assert main(["plot", str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_train_step_benchmark_runs_moelab_and_transformers(capsys):
@@ -76,3 +84,23 @@ def test_train_step_benchmark_runs_moelab_and_transformers(capsys):
     table = capsys.readouterr().out
     assert "moelab" in table and "hf:grouped_mm" in table
     assert train_step.hf_config("qwen3-30b-a3b", 4)["num_hidden_layers"] == 4
+
+
+GPT_OSS_LIKE = BlockShape(32, 24, 4, 2, "topk_softmax", "swiglu_oai", biases=True)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("shape", [SHAPES["tiny"], GPT_OSS_LIKE], ids=["qwen-like", "oss-like"])
+def test_compiled_baseline_computes_the_same_block(shape, mode):
+    """The torch.compile baseline must be the same MoE block, or its timing compares nothing:
+    its output and gradients (uncompiled here) match moelab's native_torch block."""
+    params, trainable = build_block(shape, mode, 4, torch.float32, "cpu", seed=3)
+    x = torch.randn(40, shape.hidden)
+    ours = moe_block(x, params, block_config(shape, "native_torch", 4))[0]
+    theirs = compiled.block(x, params, shape, 2.0)
+    assert rel_err(theirs, ours) < 1e-5
+    dout = torch.randn_like(ours)
+    g_ours = torch.autograd.grad(ours, trainable, dout)
+    g_theirs = torch.autograd.grad(theirs, trainable, dout)
+    for a, b in zip(g_theirs, g_ours):
+        assert rel_err(a, b) < 1e-5

@@ -1,11 +1,11 @@
-"""``python -m moelab.bench <experts|stages|load|train> [options]``: benchmarks of moelab."""
+"""``python -m moelab.bench <experts|stages|plot|load|train> [options]``: benchmarks of moelab."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from moelab.bench import experts, load_memory, stages, train_step
+from moelab.bench import experts, load_memory, plot, stages, train_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,9 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     load_memory.add_arguments(sub.add_parser("load", help="peak RSS of load_pretrained on CPU"))
     train_step.add_arguments(sub.add_parser("train", help="a training step vs Transformers"))
     stages.add_arguments(sub.add_parser("stages", help="the triton backend's stages, timed"))
+    plot.add_arguments(sub.add_parser("plot", help="ms against tokens from experts --json files"))
     args = parser.parse_args(argv)
     if args.bench == "load":
         load_memory.run(args)
+        return 0
+    if args.bench == "plot":
+        plot.run(args)
         return 0
     if args.bench == "stages":
         stages.print_table(stages.run(args))

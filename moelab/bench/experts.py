@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from moelab.bench import compiled
 from moelab.bench.shapes import SHAPES, BlockShape, moe_flops
 from moelab.kernels import available, registry
 from moelab.kernels.problem import ExpertProblem
@@ -208,7 +209,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         ok = [
             b
             for b in backends
-            if unsupported_reason(b, _problem(shape, 256, args.rank, dtype, device)) is None
+            if b != compiled.NAME
+            and unsupported_reason(b, _problem(shape, 256, args.rank, dtype, device)) is None
         ]
         for row in check_backends(shape, ok, dtype, device, args.check_tokens, args.rank):
             print(json.dumps(row), flush=True)
@@ -225,13 +227,20 @@ def run(args: argparse.Namespace) -> list[dict]:
                     dtype=str(dtype),
                 )
                 rank = args.rank if mode == "lora" else 0
-                reason = unsupported_reason(backend, _problem(shape, tokens, rank, dtype, device))
+                problem = _problem(shape, tokens, rank, dtype, device)
+                if backend == compiled.NAME:
+                    reason = unsupported_reason("grouped_mm", problem)
+                else:
+                    reason = unsupported_reason(backend, problem)
                 if reason is not None:
                     row["skipped"] = reason
                 else:
                     row.update(_time_backend(shape, backend, mode, tokens, args, dtype, device))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                if args.json:  # after every row: a run cut short keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump(rows, f, indent=1)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     if args.json:
@@ -242,9 +251,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     params, _ = build_block(shape, mode, args.rank, dtype, device)
-    cfg = block_config(shape, backend, args.rank)
     x0 = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)
-    step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
+    if backend == compiled.NAME:
+        # one dynamic-shape compilation serves every token count
+        step = torch.compile(lambda x: compiled.block(x, params, shape, 2.0), dynamic=True)
+    else:
+        cfg = block_config(shape, backend, args.rank)
+        step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
     ms, peak = time_step(step, x0, args.iters)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
     row = dict(ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1))

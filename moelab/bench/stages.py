@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     lora = {n: t.detach() for n, t in ex["lora"].items()} if lora_mode else None
     r = args.rank if lora_mode else 0
 
-    def lr(la, la_s, lb, lb_s):
-        return None if lora is None else tr._low_rank(la, la_s, lb, lb_s, 2.0, rows, r)
+    def lr(product, la, la_s, lb, lb_s):
+        return tr._low_rank(product, la, la_s, lb, lb_s, 2.0, rows, r)
 
     a1, b1 = (lora["gate_up_a"], lora["gate_up_b"]) if lora else (None, None)
     a2, b2 = (lora["down_a"], lora["down_b"]) if lora else (None, None)
@@ -80,91 +80,53 @@ def run(args: argparse.Namespace) -> list[dict]:
     y = x.new_empty(rows, h)
     dh = x.new_empty(rows, 2 * i)
     dxs = x.new_empty(rows, h)
-    dw_parts = torch.zeros(rows, tr.triton_cdiv(i, tr._MIN_BLOCK_N), device=device)
+    dw_parts = torch.zeros(rows, tr.triton_cdiv(i, tr._DW_COLS), device=device)
     act_w = x.new_empty(rows, i)
     w_N = routing.weights.reshape(-1).to(dtype).index_select(0, plan.order_N).contiguous()
-    up_l = lr(a1, a1.stride(), b1, b1.stride()) if lora else None
-    dn_l = lr(a2, a2.stride(), b2, b2.stride()) if lora else None
-    bdn_l = lr(b2, tr._t(b2), a2, tr._t(a2)) if lora else None
-    bup_l = lr(b1, tr._t(b1), a1, tr._t(a1)) if lora else None
+    up_l = lr("up", a1, a1.stride(), b1, b1.stride()) if lora else None
+    dn_l = lr("down", a2, a2.stride(), b2, b2.stride()) if lora else None
+    bdn_l = lr("bwd_down", b2, tr._t(b2), a2, tr._t(a2)) if lora else None
+    bup_l = lr("bwd_up", b1, tr._t(b1), a1, tr._t(a1)) if lora else None
     weights = routing.weights.to(dtype).reshape(-1).contiguous()
 
-    stages = {
-        "up (gather, SwiGLU epilogue)": (
-            lambda: tr.expert_gemm(
-                x,
-                gate_up,
-                gate_up.stride(),
-                i,
-                h,
-                tiles,
-                bm,
-                act,
-                gather=plan.token_N,
-                epilogue=tk.SWIGLU_FWD,
-                h=h_NG,
-                oai=oai,
-                lora=up_l,
-                bias=gb,
-            ),
-            2 * rows * h * 2 * i,
-        ),
-        "down (scatter to slots)": (
-            lambda: tr.expert_gemm(
-                act,
-                down,
-                down.stride(),
-                h,
-                i,
-                tiles,
-                bm,
-                y,
-                scatter=plan.order_N,
-                bias=db,
-                lora=dn_l,
-            ),
-            2 * rows * i * h,
-        ),
-        "combine": (lambda: tr.combine_rows(y, k, weights), 0),
-        "bwd dY W2 (dSwiGLU, router grad)": (
-            lambda: tr.expert_gemm(
-                dout,
-                down,
-                tr._t(down),
-                i,
-                h,
-                tiles,
-                bm,
-                dh,
-                gather=plan.token_N,
-                epilogue=tk.SWIGLU_BWD,
-                h=h_NG,
-                w_rows=w_N,
-                dw=dw_parts,
-                act_w=act_w,
-                oai=oai,
-                lora=bdn_l,
-            ),
-            2 * rows * h * i,
-        ),
-        "bwd dh W1 (dX to slots)": (
-            lambda: tr.expert_gemm(
-                dh,
-                gate_up,
-                tr._t(gate_up),
-                h,
-                2 * i,
-                tiles,
-                bm,
-                dxs,
-                scatter=plan.order_N,
-                lora=bup_l,
-            ),
-            2 * rows * 2 * i * h,
-        ),
-        "dX combine": (lambda: tr.combine_rows(dxs, k, None), 0),
+    def up(low):
+        return lambda: tr.expert_gemm(
+            x, gate_up, gate_up.stride(), i, h, tiles, bm, act, gather=plan.token_N,
+            epilogue=tk.SWIGLU_FWD, h=h_NG, oai=oai, lora=low, bias=gb,
+        )  # fmt: skip
+
+    def down_(low):
+        return lambda: tr.expert_gemm(
+            act, down, down.stride(), h, i, tiles, bm, y, scatter=plan.order_N, bias=db, lora=low
+        )
+
+    def bwd_down(low):
+        return lambda: tr.expert_gemm(
+            dout, down, tr._t(down), i, h, tiles, bm, dh, gather=plan.token_N,
+            epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N, dw=dw_parts, act_w=act_w, oai=oai,
+            lora=low,
+        )  # fmt: skip
+
+    def bwd_up(low):
+        return lambda: tr.expert_gemm(
+            dh, gate_up, tr._t(gate_up), h, 2 * i, tiles, bm, dxs, scatter=plan.order_N, lora=low
+        )
+
+    products = {
+        "up (gather, SwiGLU epilogue)": (up, up_l, 2 * rows * h * 2 * i),
+        "down (scatter to slots)": (down_, dn_l, 2 * rows * i * h),
+        "bwd dY W2 (dSwiGLU, router grad)": (bwd_down, bdn_l, 2 * rows * h * i),
+        "bwd dh W1 (dX to slots)": (bwd_up, bup_l, 2 * rows * 2 * i * h),
     }
+    stages = {name: (make(low), flops) for name, (make, low, flops) in products.items()}
+    stages["combine"] = (lambda: tr.combine_rows(y, k, weights), 0)
+    stages["dX combine"] = (lambda: tr.combine_rows(dxs, k, None), 0)
     if lora:
+        # both placements of z for each product (the stage above uses the measured choice)
+        label = {tk.LORA_IN_LOOP: "z in loop", tk.LORA_GIVEN: "z by rank-r launch"}
+        for name, (make, low, flops) in products.items():
+            for placement, text in label.items():
+                stages[f"alt: {name} [{text}]"] = (make(low._replace(placement=placement)), flops)
         need = (False,) * 7 + (True,) * 4 + (False,) * 2
 
         def lora_grads():
@@ -232,7 +194,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         row["tflops"] = round(flops / ms / 1e9, 1) if flops else None
         out.append(row)
         print(json.dumps(row), flush=True)
-    out.append(dict(configs=tr.best_configs()))
+    out.append(
+        dict(
+            configs=tr.best_configs(),
+            lora_placements={str(k): v for k, v in tr._placements.items()},
+        )
+    )
     print(json.dumps(out[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
@@ -248,7 +215,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"\nstages of the triton backend: {r0['shape']}, {r0['tokens']} tokens, {r0['mode']}")
     total = 0.0
     for r in timed:
-        if not r["stage"].startswith("ref:"):
+        if not r["stage"].startswith(("ref:", "alt:")):
             total += r["ms"]
         tf = "" if r["tflops"] is None else f"{r['tflops']:8.1f} TFLOP/s"
         print(f"  {r['stage']:<42}{r['ms']:8.3f} ms {tf}")

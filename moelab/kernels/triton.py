@@ -113,16 +113,32 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# Hopper-shaped candidates (wgmma wants 64-row warpgroups, BLOCK_K 64 keeps 128-byte rows);
-# the dual (gate + up) kernel holds two accumulators, so its column block is half as wide.
+# Hopper-shaped candidates (BLOCK_N, BLOCK_K, warps, stages): wgmma wants 64-row warpgroups
+# and BLOCK_K 64 keeps 128-byte rows; the dual (gate + up) kernel holds two accumulators, so its
+# column block is half as wide; rank-r launches are memory-bound skinny products.
+_LOW_RANK = 3
 _CONFIGS = {
-    tk.STORE: ((128, 8, 3), (128, 8, 4), (256, 8, 3), (128, 4, 4), (64, 4, 4)),
-    tk.SWIGLU_FWD: ((64, 4, 4), (64, 8, 4), (128, 8, 3), (128, 8, 2)),
-    tk.SWIGLU_BWD: ((64, 4, 4), (64, 8, 4), (128, 8, 3), (128, 8, 4)),
+    tk.STORE: ((128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)),
+    tk.SWIGLU_FWD: ((64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2)),
+    tk.SWIGLU_BWD: (
+        (32, 64, 8, 4),
+        (32, 64, 4, 4),
+        (64, 64, 4, 3),
+        (64, 64, 4, 4),
+        (64, 64, 8, 4),
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+    ),
+    _LOW_RANK: ((16, 64, 4, 3), (16, 64, 4, 5), (16, 128, 4, 3), (16, 128, 4, 4), (32, 64, 4, 4)),
 }
-_FIXED = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # CI, the interpreter, reproducibility
-_BLOCK_K, _GROUP_M = 64, 8
-_MIN_BLOCK_N = 64  # SWIGLU_BWD writes one router partial per column block
+_FIXED = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)  # CI, interpreter, repro
+_GROUP_M = 8
+_DW_COLS = 32  # SWIGLU_BWD writes one router partial per 32 columns (kernel constant)
+# Where z = A la^T is computed for each product: tk.LORA_IN_LOOP, tk.LORA_GIVEN, or None to
+# time both on the first call of each shape (with autotuning on; else in the loop). Products:
+# up (x A1^T), down (act A2^T), bwd_down (dout B2), bwd_up (dh B1).
+LORA_PLACEMENT: dict[str, int | None] = dict.fromkeys(("up", "down", "bwd_down", "bwd_up"))
+_placements: dict[tuple, int] = {}
 
 
 def _autotune_enabled() -> bool:
@@ -148,10 +164,8 @@ def _kernel(epilogue: int | None):
         )(tk._expert_gemm_kernel)
         if epilogue is not None:
             configs = [
-                triton.Config(
-                    {"BLOCK_N": bn, "BLOCK_K": _BLOCK_K}, num_warps=warps, num_stages=stages
-                )
-                for bn, warps, stages in _CONFIGS[epilogue]
+                triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+                for bn, bk, warps, stages in _CONFIGS[epilogue]
             ]
             extra = (
                 {"cache_results": True}
@@ -179,7 +193,9 @@ def _kernel(epilogue: int | None):
 class LowRank(NamedTuple):
     """Split-LoRA inside one product: ``z = A la^T`` (stored to ``z``), then ``+ s z lb^T``.
 
-    ``la`` is read as ``[E, r, K]`` and ``lb`` as ``[E, N, r]`` through the given strides.
+    ``la`` is read as ``[E, r, K]`` and ``lb`` as ``[E, N, r]`` through the given strides;
+    ``placement`` says whether z is computed inside the main loop or by a rank-r launch first
+    (``None``: measured on first use, see ``LORA_PLACEMENT``).
     """
 
     la: torch.Tensor
@@ -188,6 +204,7 @@ class LowRank(NamedTuple):
     lb_strides: tuple[int, int, int]
     scale: float
     z: torch.Tensor
+    placement: int | None = None
 
 
 def expert_gemm(
@@ -214,9 +231,58 @@ def expert_gemm(
     """One grouped product over the tile table; see ``triton_kernels`` for the epilogues.
 
     ``w_strides`` are W's (expert, out feature, reduction) strides, so one kernel reads W1,
-    W2 and the LoRA factors in either orientation without copies. The column block and
-    pipeline depth are autotuned when enabled.
+    W2 and the LoRA factors in either orientation without copies. The column block, K block
+    and pipeline depth are autotuned when enabled.
     """
+
+    def run(placement: int | None) -> None:
+        low = None if lora is None else lora._replace(placement=placement)
+        if low is not None and placement == tk.LORA_GIVEN:
+            # fmt: off
+            _launch(a, low.la, low.la_strides, low.z.shape[1], k_dim, tiles, block_m, low.z,
+                    gather=gather, tuned_as=_LOW_RANK)
+            # fmt: on
+        _launch(
+            a, w, w_strides, n_out, k_dim, tiles, block_m, out, gather=gather, scatter=scatter,
+            lora=low, bias=bias, epilogue=epilogue, h=h, w_rows=w_rows, dw=dw, act_w=act_w,
+            oai=oai, tuned_as=epilogue,
+        )  # fmt: skip
+
+    placement = None if lora is None else lora.placement
+    if lora is not None and placement is None:
+        if not (_autotune_enabled() and a.is_cuda):
+            placement = tk.LORA_IN_LOOP
+        else:
+            key = (epilogue, n_out, k_dim, lora.z.shape[1], tiles.shape[1], gather is not None,
+                   scatter is not None, str(a.dtype))  # fmt: skip
+            if key not in _placements:
+                _placements[key] = _fastest(run, (tk.LORA_IN_LOOP, tk.LORA_GIVEN))
+                log.info("moelab: triton LoRA placement for %s: %s", key, _placements[key])
+            placement = _placements[key]
+    run(placement)
+    return out
+
+
+def _fastest(run, choices: tuple[int, ...], reps: int = 5) -> int:
+    """The choice whose ``run(choice)`` takes least GPU time (each tuned and warmed first)."""
+    times = {}
+    for choice in choices:
+        run(choice)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run(choice)
+        end.record()
+        end.synchronize()
+        times[choice] = start.elapsed_time(end)
+    return min(times, key=times.get)
+
+
+def _launch(
+    a, w, w_strides, n_out, k_dim, tiles, block_m, out, *, gather=None, scatter=None,
+    lora=None, bias=None, epilogue=tk.STORE, h=None, w_rows=None, dw=None, act_w=None,
+    oai=False, tuned_as: int,
+) -> None:  # fmt: skip
     dummy = a  # never read: its branch is compiled out
     rank = lora.z.shape[1] if lora is not None else 0
     num_row_tiles = tiles.shape[1]
@@ -259,7 +325,7 @@ def expert_gemm(
         EPILOGUE=epilogue,
         GATHER=gather is not None,
         SCATTER=scatter is not None,
-        LORA=lora is not None,
+        LORA=tk.LORA_NONE if lora is None else lora.placement,
         BIAS=bias is not None,
         OAI=oai,
         STORE_ACTW=act_w is not None,
@@ -274,9 +340,9 @@ def expert_gemm(
         return (num_row_tiles * triton_cdiv(n_out, meta["BLOCK_N"]),)
 
     if _autotune_enabled():
-        key = (epilogue, n_out, k_dim, rank, flags["GATHER"], str(a.dtype))
+        key = (tuned_as, n_out, k_dim, rank, flags["GATHER"], str(a.dtype))
         t0 = time.perf_counter()
-        _kernel(epilogue)[grid](*args, **flags)
+        _kernel(tuned_as)[grid](*args, **flags)
         if key not in _tuned_logged:
             _tuned_logged.add(key)
             log.info(
@@ -284,9 +350,9 @@ def expert_gemm(
                 key,
                 time.perf_counter() - t0,
             )
-        return out
-    _kernel(None)[grid](*args, **flags, BLOCK_K=_BLOCK_K, **_FIXED)
-    return out
+        return
+    fixed = dict(_FIXED, BLOCK_N=16) if tuned_as == _LOW_RANK else _FIXED
+    _kernel(None)[grid](*args, **flags, **fixed)
 
 
 def best_configs() -> dict[int, str]:
@@ -326,8 +392,9 @@ def combine_rows(y_NH: torch.Tensor, top_k: int, weights_N: torch.Tensor | None)
 # ---- autograd ------------------------------------------------------------------------------
 
 
-def _low_rank(la, la_strides, lb, lb_strides, scale: float, rows: int, rank: int) -> LowRank:
-    return LowRank(la, la_strides, lb, lb_strides, scale, la.new_empty(rows, rank))
+def _low_rank(product: str, la, la_strides, lb, lb_strides, scale: float, rows: int, rank: int):
+    z = la.new_empty(rows, rank)
+    return LowRank(la, la_strides, lb, lb_strides, scale, z, LORA_PLACEMENT[product])
 
 
 def _t(t: torch.Tensor) -> tuple[int, int, int]:
@@ -364,7 +431,7 @@ class _TritonExperts(torch.autograd.Function):
         up_lora = (
             None
             if a1 is None
-            else _low_rank(a1, a1.stride(), b1, b1.stride(), scale, rows, a1.shape[1])
+            else _low_rank("up", a1, a1.stride(), b1, b1.stride(), scale, rows, a1.shape[1])
         )
         h_NG = x_TH.new_empty(rows, two_inter)
         act_NI = x_TH.new_empty(rows, inter)
@@ -373,7 +440,7 @@ class _TritonExperts(torch.autograd.Function):
                     gather=plan.token_N, epilogue=tk.SWIGLU_FWD, h=h_NG, oai=oai,
                     lora=up_lora, bias=gate_up_bias)
         down_lora = None if a2 is None else _low_rank(
-            a2, a2.stride(), b2, b2.stride(), scale, rows, a2.shape[1]
+            "down", a2, a2.stride(), b2, b2.stride(), scale, rows, a2.shape[1]
         )
         y_slots = x_TH.new_empty(rows, hidden)
         expert_gemm(act_NI, down, down.stride(), hidden, inter, tiles, bm, y_slots,
@@ -404,10 +471,14 @@ class _TritonExperts(torch.autograd.Function):
 
         # down projection backward: g = dout W2 + s (dout B2) A2, fused with dSwiGLU and dw;
         # u2 = dout B2 comes out of the same main loop (B2 [E, H, r] read as [E, r, H])
-        down_lora = None if a2 is None else _low_rank(b2, _t(b2), a2, _t(a2), s, rows, a2.shape[1])
+        down_lora = (
+            None
+            if a2 is None
+            else _low_rank("bwd_down", b2, _t(b2), a2, _t(a2), s, rows, a2.shape[1])
+        )
         dh_NG = h_NG.new_empty(rows, two_inter)
-        dw_parts = torch.zeros(
-            rows, triton_cdiv(inter, _MIN_BLOCK_N), device=h_NG.device, dtype=torch.float32
+        dw_parts = torch.empty(
+            rows, triton_cdiv(inter, _DW_COLS), device=h_NG.device, dtype=torch.float32
         )
         want_actw = a2 is not None or need[4]
         act_w = h_NG.new_empty(rows, inter) if want_actw else None
@@ -420,7 +491,11 @@ class _TritonExperts(torch.autograd.Function):
             grads[1] = gmm.router_grad(dw_parts.sum(1), plan, dout_TH, down_bias, experts_TK)
 
         # up projection backward: dX = dh W1 + s (dh B1) A1, u1 = dh B1 from the same loop
-        up_lora = None if a1 is None else _low_rank(b1, _t(b1), a1, _t(a1), s, rows, a1.shape[1])
+        up_lora = (
+            None
+            if a1 is None
+            else _low_rank("bwd_up", b1, _t(b1), a1, _t(a1), s, rows, a1.shape[1])
+        )
         if need[0] or up_lora is not None:
             dx_slots = dh_NG.new_empty(rows, hidden)
             # fmt: off

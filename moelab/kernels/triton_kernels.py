@@ -6,6 +6,10 @@ a row index when ``GATHER`` (no permuted copy of x or dout), and results can be 
 (token, slot) order through a row index when ``SCATTER``. Epilogues:
 
 - ``STORE``: ``A W_e^T (+ s z B_e^T) (+ b_e)`` as it is.
+
+Split-LoRA's ``z = A la_e^T`` either rides along the main loop's A tiles (``LORA_IN_LOOP``:
+every column block recomputes it, r / BLOCK_N more MMA work instead of another pass over A)
+or comes from a rank-r launch of this kernel (``LORA_GIVEN``); the launcher picks per product.
 - ``SWIGLU_FWD``: gate and up in two accumulators; stores the pre-activation h and the
   activation (computed from the rounded h, exactly what backward recomputes).
 - ``SWIGLU_BWD``: the accumulator is ``g = dY W2`` before the routing weight; recomputes the
@@ -22,6 +26,7 @@ import triton
 import triton.language as tl
 
 STORE, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2
+LORA_NONE, LORA_IN_LOOP, LORA_GIVEN = 0, 1, 2
 
 
 # GPT-OSS clamped SwiGLU: limit 7.0, alpha 1.702 (moelab.ops.activations.OAI_LIMIT, OAI_ALPHA)
@@ -160,8 +165,6 @@ def _expert_gemm_kernel(
     )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Split-LoRA's rank-r product z = A la^T rides along the main loop's A tiles (each column
-    # block recomputes it: r / BLOCK_N more MMA work instead of another pass over A)
     rs = tl.arange(0, BLOCK_R)
     r_mask = rs < rank
     la_ptrs = (
@@ -185,7 +188,7 @@ def _expert_gemm_kernel(
             else:
                 w_up = tl.load(w_ptrs + n_out * stride_wn, mask=w_mask, other=0.0)
             acc_up = _dot(a, w_up, acc_up, UPCAST, PRECISION)
-        if LORA:
+        if LORA == 1:  # LORA_IN_LOOP
             la = tl.load(la_ptrs, mask=((k0 + ks)[:, None] < k_dim) & r_mask[None, :], other=0.0)
             acc_z = _dot(a, la, acc_z, UPCAST, PRECISION)
             la_ptrs += BLOCK_K * stride_lak
@@ -193,14 +196,15 @@ def _expert_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     out_dtype = out_ptr.dtype.element_ty
-    if LORA:  # + s z lb^T; z is rounded as stored, and kept for the LoRA gradients
-        z = _cast(acc_z, out_dtype, UPCAST)
-        if pid_n == 0:
-            tl.store(
-                z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr,
-                z,
-                mask=row_mask[:, None] & r_mask[None, :],
-            )
+    if LORA != 0:  # + s z lb^T; z is rounded as stored, and kept for the LoRA gradients
+        z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr
+        z_mask = row_mask[:, None] & r_mask[None, :]
+        if LORA == 1:  # LORA_IN_LOOP
+            z = _cast(acc_z, out_dtype, UPCAST)
+            if pid_n == 0:
+                tl.store(z_ptrs, z, mask=z_mask)
+        else:  # LORA_GIVEN: z came from a rank-r launch
+            z = tl.load(z_ptrs, mask=z_mask, other=0.0)
         lb_ptrs = (
             lb_ptr
             + e.to(tl.int64) * stride_lbe
@@ -255,10 +259,13 @@ def _expert_gemm_kernel(
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + n_out * stride_hn, mask=mask, other=0.0).to(tl.float32)
         act = _cast(_act_fwd(gate, up, OAI), out_dtype, UPCAST).to(tl.float32)  # as stored
+        # router partials <g, act> per 32 columns: the same layout whatever BLOCK_N is tuned to
+        part = tl.sum(tl.reshape(acc * act, (BLOCK_M, BLOCK_N // 32, 32)), axis=2)
+        pcols = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
         tl.store(
-            dw_ptr + rows.to(tl.int64) * stride_dwm + pid_n,
-            tl.sum(acc * act, axis=1),
-            mask=row_mask,
+            dw_ptr + rows[:, None].to(tl.int64) * stride_dwm + pcols[None, :],
+            part,
+            mask=row_mask[:, None] & (pcols < tl.cdiv(n_out, 32))[None, :],
         )
         w_row = tl.load(wrow_ptr + rows, mask=row_mask, other=0.0)
         dgate, dup = _act_bwd(gate, up, acc * w_row[:, None], OAI)

@@ -1,0 +1,56 @@
+"""Plot benchmark rows: milliseconds against tokens per backend, one panel per shape and mode.
+
+``python -m moelab.bench plot moelab_qwen3-30b-a3b.json moelab_gpt-oss-20b.json --out sweep.png``
+reads the ``--json`` files of ``python -m moelab.bench experts`` (rows with ``ms``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_rows(rows: list[dict], out: str) -> None:
+    panels: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for r in rows:
+        if "ms" in r:
+            panels[r["shape"], r["mode"]][r["backend"]].append((r["tokens"], r["ms"]))
+    if not panels:
+        raise ValueError("no timed rows (with 'ms') to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, ((shape, mode), series) in zip(axes[0], sorted(panels.items())):
+        for backend, points in sorted(series.items()):
+            points.sort()
+            ax.plot(*zip(*points), marker="o", label=backend)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("ms per forward + backward")
+        ax.set_title(f"{shape}, {mode}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> None:
+    rows = []
+    for path in args.files:
+        with open(path) as f:
+            rows.extend(json.load(f))
+    plot_rows(rows, args.out)
+    print(f"wrote {args.out}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help="--json outputs of the experts benchmark")
+    p.add_argument("--out", default="experts_sweep.png")

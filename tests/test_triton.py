@@ -1,0 +1,56 @@
+"""Launch choices of the triton backend that the shared backend matrix does not vary.
+
+The matrix in test_experts.py runs the default LoRA placement and the fixed configuration; here
+each rank-r placement and several column blocks are checked against the same float64 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LOGITS_GRAD_TOLERANCE, TOLERANCE, rel_err
+from test_experts import Case, make_problem, run_backend, run_reference
+
+from moelab.kernels import triton as tr
+from moelab.kernels import triton_kernels as tk
+from moelab.ops import route
+
+PLACEMENTS = {
+    "all in loop": dict.fromkeys(tr.LORA_PLACEMENT, tk.LORA_IN_LOOP),
+    "all rank-r launches": dict.fromkeys(tr.LORA_PLACEMENT, tk.LORA_GIVEN),
+    "mixed": {"up": tk.LORA_GIVEN, "down": tk.LORA_IN_LOOP, "bwd_down": tk.LORA_GIVEN,
+              "bwd_up": tk.LORA_IN_LOOP},
+}  # fmt: skip
+
+
+def _check_against_reference(p: dict) -> None:
+    out, grads = run_backend(p, "triton")
+    experts_TK = route(p["logits"], "softmax_topk", p["case"].top_k).experts
+    ref_out, ref_grads = run_reference(p, experts_TK)
+    tol = TOLERANCE[p["x"].dtype]
+    assert rel_err(out, ref_out) <= tol
+    for name, grad in grads.items():
+        limit = LOGITS_GRAD_TOLERANCE[p["x"].dtype] if name == "logits" else tol
+        assert rel_err(grad, ref_grads[name]) <= limit, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_lora_placements_match_reference(monkeypatch, placement, dtype):
+    monkeypatch.setattr(tr, "LORA_PLACEMENT", PLACEMENTS[placement])
+    case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2, cold=(1,))
+    _check_against_reference(make_problem(case, "all_trainable", dtype, seed=11))
+
+
+@pytest.mark.parametrize("block_n", [32, 64, 128])
+def test_column_block_does_not_change_results(monkeypatch, block_n):
+    """Autotuning may pick any column block; the router partials (one per 32 columns) and every
+    other output must not depend on it. inter=48 leaves a partial block for each choice."""
+    case = Case("wide", tokens=40, hidden=80, inter=48, experts=5, top_k=2)
+    p = make_problem(case, "all_trainable", torch.float32, seed=12)
+    out_ref, grads_ref = run_backend(p, "triton")
+    monkeypatch.setattr(tr, "_FIXED", dict(tr._FIXED, BLOCK_N=block_n))
+    out, grads = run_backend(p, "triton")
+    assert rel_err(out, out_ref) <= 1e-6
+    for name in grads:
+        assert rel_err(grads[name], grads_ref[name]) <= 1e-6, name
