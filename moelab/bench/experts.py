@@ -261,7 +261,8 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     ms, peak = time_step(step, x0, args.iters)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
     row = dict(ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1))
-    saved = getattr(registry._module(backend), "saved_bytes_per_token", None)
+    module = None if backend == compiled.NAME else registry._module(backend)
+    saved = getattr(module, "saved_bytes_per_token", None)
     if saved is not None:
         problem = _problem(shape, tokens, args.rank if mode == "lora" else 0, dtype, device)
         row["saved_bytes_per_token"] = saved(problem, x0.element_size())
