@@ -59,15 +59,17 @@ def test_experts_benchmark_runs_and_checks(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_train_step_benchmark_runs_moelab_and_transformers(capsys):
+@pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-gpt-oss"])
+def test_train_step_benchmark_runs_moelab_and_transformers(capsys, model):
     pytest.importorskip("peft")
     from moelab.bench import train_step
 
     code = main(
         [
             "train",
+            "--breakdown",
             "--model",
-            "tiny-qwen3",
+            model,
             "--layers",
             "2",
             "--seq",
@@ -83,6 +85,7 @@ def test_train_step_benchmark_runs_moelab_and_transformers(capsys):
     assert code == 0
     table = capsys.readouterr().out
     assert "moelab" in table and "hf:grouped_mm" in table
+    assert "LM head + loss" in table and "attention kernels" in table
     assert train_step.hf_config("qwen3-30b-a3b", 4)["num_hidden_layers"] == 4
 
 

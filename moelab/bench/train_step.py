@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 
 from moelab.checkpoints import api
 from moelab.models import tree
 from moelab.models.options import ForwardOptions
+from moelab.ops.attention import attention
+from moelab.ops.moe import moe_block
 from moelab.train.config import LoraConfig, OptimConfig
 from moelab.train.lora import add_lora, trainable_predicate
 from moelab.train.loss import chunked_cross_entropy
@@ -52,6 +55,19 @@ MODELS = {
         head_dim=64,
         vocab_size=201088,
         max_position_embeddings=262144,
+    ),
+    "tiny-gpt-oss": dict(
+        model_type="gpt_oss",
+        hidden_size=64,
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        sliding_window=16,
+        max_position_embeddings=4096,
     ),
     "tiny-qwen3": dict(
         model_type="qwen3_moe",
@@ -157,6 +173,79 @@ class TransformersSystem:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def _timed_ms(fn, device, reps: int = 3) -> float:
+    """Mean milliseconds of ``fn()`` after one warm-up (CUDA events on GPU)."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
+    """Where a moelab step's time goes: each part timed alone on the step's shapes, forward +
+    backward plus the extra forward that per-layer checkpointing recomputes, times the layers.
+    ``other`` is the rest of the measured step (projections, norms, RoPE, router, launches)."""
+    cfg, params, options = runner.cfg, runner.params, runner.options
+    dtype = params["embed"]["weight"].dtype
+    gen = torch.Generator(device=device).manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).requires_grad_(True)
+
+    def fwd_bwd(fn, *inputs):
+        def run():
+            out = fn(*inputs)
+            out.backward(torch.ones_like(out))
+            with torch.no_grad():  # the checkpoint's recomputed forward
+                fn(*inputs)
+
+        return _timed_ms(run, device)
+
+    parts = {}
+    layers = params["layers"]
+    moe_layers = [p for p in layers if "experts" in p["mlp"]]
+    x = rand(seq, cfg.hidden_size)
+    parts["MoE blocks"] = len(moe_layers) * fwd_bwd(
+        lambda t: moe_block(t, moe_layers[0]["mlp"], cfg.moe(options))[0], x
+    )
+    q = rand(1, cfg.num_heads, seq, cfg.head_dim)
+    k, v = (
+        rand(1, cfg.num_kv_heads, seq, cfg.head_dim),
+        rand(1, cfg.num_kv_heads, seq, cfg.head_dim),
+    )
+    kinds = getattr(cfg, "layer_types", ("full_attention",) * len(layers))
+    attn_ms = 0.0
+    sinks = layers[0]["attn"].get("sinks")
+    for kind in set(kinds):
+        window = cfg.sliding_window if kind == "sliding_attention" else None
+        scale = cfg.head_dim**-0.5
+        one = fwd_bwd(
+            partial(attention, scale=scale, sliding_window=window, sinks_N=sinks), q, k, v
+        )
+        attn_ms += one * kinds.count(kind)
+    parts["attention kernels"] = attn_ms
+    head = runner.family.lm_head_weight(cfg, params)
+    labels = torch.randint(0, cfg.vocab_size, (seq,), device=device)
+    parts["LM head + loss"] = _timed_ms(
+        lambda: chunked_cross_entropy(x, head, labels)[0].backward(), device
+    )
+    zero_grads = [torch.zeros_like(t) for t in runner.masters.params]
+
+    def optimizer_step():
+        for t, g in zip(runner.masters.params, zero_grads):
+            t.grad = g
+        runner.masters.grads_to_masters()
+        runner.optimizer.step()
+        runner.masters.masters_to_params()
+
+    parts["optimizer"] = _timed_ms(optimizer_step, device)
+    runner.optimizer.zero_grad(set_to_none=True)
+    return {name: round(ms, 2) for name, ms in parts.items()}
+
+
 def build(system: str, cfg: dict, args, device, dtype):
     if system == "moelab":
         return MoelabSystem(cfg, args.mode, args.rank, args.backend, device, dtype)
@@ -220,6 +309,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         try:
             runner = build(system, cfg, args, device, dtype)
             row.update(measure(runner, args.seq, device, args.warmup, args.steps))
+            if args.breakdown and system == "moelab":
+                row["breakdown_ms"] = breakdown(runner, args.seq, device)
+                row["breakdown_ms"]["other"] = round(
+                    row["step_s"] * 1e3 - sum(row["breakdown_ms"].values()), 2
+                )
             if args.budget_gb and device.type == "cuda":
                 row["max_seq_in_budget"] = longest_sequence(runner, args.budget_gb, device)
                 row["budget_gb"] = args.budget_gb
@@ -252,6 +346,11 @@ def print_table(rows: list[dict]) -> None:
             f"{r['model']:<15}{r['system']:<18}{r['mode']:<6}{r['seq']:>7}"
             f"{r['tokens_per_s']:>11,.0f}{peak:>10}{r.get('max_seq_in_budget', 'n/a')!s:>9}"
         )
+    for r in rows:
+        if "breakdown_ms" in r:
+            print(f"\nwhere a moelab step goes ({r['model']}, {r['seq']} tokens, ms):")
+            for name, ms in r["breakdown_ms"].items():
+                print(f"  {name:<20}{ms:>10.2f}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -263,6 +362,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="moelab's expert backend")
     p.add_argument("--systems", default="moelab,hf:grouped_mm,hf:eager")
     p.add_argument("--budget-gb", type=float, default=0.0, help="search the longest sequence")
+    p.add_argument("--breakdown", action="store_true", help="time moelab's parts separately")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default=None)

@@ -7,9 +7,9 @@ fp32), for bit-level parity checks. Packed sequences: ``document_ids`` restricts
 the query's own document; a sliding window of W keeps keys ``j > i - W``.
 
 Sinks (GPT-OSS): one learned logit per query head joins the softmax denominator and carries no
-value, so a row's weights sum to less than 1. The SDPA path adds them as an extra key of zeros
-whose score is the sink, through an additive mask; the eager path follows the reference (scores,
-sink column, max subtraction and softmax all in the compute dtype).
+value, so a row's weights sum to less than 1. The SDPA path runs a fused kernel that returns the
+row log-sum-exp and rescales its output (``_SinkAttention``); the eager path follows the
+reference (scores, sink column, max subtraction and softmax all in the compute dtype).
 """
 
 from __future__ import annotations
@@ -61,7 +61,14 @@ def attention(
         else attention_mask(seq_len, q_BNSD.device, document_ids_BS, sliding_window)
     )
     if impl == "sdpa" and sinks_N is not None:
-        return _sdpa_with_sinks(q_BNSD, k_BMSD, v_BMSD, mask, sinks_N, scale)
+        rep = n_heads // m_heads
+        k_BNSD = k_BMSD.repeat_interleave(rep, dim=1) if rep > 1 else k_BMSD
+        v_BNSD = v_BMSD.repeat_interleave(rep, dim=1) if rep > 1 else v_BMSD
+        if sliding_window is not None and seq_len > 2 * _band_block(sliding_window):
+            return _banded_with_sinks(
+                q_BNSD, k_BNSD, v_BNSD, sinks_N, scale, sliding_window, document_ids_BS
+            )
+        return _sdpa_with_sinks(q_BNSD, k_BNSD, v_BNSD, mask, sinks_N, scale)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(
             q_BNSD,
@@ -91,20 +98,105 @@ def attention(
     return torch.matmul(probs, v_BNSD)
 
 
-def _sdpa_with_sinks(q_BNSD, k_BMSD, v_BMSD, mask, sinks_N, scale) -> torch.Tensor:
-    b, m_heads, _, d = k_BMSD.shape
-    zeros = k_BMSD.new_zeros(b, m_heads, 1, d)
-    k_ext, v_ext = torch.cat([k_BMSD, zeros], dim=2), torch.cat([v_BMSD, zeros], dim=2)
-    bias = torch.zeros(mask.shape, dtype=q_BNSD.dtype, device=q_BNSD.device)
-    bias = bias.masked_fill(~mask, float("-inf"))
-    shape = (*torch.broadcast_shapes(bias.shape[:2], (1, q_BNSD.shape[1])), *bias.shape[2:])
-    sink_col = sinks_N.to(q_BNSD.dtype).reshape(1, -1, 1, 1).expand(*shape[:3], 1)
-    bias = torch.cat([bias.expand(shape), sink_col], dim=-1)
-    return F.scaled_dot_product_attention(
-        q_BNSD,
-        k_ext,
-        v_ext,
-        attn_mask=bias,
-        scale=scale,
-        enable_gqa=q_BNSD.shape[1] != m_heads,
-    )
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 / -inf bias from a boolean mask, its rows padded to a multiple of 16 elements (the
+    alignment the fused kernels want)."""
+    cols = mask.shape[-1]
+    padded = torch.zeros((*mask.shape[:-1], -(-cols // 16) * 16), dtype=dtype, device=mask.device)
+    return padded[..., :cols].masked_fill_(~mask, float("-inf"))
+
+
+def _sdpa_with_sinks(q_BNSD, k_BNSD, v_BNSD, mask, sinks_N, scale) -> torch.Tensor:
+    bias = None
+    if mask is not None:  # [B or 1, 1, S, S], broadcast over heads without a copy
+        bias = _additive(mask, q_BNSD.dtype).expand(*q_BNSD.shape[:3], k_BNSD.shape[2])
+    return _SinkAttention.apply(q_BNSD, k_BNSD, v_BNSD, sinks_N, bias, mask is None, scale)
+
+
+def _band_block(window: int) -> int:
+    return -(-max(window, 16) // 16) * 16
+
+
+def _banded_with_sinks(q_BNSD, k_BNSD, v_BNSD, sinks_N, scale, window, document_ids_BS):
+    """Sliding-window attention as independent query blocks of C rows, each against the C + W
+    keys it can see, so the work is S (C + W) scores instead of S^2."""
+    b, n, seq, d = q_BNSD.shape
+    c = _band_block(window)
+    blocks = -(-seq // c)
+    pad_end = blocks * c - seq
+
+    def rows(t, front):  # [B, N, S, D] -> [B * blocks, N, rows per block, D]
+        t = F.pad(t, (0, 0, front, pad_end))
+        if front:
+            t = t.unfold(2, c + window, c).permute(0, 2, 1, 4, 3)
+        else:
+            t = t.reshape(b, n, blocks, c, d).transpose(1, 2)
+        return t.reshape(b * blocks, n, -1, d)
+
+    q_blocks = rows(q_BNSD, 0)
+    k_blocks, v_blocks = rows(k_BNSD, window), rows(v_BNSD, window)
+    # absolute positions of each block's queries and keys (keys start W before the block)
+    start = torch.arange(blocks, device=q_BNSD.device)[:, None] * c
+    q_pos = start + torch.arange(c, device=q_BNSD.device)
+    k_pos = start - window + torch.arange(c + window, device=q_BNSD.device)
+    allowed = (
+        (k_pos[:, None, :] <= q_pos[:, :, None])
+        & (k_pos[:, None, :] > q_pos[:, :, None] - window)
+        & (k_pos[:, None, :] >= 0)
+    )[None]  # [1, blocks, C, C + W]
+    if document_ids_BS is not None:
+        docs = F.pad(document_ids_BS, (window, pad_end), value=-1)
+        q_docs = docs[:, window:].reshape(b, blocks, c)
+        k_docs = docs.unfold(1, c + window, c)
+        allowed = allowed & (q_docs[..., :, None] == k_docs[..., None, :])
+    allowed = allowed.expand(b, blocks, c, c + window).reshape(b * blocks, 1, c, c + window)
+    bias = _additive(allowed, q_BNSD.dtype).expand(b * blocks, n, c, c + window)
+    out = _SinkAttention.apply(q_blocks, k_blocks, v_blocks, sinks_N, bias, False, scale)
+    out = out.reshape(b, blocks, n, c, d).transpose(1, 2).reshape(b, n, blocks * c, d)
+    return out[:, :, :seq]
+
+
+class _SinkAttention(torch.autograd.Function):
+    """Attention with sinks on a fused kernel that also returns the row log-sum-exp.
+
+    With L = logsumexp of a row's scores, the sink only rescales the plain attention output:
+    ``out = O * w``, ``w = sigmoid(L - sink)``. Backward reuses the fused kernel's backward: fed
+    ``dO = w * dout`` and the rescaled ``out``, its ``rowsum(dO * out)`` term is exactly the
+    sink-extended softmax's, so dq, dk and dv come out right; the sink's own gradient is
+    ``-sum (1 - w) <dout, out>`` over the head's rows. No [S, S] scores exist on either pass.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks_N, bias, is_causal, scale):
+        if q.is_cuda:
+            out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, bias, True, 0.0, is_causal, scale=scale
+            )
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale
+            )
+            seed = offset = None
+        seq = q.shape[2]
+        w = torch.sigmoid(lse[..., :seq].float() - sinks_N.float()[None, :, None])
+        out = (out.float() * w[..., None]).to(q.dtype)
+        ctx.save_for_backward(q, k, v, bias, out, lse, w, seed, offset)
+        ctx.is_causal, ctx.scale, ctx.sink_dtype = is_causal, scale, sinks_N.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias, out, lse, w, seed, offset = ctx.saved_tensors
+        d_o = (dout.float() * w[..., None]).to(q.dtype)
+        if q.is_cuda:
+            dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+                d_o, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, False],
+                ctx.is_causal, scale=ctx.scale,
+            )  # fmt: skip
+        else:
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                d_o, q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=bias, scale=ctx.scale
+            )
+        row_dot = (dout.float() * out.float()).sum(-1)
+        d_sinks = -((1.0 - w) * row_dot).sum(dim=(0, 2)).to(ctx.sink_dtype)
+        return dq, dk, dv, d_sinks, None, None, None

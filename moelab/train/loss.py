@@ -1,30 +1,87 @@
-"""Next-token loss without materialising full [tokens, vocab] fp32 logits."""
+"""Next-token loss without materialising full [tokens, vocab] logits.
+
+The LM head and cross-entropy run fused, chunk by chunk: each chunk's logits give its loss and,
+while they are still in memory, the gradients to the hidden states and (when it trains) to the
+head weight. Backward only scales those by the incoming scalar gradient, so no logits are kept
+or recomputed, and the peak is one chunk of fp32 logits plus its bf16 gradient.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+# Target fp32 logits per chunk: 2^28 bytes (256 MiB), i.e. 441 tokens at a 152k vocabulary.
+_CHUNK_BYTES = 2**28
 
 
-def _chunk_loss(h_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor):
-    logits = F.linear(h_NH, weight_VH).float()
-    return F.cross_entropy(logits, labels_N, ignore_index=-100, reduction="sum")
+def _chunk_rows(vocab: int) -> int:
+    return max(64, _CHUNK_BYTES // (4 * vocab))
+
+
+def _loss_and_grads(hidden_NH, weight_VH, labels_N, chunk: int, need_h: bool, need_w: bool):
+    """(summed loss, d/d hidden, d/d weight in fp32); the gradients are None unless needed."""
+    total = torch.zeros((), device=hidden_NH.device, dtype=torch.float32)
+    grad_h = torch.empty_like(hidden_NH) if need_h else None
+    grad_w = torch.zeros(weight_VH.shape, device=weight_VH.device) if need_w else None
+    for start in range(0, hidden_NH.shape[0], chunk):
+        h, y = hidden_NH[start : start + chunk], labels_N[start : start + chunk]
+        logits = F.linear(h, weight_VH).float()
+        valid = y != -100
+        y_safe = torch.where(valid, y, 0)
+        lse = torch.logsumexp(logits, dim=-1)
+        total += ((lse - logits.gather(1, y_safe[:, None])[:, 0]) * valid).sum()
+        if not (need_h or need_w):
+            continue
+        # d(sum of losses)/d logits = softmax - one_hot, zero on ignored rows
+        probs = logits.sub_(lse[:, None]).exp_()
+        probs.scatter_add_(1, y_safe[:, None], -torch.ones_like(lse)[:, None])
+        grad_logits = (probs * valid[:, None]).to(hidden_NH.dtype)
+        del logits, probs
+        if need_h:
+            torch.mm(grad_logits, weight_VH, out=grad_h[start : start + chunk])
+        if need_w:
+            grad_w.addmm_(grad_logits.t().float(), h.float())
+    return total, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, labels_N, chunk):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        total, grad_h, grad_w = _loss_and_grads(
+            hidden_NH, weight_VH, labels_N, chunk, need_h, need_w
+        )
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight_VH.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None
 
 
 def chunked_cross_entropy(
-    hidden_NH: torch.Tensor, weight_VH: torch.Tensor, labels_N: torch.Tensor, chunk: int = 4096
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    labels_N: torch.Tensor,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, number of counted tokens); labels of -100 are ignored.
+    """(sum of token losses in fp32, number of counted tokens); labels of -100 are ignored.
 
-    Each chunk's logits are recomputed in backward (activation checkpointing), so only one
-    chunk of ``[chunk, V]`` logits exists at a time.
+    ``chunk`` rows of logits exist at a time (default: about 256 MiB of fp32 logits).
     """
-    total = hidden_NH.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden_NH.shape[0], chunk):
-        h, y = hidden_NH[start : start + chunk], labels_N[start : start + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, weight_VH, y, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, weight_VH, y)
-    return total, (labels_N != -100).sum()
+    if hidden_NH.shape[0] != labels_N.shape[0]:
+        raise ValueError(
+            f"hidden states have {hidden_NH.shape[0]} rows but labels {labels_N.shape[0]}"
+        )
+    rows = chunk or _chunk_rows(weight_VH.shape[0])
+    count = (labels_N != -100).sum()
+    if torch.is_grad_enabled() and (hidden_NH.requires_grad or weight_VH.requires_grad):
+        return _LinearCrossEntropy.apply(hidden_NH, weight_VH, labels_N, rows), count
+    return _loss_and_grads(hidden_NH, weight_VH, labels_N, rows, False, False)[0], count
