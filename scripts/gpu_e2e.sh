@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for issue 7: the sink-attention fused path checked on the GPU, then the
 # end-to-end training step (moelab vs Transformers + PEFT) at Qwen3-30B-A3B and GPT-OSS-20B
-# width with the stage breakdown and the longest sequence within BUDGET_GB. Rows go to $OUT.
+# width with moelab's stage breakdown, then the longest sequence within BUDGET_GB for the
+# systems in BUDGET_SYSTEMS. Rows go to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -10,10 +11,15 @@ if python3 -c "import pytest" 2>/dev/null; then
 else
   echo "no pytest on this machine: attention check skipped"
 fi
-for spec in ${MODELS:-qwen3-30b-a3b:moelab,hf:grouped_mm,hf:eager gpt-oss-20b:moelab,hf:grouped_mm}; do
-  model=${spec%%:*}; systems=${spec#*:}
+MODELS=${MODELS:-"qwen3-30b-a3b:moelab,hf:grouped_mm,hf:eager gpt-oss-20b:moelab,hf:grouped_mm"}
+bench() {  # model systems tag extra-args...
+  local model=$1 systems=$2 tag=$3; shift 3
   python3 -m moelab.bench train --model "$model" --layers 4 --seq "${SEQ:-8192}" \
-    --systems "$systems" --backend "${BACKEND:-triton}" --warmup 2 --steps 3 --breakdown \
-    --budget-gb "${BUDGET_GB:-40}" --json "$OUT/e2e_$model.json" 2>&1 \
-    | grep -v -i 'warn' | tee "$OUT/e2e_$model.log" | grep -v '^{'
+    --systems "$systems" --backend "${BACKEND:-triton}" --warmup 2 --steps 3 \
+    --json "$OUT/${tag}_$model.json" "$@" 2>&1 \
+    | grep -v -i 'warn' | tee "$OUT/${tag}_$model.log" | grep -v '^{'
+}
+for spec in $MODELS; do bench "${spec%%:*}" "${spec#*:}" e2e --breakdown; done
+for spec in $MODELS; do
+  bench "${spec%%:*}" "${BUDGET_SYSTEMS:-moelab}" budget --budget-gb "${BUDGET_GB:-40}"
 done
