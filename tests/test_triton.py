@@ -54,3 +54,27 @@ def test_column_block_does_not_change_results(monkeypatch, block_n):
     assert rel_err(out, out_ref) <= 1e-6
     for name in grads:
         assert rel_err(grads[name], grads_ref[name]) <= 1e-6, name
+
+
+@pytest.mark.parametrize(
+    "shape, tokens, rank, capability, picked",
+    [
+        ((128, 8), 8192, 16, (9, 0), True),  # Qwen3 LoRA, 512 rows per expert
+        ((128, 8), 4096, 16, (9, 0), False),
+        ((128, 8), 8192, 0, (9, 0), False),  # full fine-tune needs 1024 rows per expert
+        ((128, 8), 16384, 0, (9, 0), True),
+        ((32, 4), 4096, 16, (9, 0), True),  # GPT-OSS LoRA, 512 rows per expert
+        ((32, 4), 65536, 16, (8, 0), False),  # not tuned or measured before Hopper
+    ],
+)
+def test_auto_picks_triton_where_it_measured_faster(shape, tokens, rank, capability, picked):
+    from moelab.kernels.problem import ExpertProblem
+
+    experts, top_k = shape
+    problem = ExpertProblem(
+        device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=tokens, top_k=top_k,
+        num_experts=experts, hidden=2048, inter=768, lora_rank=rank, has_bias=False,
+        activation="swiglu",
+    )  # fmt: skip
+    reason = tr._measured_slower(problem, capability)
+    assert (reason is None) == picked, reason

@@ -25,11 +25,15 @@ def plot_rows(rows: list[dict], out: str) -> None:
             panels[r["shape"], r["mode"]][r["backend"]].append((r["tokens"], r["ms"]))
     if not panels:
         raise ValueError("no timed rows (with 'ms') to plot")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, ((shape, mode), series) in zip(axes[0], sorted(panels.items())):
+    cols = min(2, len(panels))
+    rows_ = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6 * cols, 4.2 * rows_), squeeze=False)
+    backends = sorted({b for series in panels.values() for b in series})
+    color = {b: f"C{i}" for i, b in enumerate(backends)}  # one colour per backend everywhere
+    for ax, ((shape, mode), series) in zip(axes.flat, sorted(panels.items())):
         for backend, points in sorted(series.items()):
             points.sort()
-            ax.plot(*zip(*points), marker="o", label=backend)
+            ax.plot(*zip(*points), marker="o", label=backend, color=color[backend])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens")
@@ -37,6 +41,8 @@ def plot_rows(rows: list[dict], out: str) -> None:
         ax.set_title(f"{shape}, {mode}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

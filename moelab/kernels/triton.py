@@ -65,17 +65,32 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
     return gmm.unsupported_reason(problem)
 
 
-def auto_reason(problem: ExpertProblem) -> str | None:
-    """Why ``auto`` does not pick triton although it could run.
+# Average rows per expert from which triton measured faster than grouped_mm on an H200
+# (BENCHMARKS.md, 2026-11-29, Qwen3-30B-A3B and GPT-OSS-20B shapes, 1024..65536 tokens): LoRA
+# crossed over at about 512 at both shapes; full fine-tune by 1024. Below, the host-side launch
+# cost of the Triton path and the smaller per-expert GEMMs favour grouped_mm.
+_AUTO_MIN_ROWS_PER_EXPERT = {"lora": 512, "full": 1024}
 
-    NOTE: measured on an H200 on 2026-11-29 (BENCHMARKS.md), this version was slower than
-    grouped_mm in LoRA mode at both reference shapes (its grouped GEMM kernel reaches about
-    150 TFLOP/s against CUTLASS's 450+), so auto keeps grouped_mm until a measurement says
-    otherwise; ``backend="triton"`` still runs it.
-    """
+
+def auto_reason(problem: ExpertProblem) -> str | None:
+    """Why ``auto`` does not pick triton although it could run (None: pick it)."""
     if problem.device.type != "cuda":
         return "the CPU interpreter is for tests; ask for triton by name"
-    return "measured slower than grouped_mm (BENCHMARKS.md); ask for triton by name"
+    return _measured_slower(problem, torch.cuda.get_device_capability(problem.device))
+
+
+def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str | None:
+    if capability < (9, 0):
+        return f"tuned and measured on sm90+ only, this GPU is sm{capability[0]}{capability[1]}"
+    mode = "lora" if problem.lora_rank else "full"
+    rows = problem.num_tokens * problem.top_k / problem.num_experts
+    need = _AUTO_MIN_ROWS_PER_EXPERT[mode]
+    if rows < need:
+        return (
+            f"{rows:.0f} rows per expert; grouped_mm measured faster below {need} in {mode} "
+            "mode (BENCHMARKS.md)"
+        )
+    return None
 
 
 def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
@@ -180,6 +195,7 @@ def _kernel(epilogue: int | None):
                     "rank",
                     "num_row_tiles",
                     "EPILOGUE",
+                    "LORA",
                     "GATHER",
                     "SCATTER",
                     "BLOCK_M",
@@ -263,7 +279,7 @@ def expert_gemm(
     return out
 
 
-def _fastest(run, choices: tuple[int, ...], reps: int = 5) -> int:
+def _fastest(run, choices: tuple[int, ...], reps: int = 10) -> int:
     """The choice whose ``run(choice)`` takes least GPU time (each tuned and warmed first)."""
     times = {}
     for choice in choices:
