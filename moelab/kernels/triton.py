@@ -1,23 +1,25 @@
 """``triton``: fused expert-MLP kernels (``triton_kernels.py``), their launchers, one autograd.
 
-Forward, over expert-sorted rows (dispatch in :mod:`moelab.ops.dispatch`)::
+Forward, over expert-sorted rows (dispatch in :mod:`moelab.ops.dispatch`), two grouped GEMMs::
 
-    z1 = x[token] A1^T                                   rank-r launch, gathers x
-    h, act = swiglu(x[token] W1^T + s z1 B1^T + b1)      gather in the A-load, act in epilogue
-    z2 = act A2^T                                        rank-r launch
-    y[slot] = act W2^T + s z2 B2^T + b2                  written to (token, slot) order
+    h, act = swiglu(x[token] W1^T + s z1 B1^T + b1)      gather in the A-load, act in epilogue;
+                                                         z1 = x[token] A1^T in the same K loop
+    y[slot] = act W2^T + s z2 B2^T + b2                  z2 = act A2^T in the K loop; written
+                                                         to (token, slot) order
     out[t] = sum_j w[t, j] y[t, j]                       combine kernel, fp32, slot order
 
 Backward::
 
-    u2 = dout[token] B2                                  rank-r launch
-    g = dout[token] W2 + s u2 A2                         epilogue: dw = <g, act>, dh = act'(h, w g),
-                                                         w act (for weight gradients)
-    u1 = dh B1;  dxs[slot] = dh W1 + s u1 A1;  dx[t] = sum_j dxs[t, j]
-    LoRA dA/dB, dW and bias gradients: varlen-K grouped products (torch grouped_mm).
+    g = dout[token] W2 + s u2 A2                         u2 = dout B2 in the K loop; epilogue:
+                                                         dw = <g, act>, dh = act'(h, w g), w act
+    LoRA dA2/dB2 and dW2                                 varlen-K grouped products (torch)
+    dxs[slot] = dh W1 + s u1 A1;  dx[t] = sum_j dxs      u1 = dh B1 in the K loop
+    LoRA dA1/dB1, dW1 and biases                         varlen-K grouped products (torch)
 
-Saved for backward: x, h ``[N, 2I]``, the rank-r products z1, z2, the routing weights and the
-int plan and tile table. No host synchronisation, no atomics: same bits on every run.
+Each rank-r product can instead come from its own rank-r launch; which is faster is measured
+once per shape (``LORA_PLACEMENT``). Saved for backward: x, h ``[N, 2I]``, z1, z2, the routing
+weights and the int plan and tile table. No host synchronisation, no atomics: same bits on
+every run.
 """
 
 from __future__ import annotations
@@ -506,6 +508,16 @@ class _TritonExperts(torch.autograd.Function):
         if need[1]:
             grads[1] = gmm.router_grad(dw_parts.sum(1), plan, dout_TH, down_bias, experts_TK)
 
+        # the down projection's weight and LoRA gradients now, so that w * act and the gathered
+        # dout are freed before the up projection's [N, H] dX buffer exists (a lower peak)
+        u2 = None if down_lora is None else down_lora.z
+        dout_NH = dout_TH.index_select(0, plan.token_N) if need[4] or need[10] else None
+        # fmt: off
+        gmm.down_grads(need, s, plan, dout_TH, dout_NH, act_w, u2, z2, w_N[:, None],
+                       weights_TK, experts_TK, down_bias, num_experts, grads)
+        # fmt: on
+        del dout_NH, act_w
+
         # up projection backward: dX = dh W1 + s (dh B1) A1, u1 = dh B1 from the same loop
         up_lora = (
             None
@@ -520,15 +532,9 @@ class _TritonExperts(torch.autograd.Function):
             # fmt: on
             if need[0]:
                 grads[0] = combine_rows(dx_slots, top_k, None)
+            del dx_slots
         u1 = None if up_lora is None else up_lora.z
-        u2 = None if down_lora is None else down_lora.z
-
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
-        dout_NH = dout_TH.index_select(0, plan.token_N) if need[4] or need[10] else None
-        # fmt: off
-        gmm.down_grads(need, s, plan, dout_TH, dout_NH, act_w, u2, z2, w_N[:, None],
-                       weights_TK, experts_TK, down_bias, num_experts, grads)
-        # fmt: on
         gmm.up_grads(need, s, plan, x_TH, dh_NG, u1, z1, grads)
         return tuple(grads)
 
