@@ -1,9 +1,10 @@
 """Next-token loss without materialising full [tokens, vocab] logits.
 
-The LM head and cross-entropy run fused, chunk by chunk: each chunk's logits give its loss and,
-while they are still in memory, the gradients to the hidden states and (when it trains) to the
-head weight. Backward only scales those by the incoming scalar gradient, so no logits are kept
-or recomputed, and the peak is one chunk of fp32 logits plus its bf16 gradient.
+The LM head and cross-entropy run fused, chunk by chunk: each chunk's log-probabilities give its
+loss and, while they are still in memory, the gradients to the hidden states and (when it
+trains) to the head weight. Backward only scales those by the incoming scalar gradient, so no
+logits are kept or recomputed, and the peak is one chunk of fp32 log-probabilities plus its bf16
+gradient.
 """
 
 from __future__ import annotations
@@ -26,22 +27,27 @@ def _loss_and_grads(hidden_NH, weight_VH, labels_N, chunk: int, need_h: bool, ne
     grad_w = torch.zeros(weight_VH.shape, device=weight_VH.device) if need_w else None
     for start in range(0, hidden_NH.shape[0], chunk):
         h, y = hidden_NH[start : start + chunk], labels_N[start : start + chunk]
-        logits = F.linear(h, weight_VH).float()
         valid = y != -100
+        # fp32 log-probabilities straight from the (bf16) logits: three passes over [chunk, V]
+        # in all (this, exp in place, the cast of the gradient); the ignored rows are masked on
+        # the [chunk, H] side instead of the [chunk, V] one
+        logp = F.log_softmax(F.linear(h, weight_VH), dim=-1, dtype=torch.float32)
         y_safe = torch.where(valid, y, 0)
-        lse = torch.logsumexp(logits, dim=-1)
-        total += ((lse - logits.gather(1, y_safe[:, None])[:, 0]) * valid).sum()
+        total -= (logp.gather(1, y_safe[:, None])[:, 0] * valid).sum()
         if not (need_h or need_w):
             continue
-        # d(sum of losses)/d logits = softmax - one_hot, zero on ignored rows
-        probs = logits.sub_(lse[:, None]).exp_()
-        probs.scatter_add_(1, y_safe[:, None], -torch.ones_like(lse)[:, None])
-        grad_logits = (probs * valid[:, None]).to(hidden_NH.dtype)
-        del logits, probs
+        # d(sum of losses)/d logits = softmax - one_hot
+        probs = logp.exp_()
+        probs.scatter_add_(1, y_safe[:, None], torch.full_like(probs[:, :1], -1.0))
+        grad_logits = probs.to(hidden_NH.dtype)
+        del logp, probs
+        keep = valid[:, None].to(hidden_NH.dtype)
         if need_h:
-            torch.mm(grad_logits, weight_VH, out=grad_h[start : start + chunk])
+            rows_h = grad_h[start : start + chunk]
+            torch.mm(grad_logits, weight_VH, out=rows_h)
+            rows_h.mul_(keep)
         if need_w:
-            grad_w.addmm_(grad_logits.t().float(), h.float())
+            grad_w.addmm_(grad_logits.t().float(), (h * keep).float())
     return total, grad_h, grad_w
 
 
