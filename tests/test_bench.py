@@ -60,7 +60,7 @@ def test_experts_benchmark_runs_and_checks(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-gpt-oss"])
-def test_train_step_benchmark_runs_moelab_and_transformers(capsys, model):
+def test_train_step_benchmark_runs_moelab_and_transformers(capsys, tmp_path, model):
     pytest.importorskip("peft")
     from moelab.bench import train_step
 
@@ -73,7 +73,9 @@ def test_train_step_benchmark_runs_moelab_and_transformers(capsys, model):
             "--layers",
             "2",
             "--seq",
-            "64",
+            "48,64",
+            "--json",
+            str(tmp_path / "train.json"),
             "--warmup",
             "1",
             "--steps",
@@ -86,6 +88,14 @@ def test_train_step_benchmark_runs_moelab_and_transformers(capsys, model):
     table = capsys.readouterr().out
     assert "moelab" in table and "hf:grouped_mm" in table
     assert "LM head + loss" in table and "attention kernels" in table
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert [(r["system"], r["seq"]) for r in rows] == [
+        ("moelab", 48), ("moelab", 64), ("hf:grouped_mm", 48), ("hf:grouped_mm", 64)
+    ]  # fmt: skip
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    png = tmp_path / "train.png"
+    assert main(["plot", str(tmp_path / "train.json"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert train_step.hf_config("qwen3-30b-a3b", 4)["num_hidden_layers"] == 4
 
 

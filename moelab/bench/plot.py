@@ -1,7 +1,9 @@
-"""Plot benchmark rows: milliseconds against tokens per backend, one panel per shape and mode.
+"""Plot benchmark rows.
 
-``python -m moelab.bench plot moelab_qwen3-30b-a3b.json moelab_gpt-oss-20b.json --out sweep.png``
-reads the ``--json`` files of ``python -m moelab.bench experts`` (rows with ``ms``).
+``python -m moelab.bench plot sweep_*.json --out sweep.png`` reads ``--json`` files of
+``python -m moelab.bench experts`` (rows with ``ms``: milliseconds against tokens per backend,
+one panel per shape and mode) or of ``python -m moelab.bench train`` (rows with
+``tokens_per_s``: tokens/s and peak memory against sequence length per system and model).
 """
 
 from __future__ import annotations
@@ -48,15 +50,46 @@ def plot_rows(rows: list[dict], out: str) -> None:
     plt.close(fig)
 
 
+def plot_train_rows(rows: list[dict], out: str) -> None:
+    series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for r in rows:
+        if "tokens_per_s" in r:
+            series[f"{r['model']} {r['system']}"].append(
+                (r["seq"], r["tokens_per_s"], r.get("peak_gib") or float("nan"))
+            )
+    if not series:
+        raise ValueError("no training-step rows (with 'tokens_per_s') to plot")
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for i, (name, points) in enumerate(sorted(series.items())):
+        points.sort()
+        seq, tps, gib = zip(*points)
+        speed.plot(seq, tps, marker="o", label=name, color=f"C{i}")
+        memory.plot(seq, gib, marker="o", label=name, color=f"C{i}")
+    for ax, label in ((speed, "tokens/s"), (memory, "peak GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    speed.set_title("training step throughput")
+    memory.set_title("peak GPU memory")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> None:
     rows = []
     for path in args.files:
         with open(path) as f:
             rows.extend(json.load(f))
-    plot_rows(rows, args.out)
+    if any("tokens_per_s" in r for r in rows):
+        plot_train_rows(rows, args.out)
+    else:
+        plot_rows(rows, args.out)
     print(f"wrote {args.out}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="+", help="--json outputs of the experts benchmark")
+    p.add_argument("files", nargs="+", help="--json outputs of the experts or train benchmark")
     p.add_argument("--out", default="experts_sweep.png")

@@ -4,9 +4,10 @@
 
 Real-width models with reduced depth and random bf16 weights; LoRA r=16 on experts and attention
 (or full fine-tune), AdamW, activation checkpointing per layer, one sequence per step. Reports
-tokens/s and peak GPU memory at ``--seq`` (3 warm-up and 5 timed steps, as
-``shared/bench/anchor_e2e.py``), and with ``--budget-gb`` the longest sequence (4096 doubling)
-that trains within that much GPU memory. Transformers rows need transformers and peft.
+tokens/s and peak GPU memory (3 warm-up and 5 timed steps, as ``shared/bench/anchor_e2e.py``)
+for each of the comma-separated, ascending ``--seq`` (a system stops at its first OOM), and with
+``--budget-gb`` the longest sequence (4096 doubling) that trains within that much GPU memory.
+Transformers rows need transformers and peft.
 """
 
 from __future__ import annotations
@@ -301,34 +302,40 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = hf_config(args.model, args.layers)
+    seqs = [int(s) for s in str(args.seq).split(",")]
     rows = []
     for system in args.systems.split(","):
-        row = dict(
-            model=args.model, layers=args.layers, system=system, mode=args.mode, seq=args.seq
-        )
-        try:
-            runner = build(system, cfg, args, device, dtype)
-            row.update(measure(runner, args.seq, device, args.warmup, args.steps))
-            if args.breakdown and system == "moelab":
-                row["breakdown_ms"] = breakdown(runner, args.seq, device)
-                row["breakdown_ms"]["other"] = round(
-                    row["step_s"] * 1e3 - sum(row["breakdown_ms"].values()), 2
-                )
-            if args.budget_gb and device.type == "cuda":
-                row["max_seq_in_budget"] = longest_sequence(runner, args.budget_gb, device)
-                row["budget_gb"] = args.budget_gb
-        except torch.cuda.OutOfMemoryError:
-            row["error"] = "OOM"
-        except ImportError as e:
-            row["error"] = f"skipped: {e}"
+        runner, built = None, False
+        for i, seq in enumerate(seqs):
+            row = dict(model=args.model, layers=args.layers, system=system, mode=args.mode, seq=seq)
+            try:
+                if not built:
+                    runner, built = build(system, cfg, args, device, dtype), True
+                row.update(measure(runner, seq, device, args.warmup, args.steps))
+                if args.breakdown and system == "moelab":
+                    row["breakdown_ms"] = breakdown(runner, seq, device)
+                    row["breakdown_ms"]["other"] = round(
+                        row["step_s"] * 1e3 - sum(row["breakdown_ms"].values()), 2
+                    )
+                if args.budget_gb and device.type == "cuda" and i == len(seqs) - 1:
+                    row["max_seq_in_budget"] = longest_sequence(runner, args.budget_gb, device)
+                    row["budget_gb"] = args.budget_gb
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "OOM"
+            except ImportError as e:
+                row["error"] = f"skipped: {e}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.json:  # after every row: a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+            if "error" in row:  # skipped, or out of memory: longer sequences will not fit either
+                break
         runner = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
     return rows
 
 
@@ -356,7 +363,7 @@ def print_table(rows: list[dict]) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(MODELS))
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--seq", default="8192", help="comma-separated sequence lengths")
     p.add_argument("--mode", default="lora", choices=["lora", "full"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--backend", default="auto", help="moelab's expert backend")
