@@ -21,5 +21,5 @@ bench() {  # model systems tag extra-args...
 }
 for spec in $MODELS; do bench "${spec%%:*}" "${spec#*:}" e2e --breakdown; done
 for spec in $MODELS; do
-  bench "${spec%%:*}" "${BUDGET_SYSTEMS:-moelab}" budget --budget-gb "${BUDGET_GB:-40}"
+  bench "${spec%%:*}" "${BUDGET_SYSTEMS:-moelab}" budget --seq 4096 --budget-gb "${BUDGET_GB:-40}"
 done
