@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -67,115 +68,75 @@ def run(args: argparse.Namespace) -> list[dict]:
     gb, db = ex.get("gate_up_bias"), ex.get("down_bias")
     gb = None if gb is None else gb.detach()
     db = None if db is None else db.detach()
-    lora = {n: t.detach() for n, t in ex["lora"].items()} if lora_mode else None
-    r = args.rank if lora_mode else 0
-
-    def lr(product, la, la_s, lb, lb_s):
-        return tr._low_rank(product, la, la_s, lb, lb_s, 2.0, rows, r)
-
-    a1, b1 = (lora["gate_up_a"], lora["gate_up_b"]) if lora else (None, None)
-    a2, b2 = (lora["down_a"], lora["down_b"]) if lora else (None, None)
-    h_NG = x.new_empty(rows, 2 * i)
-    act = x.new_empty(rows, i)
-    y = x.new_empty(rows, h)
-    dh = x.new_empty(rows, 2 * i)
-    dxs = x.new_empty(rows, h)
-    dw_parts = torch.zeros(rows, tr.triton_cdiv(i, tr._DW_COLS), device=device)
-    act_w = x.new_empty(rows, i)
-    w_N = routing.weights.reshape(-1).to(dtype).index_select(0, plan.order_N).contiguous()
-    up_l = lr("up", a1, a1.stride(), b1, b1.stride()) if lora else None
-    dn_l = lr("down", a2, a2.stride(), b2, b2.stride()) if lora else None
-    bdn_l = lr("bwd_down", b2, tr._t(b2), a2, tr._t(a2)) if lora else None
-    bup_l = lr("bwd_up", b1, tr._t(b1), a1, tr._t(a1)) if lora else None
-    weights = routing.weights.to(dtype).reshape(-1).contiguous()
-
-    def up(low):
-        return lambda: tr.expert_gemm(
-            x, gate_up, gate_up.stride(), i, h, tiles, bm, act, gather=plan.token_N,
-            epilogue=tk.SWIGLU_FWD, h=h_NG, oai=oai, lora=low, bias=gb,
-        )  # fmt: skip
-
-    def down_(low):
-        return lambda: tr.expert_gemm(
-            act, down, down.stride(), h, i, tiles, bm, y, scatter=plan.order_N, bias=db, lora=low
-        )
-
-    def bwd_down(low):
-        return lambda: tr.expert_gemm(
-            dout, down, tr._t(down), i, h, tiles, bm, dh, gather=plan.token_N,
-            epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N, dw=dw_parts, act_w=act_w, oai=oai,
-            lora=low,
-        )  # fmt: skip
-
-    def bwd_up(low):
-        return lambda: tr.expert_gemm(
-            dh, gate_up, tr._t(gate_up), h, 2 * i, tiles, bm, dxs, scatter=plan.order_N, lora=low
-        )
+    lora = {n: t.detach() for n, t in ex["lora"].items()} if lora_mode else {}
+    a1, b1 = lora.get("gate_up_a"), lora.get("gate_up_b")
+    a2, b2 = lora.get("down_a"), lora.get("down_b")
+    s, r = (2.0, args.rank) if lora_mode else (1.0, 0)
+    low = tr.lora_products(a1, b1, a2, b2, s, rows, *tr.LORA_PLACEMENT)
+    # the backend's own stage functions on one set of inputs, as in a step (fp32 routing weights)
+    h_NG, act = tr.up_projection(x, gate_up, gb, low["up"], plan, tiles, bm, oai)
+    y = tr.down_projection(act, down, db, low["down"], plan, tiles, bm)
+    weights = routing.weights.reshape(-1).contiguous()
+    w_N = weights.index_select(0, plan.order_N).contiguous()
+    dh, _, act_w = tr.down_backward(dout, down, h_NG, w_N, low["bwd_down"], plan, tiles, bm, oai,
+                                    want_actw=True)  # fmt: skip
+    dxs = tr.up_backward(dh, gate_up, low["bwd_up"], plan, tiles, bm)
 
     products = {
-        "up (gather, SwiGLU epilogue)": (up, up_l, 2 * rows * h * 2 * i),
-        "down (scatter to slots)": (down_, dn_l, 2 * rows * i * h),
-        "bwd dY W2 (dSwiGLU, router grad)": (bwd_down, bdn_l, 2 * rows * h * i),
-        "bwd dh W1 (dX to slots)": (bwd_up, bup_l, 2 * rows * 2 * i * h),
+        "up (gather, SwiGLU epilogue)": (
+            lambda lr: tr.up_projection(x, gate_up, gb, lr, plan, tiles, bm, oai),
+            "up",
+            2 * rows * h * 2 * i,
+        ),
+        "down (scatter to slots)": (
+            lambda lr: tr.down_projection(act, down, db, lr, plan, tiles, bm),
+            "down",
+            2 * rows * i * h,
+        ),
+        "bwd dY W2 (dSwiGLU, router grad)": (
+            lambda lr: tr.down_backward(
+                dout, down, h_NG, w_N, lr, plan, tiles, bm, oai, want_actw=True
+            ),
+            "bwd_down",
+            2 * rows * h * i,
+        ),
+        "bwd dh W1 (dX to slots)": (
+            lambda lr: tr.up_backward(dh, gate_up, lr, plan, tiles, bm),
+            "bwd_up",
+            2 * rows * 2 * i * h,
+        ),
     }
-    stages = {name: (make(low), flops) for name, (make, low, flops) in products.items()}
+    stages = {
+        name: (partial(stage, low[product]), flops)
+        for name, (stage, product, flops) in products.items()
+    }
     stages["combine"] = (lambda: tr.combine_rows(y, k, weights), 0)
     stages["dX combine"] = (lambda: tr.combine_rows(dxs, k, None), 0)
-    if lora:
+    if lora_mode:
         # both placements of z for each product (the stage above uses the measured choice)
         label = {tk.LORA_IN_LOOP: "z in loop", tk.LORA_GIVEN: "z by rank-r launch"}
-        for name, (make, low, flops) in products.items():
+        for name, (stage, product, flops) in products.items():
             for placement, text in label.items():
-                stages[f"alt: {name} [{text}]"] = (make(low._replace(placement=placement)), flops)
+                alt = low[product]._replace(placement=placement)
+                stages[f"alt: {name} [{text}]"] = (partial(stage, alt), flops)
+        # LoRA dA, dB (7-10); full fine-tune: dW1, dW2 (3, 4)
         need = (False,) * 7 + (True,) * 4 + (False,) * 2
-
-        def lora_grads():
-            grads = [None] * 13
-            dout_NH = dout.index_select(0, plan.token_N)
-            gmm.down_grads(
-                need,
-                2.0,
-                plan,
-                dout,
-                dout_NH,
-                act_w,
-                bdn_l.z,
-                dn_l.z,
-                w_N[:, None],
-                routing.weights,
-                routing.experts,
-                db,
-                e,
-                grads,
-            )
-            gmm.up_grads(need, 2.0, plan, x, dh, bup_l.z, up_l.z, grads)
-
-        stages["LoRA dA, dB (torch grouped_mm)"] = (lora_grads, 2 * rows * r * (4 * h + 6 * i))
+        grads_name, grads_flops = "LoRA dA, dB (torch grouped_mm)", 2 * rows * r * (4 * h + 6 * i)
     else:
         need = (False,) * 3 + (True, True) + (False,) * 8
+        grads_name, grads_flops = "dW1, dW2 (torch grouped_mm)", 2 * rows * h * i * 3
 
-        def weight_grads():
-            grads = [None] * 13
-            dout_NH = dout.index_select(0, plan.token_N)
-            gmm.down_grads(
-                need,
-                1.0,
-                plan,
-                dout,
-                dout_NH,
-                act_w,
-                None,
-                None,
-                w_N[:, None],
-                routing.weights,
-                routing.experts,
-                db,
-                e,
-                grads,
-            )
-            gmm.up_grads(need, 1.0, plan, x, dh, None, None, grads)
+    def param_grads():
+        grads = [None] * 13
+        dout_NH = dout.index_select(0, plan.token_N)
+        # fmt: off
+        gmm.down_grads(need, s, plan, dout, dout_NH, act_w, tr._z(low["bwd_down"]),
+                       tr._z(low["down"]), w_N[:, None], routing.weights, routing.experts, db,
+                       e, grads)
+        gmm.up_grads(need, s, plan, x, dh, tr._z(low["bwd_up"]), tr._z(low["up"]), grads)
+        # fmt: on
 
-        stages["dW1, dW2 (torch grouped_mm)"] = (weight_grads, 2 * rows * h * i * 3)
+    stages[grads_name] = (param_grads, grads_flops)
     xs = x.index_select(0, plan.token_N)
     ref = {
         "ref: torch grouped_mm up, sorted rows": (

@@ -259,6 +259,20 @@ class _GroupedExperts(torch.autograd.Function):
         return tuple(grads)
 
 
+def apply_function(
+    function, x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias, activation,
+    lora: ExpertLoRA | None,
+) -> torch.Tensor:  # fmt: skip
+    """``function.apply`` in the argument order this module's and the triton backend's autograd
+    functions share, LoRA unpacked into its four factors and scale."""
+    a1, b1, a2, b2 = lora.tensors() if lora is not None else (None,) * 4
+    scale = float(lora.scale) if lora is not None else 0.0
+    # fmt: off
+    return function.apply(x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias,
+                          a1, b1, a2, b2, scale, activation)
+    # fmt: on
+
+
 def experts_mlp(
     x_TH: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -271,20 +285,7 @@ def experts_mlp(
     lora: ExpertLoRA | None,
     accumulate: str = "fp32",
 ) -> torch.Tensor:
-    a1, b1, a2, b2 = lora.tensors() if lora is not None else (None,) * 4
-    scale = float(lora.scale) if lora is not None else 0.0
-    return _GroupedExperts.apply(
-        x_TH,
-        weights_TK,
-        experts_TK,
-        gate_up_EGH,
-        down_EHI,
-        gate_up_bias_EG,
-        down_bias_EH,
-        a1,
-        b1,
-        a2,
-        b2,
-        scale,
-        activation,
-    )
+    # fmt: off
+    return apply_function(_GroupedExperts, x_TH, weights_TK, experts_TK, gate_up_EGH, down_EHI,
+                          gate_up_bias_EG, down_bias_EH, activation, lora)
+    # fmt: on

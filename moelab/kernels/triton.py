@@ -420,6 +420,80 @@ def _t(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(2), t.stride(1)
 
 
+def lora_products(a1, b1, a2, b2, scale: float, rows: int, *names: str) -> dict:
+    """Split-LoRA's rank-r products ``names`` (of ``LORA_PLACEMENT``), each a LowRank with its
+    ``z`` buffer, or None without LoRA: forward x A1^T ("up") and act A2^T ("down"), backward
+    dout B2 ("bwd_down", B2 [E, H, r] read as [E, r, H]) and dh B1 ("bwd_up")."""
+    if a1 is None:
+        return dict.fromkeys(names)
+    factors = {
+        "up": (a1, a1.stride(), b1, b1.stride()),
+        "down": (a2, a2.stride(), b2, b2.stride()),
+        "bwd_down": (b2, _t(b2), a2, _t(a2)),
+        "bwd_up": (b1, _t(b1), a1, _t(a1)),
+    }
+    rank = {"up": a1.shape[1], "bwd_up": a1.shape[1], "down": a2.shape[1], "bwd_down": a2.shape[1]}
+    return {n: _low_rank(n, *factors[n], scale, rows, rank[n]) for n in names}
+
+
+# The four grouped products of a step, shared by the autograd function and the stage benchmark.
+
+
+def up_projection(x_TH, gate_up, gate_up_bias, lora, plan, tiles, bm, oai):
+    """``h [N, 2I], act [N, I]``: act = swiglu(x[token] W1^T + s z1 B1^T + b1), z1 into lora.z."""
+    rows, (two_inter, hidden) = plan.token_N.numel(), gate_up.shape[1:]
+    h_NG = x_TH.new_empty(rows, two_inter)
+    act_NI = x_TH.new_empty(rows, two_inter // 2)
+    # fmt: off
+    expert_gemm(x_TH, gate_up, gate_up.stride(), two_inter // 2, hidden, tiles, bm, act_NI,
+                gather=plan.token_N, epilogue=tk.SWIGLU_FWD, h=h_NG, oai=oai, lora=lora,
+                bias=gate_up_bias)
+    # fmt: on
+    return h_NG, act_NI
+
+
+def down_projection(act_NI, down, down_bias, lora, plan, tiles, bm):
+    """``y [N, H]`` in (token, slot) order: act W2^T + s z2 B2^T + b2, z2 into lora.z."""
+    hidden, inter = down.shape[1:]
+    y_slots = act_NI.new_empty(act_NI.shape[0], hidden)
+    # fmt: off
+    expert_gemm(act_NI, down, down.stride(), hidden, inter, tiles, bm, y_slots,
+                scatter=plan.order_N, bias=down_bias, lora=lora)
+    # fmt: on
+    return y_slots
+
+
+def down_backward(dout_TH, down, h_NG, w_N, lora, plan, tiles, bm, oai, want_actw: bool):
+    """``dh [N, 2I]``, router partials ``[N, I / 32]`` and ``w act [N, I]`` (or None) from
+    g = dout W2 + s u2 A2, u2 = dout B2 into lora.z."""
+    hidden, inter = down.shape[1:]
+    rows = h_NG.shape[0]
+    dh_NG = h_NG.new_empty(rows, 2 * inter)
+    dw_parts = h_NG.new_empty(rows, triton_cdiv(inter, _DW_COLS), dtype=torch.float32)
+    act_w = h_NG.new_empty(rows, inter) if want_actw else None
+    # fmt: off
+    expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, bm, dh_NG, gather=plan.token_N,
+                epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N, dw=dw_parts, act_w=act_w, oai=oai,
+                lora=lora)
+    # fmt: on
+    return dh_NG, dw_parts, act_w
+
+
+def up_backward(dh_NG, gate_up, lora, plan, tiles, bm):
+    """``dX [N, H]`` in (token, slot) order: dh W1 + s u1 A1, u1 = dh B1 into lora.z."""
+    two_inter, hidden = gate_up.shape[1:]
+    dx_slots = dh_NG.new_empty(dh_NG.shape[0], hidden)
+    # fmt: off
+    expert_gemm(dh_NG, gate_up, _t(gate_up), hidden, two_inter, tiles, bm, dx_slots,
+                scatter=plan.order_N, lora=lora)
+    # fmt: on
+    return dx_slots
+
+
+def _z(lora: LowRank | None) -> torch.Tensor | None:
+    return None if lora is None else lora.z
+
+
 class _TritonExperts(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -438,36 +512,20 @@ class _TritonExperts(torch.autograd.Function):
         scale,
         activation,
     ):
-        num_tokens, hidden = x_TH.shape
-        num_experts, two_inter, _ = gate_up.shape
-        inter, top_k = two_inter // 2, experts_TK.shape[1]
+        num_experts, top_k = gate_up.shape[0], experts_TK.shape[1]
         plan = dispatch(experts_TK, num_experts)
         rows = plan.token_N.numel()
         bm = _block_m(rows, num_experts)
         tiles = tile_table(plan.offs_E, rows, bm)
         oai = activation == "swiglu_oai"
-        up_lora = (
-            None
-            if a1 is None
-            else _low_rank("up", a1, a1.stride(), b1, b1.stride(), scale, rows, a1.shape[1])
-        )
-        h_NG = x_TH.new_empty(rows, two_inter)
-        act_NI = x_TH.new_empty(rows, inter)
-        # fmt: off
-        expert_gemm(x_TH, gate_up, gate_up.stride(), inter, hidden, tiles, bm, act_NI,
-                    gather=plan.token_N, epilogue=tk.SWIGLU_FWD, h=h_NG, oai=oai,
-                    lora=up_lora, bias=gate_up_bias)
-        down_lora = None if a2 is None else _low_rank(
-            "down", a2, a2.stride(), b2, b2.stride(), scale, rows, a2.shape[1]
-        )
-        y_slots = x_TH.new_empty(rows, hidden)
-        expert_gemm(act_NI, down, down.stride(), hidden, inter, tiles, bm, y_slots,
-                    scatter=plan.order_N, bias=down_bias, lora=down_lora)
+        low = lora_products(a1, b1, a2, b2, scale, rows, "up", "down")
+        h_NG, act_NI = up_projection(x_TH, gate_up, gate_up_bias, low["up"], plan, tiles, bm, oai)
+        y_slots = down_projection(act_NI, down, down_bias, low["down"], plan, tiles, bm)
         out_TH = combine_rows(y_slots, top_k, weights_TK.reshape(-1).contiguous())
-        z1 = None if up_lora is None else up_lora.z
-        z2 = None if down_lora is None else down_lora.z
+        # fmt: off
         ctx.save_for_backward(x_TH, weights_TK, experts_TK, gate_up, down, down_bias,
-                              a1, b1, a2, b2, h_NG, z1, z2, tiles, *plan.tensors())
+                              a1, b1, a2, b2, h_NG, _z(low["up"]), _z(low["down"]), tiles,
+                              *plan.tensors())
         # fmt: on
         ctx.scale, ctx.activation, ctx.block_m = scale, activation, bm
         return out_TH
@@ -480,62 +538,38 @@ class _TritonExperts(torch.autograd.Function):
         # fmt: on
         plan = DispatchPlan(*plan_tensors)
         need, s, bm = ctx.needs_input_grad, ctx.scale, ctx.block_m
-        num_experts, two_inter, hidden = gate_up.shape
-        inter, top_k, rows = two_inter // 2, experts_TK.shape[1], plan.token_N.numel()
+        num_experts, top_k = gate_up.shape[0], experts_TK.shape[1]
         oai = ctx.activation == "swiglu_oai"
         grads = [None] * 13
         dout_TH = dout_TH.contiguous()
         w_N = weights_TK.reshape(-1).index_select(0, plan.order_N).contiguous()
+        low = lora_products(a1, b1, a2, b2, s, plan.token_N.numel(), "bwd_down", "bwd_up")
 
-        # down projection backward: g = dout W2 + s (dout B2) A2, fused with dSwiGLU and dw;
-        # u2 = dout B2 comes out of the same main loop (B2 [E, H, r] read as [E, r, H])
-        down_lora = (
-            None
-            if a2 is None
-            else _low_rank("bwd_down", b2, _t(b2), a2, _t(a2), s, rows, a2.shape[1])
-        )
-        dh_NG = h_NG.new_empty(rows, two_inter)
-        dw_parts = torch.empty(
-            rows, triton_cdiv(inter, _DW_COLS), device=h_NG.device, dtype=torch.float32
-        )
-        want_actw = a2 is not None or need[4]
-        act_w = h_NG.new_empty(rows, inter) if want_actw else None
+        # down projection backward, fused with dSwiGLU and the router gradient's partials
         # fmt: off
-        expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, bm, dh_NG,
-                    gather=plan.token_N, epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N,
-                    dw=dw_parts, act_w=act_w, oai=oai, lora=down_lora)
+        dh_NG, dw_parts, act_w = down_backward(dout_TH, down, h_NG, w_N, low["bwd_down"], plan,
+                                               tiles, bm, oai, want_actw=a2 is not None or need[4])
         # fmt: on
         if need[1]:
             grads[1] = gmm.router_grad(dw_parts.sum(1), plan, dout_TH, down_bias, experts_TK)
 
         # the down projection's weight and LoRA gradients now, so that w * act and the gathered
         # dout are freed before the up projection's [N, H] dX buffer exists (a lower peak)
-        u2 = None if down_lora is None else down_lora.z
         dout_NH = dout_TH.index_select(0, plan.token_N) if need[4] or need[10] else None
         # fmt: off
-        gmm.down_grads(need, s, plan, dout_TH, dout_NH, act_w, u2, z2, w_N[:, None],
-                       weights_TK, experts_TK, down_bias, num_experts, grads)
+        gmm.down_grads(need, s, plan, dout_TH, dout_NH, act_w, _z(low["bwd_down"]), z2,
+                       w_N[:, None], weights_TK, experts_TK, down_bias, num_experts, grads)
         # fmt: on
         del dout_NH, act_w
 
-        # up projection backward: dX = dh W1 + s (dh B1) A1, u1 = dh B1 from the same loop
-        up_lora = (
-            None
-            if a1 is None
-            else _low_rank("bwd_up", b1, _t(b1), a1, _t(a1), s, rows, a1.shape[1])
-        )
-        if need[0] or up_lora is not None:
-            dx_slots = dh_NG.new_empty(rows, hidden)
-            # fmt: off
-            expert_gemm(dh_NG, gate_up, _t(gate_up), hidden, two_inter, tiles, bm, dx_slots,
-                        scatter=plan.order_N, lora=up_lora)
-            # fmt: on
+        # up projection backward: dX to slots, summed per token
+        if need[0] or a1 is not None:
+            dx_slots = up_backward(dh_NG, gate_up, low["bwd_up"], plan, tiles, bm)
             if need[0]:
                 grads[0] = combine_rows(dx_slots, top_k, None)
             del dx_slots
-        u1 = None if up_lora is None else up_lora.z
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
-        gmm.up_grads(need, s, plan, x_TH, dh_NG, u1, z1, grads)
+        gmm.up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, grads)
         return tuple(grads)
 
 
@@ -551,20 +585,8 @@ def experts_mlp(
     lora: ExpertLoRA | None,
     accumulate: str = "fp32",
 ) -> torch.Tensor:
-    a1, b1, a2, b2 = lora.tensors() if lora is not None else (None,) * 4
-    scale = float(lora.scale) if lora is not None else 0.0
-    return _TritonExperts.apply(
-        x_TH.contiguous(),
-        weights_TK.contiguous(),
-        experts_TK,
-        gate_up_EGH,
-        down_EHI,
-        gate_up_bias_EG,
-        down_bias_EH,
-        a1,
-        b1,
-        a2,
-        b2,
-        scale,
-        activation,
-    )
+    # fmt: off
+    return gmm.apply_function(_TritonExperts, x_TH.contiguous(), weights_TK.contiguous(),
+                              experts_TK, gate_up_EGH, down_EHI, gate_up_bias_EG, down_bias_EH,
+                              activation, lora)
+    # fmt: on

@@ -6,15 +6,15 @@ a row index when ``GATHER`` (no permuted copy of x or dout), and results can be 
 (token, slot) order through a row index when ``SCATTER``. Epilogues:
 
 - ``STORE``: ``A W_e^T (+ s z B_e^T) (+ b_e)`` as it is.
-
-Split-LoRA's ``z = A la_e^T`` either rides along the main loop's A tiles (``LORA_IN_LOOP``:
-every column block recomputes it, r / BLOCK_N more MMA work instead of another pass over A)
-or comes from a rank-r launch of this kernel (``LORA_GIVEN``); the launcher picks per product.
 - ``SWIGLU_FWD``: gate and up in two accumulators; stores the pre-activation h and the
   activation (computed from the rounded h, exactly what backward recomputes).
 - ``SWIGLU_BWD``: the accumulator is ``g = dY W2`` before the routing weight; recomputes the
   activation from h, writes the per-row partial ``<g, act>`` (the router gradient, no expert
   outputs kept), ``dh = act'(h, w g)`` and optionally ``w * act`` for weight gradients.
+
+Split-LoRA's ``z = A la_e^T`` either rides along the main loop's A tiles (``LORA_IN_LOOP``:
+every column block recomputes it, r / BLOCK_N more MMA work instead of another pass over A)
+or comes from a rank-r launch of this kernel (``LORA_GIVEN``); the launcher picks per product.
 
 Shape suffixes: see :mod:`moelab.ops`. ``UPCAST`` makes both dot operands fp32: Triton's CPU
 interpreter returns garbage for bf16 dots (kernel-notes.md), the GPU keeps bf16 tensor cores.
