@@ -20,6 +20,17 @@ import torch.nn.functional as F
 ATTENTION_IMPLS = ("sdpa", "eager")
 
 
+def _allowed(q_pos, k_pos, sliding_window, q_docs=None, k_docs=None) -> torch.Tensor:
+    """``[..., Q, K]``: True where a query at ``q_pos [..., Q]`` may attend a key at
+    ``k_pos [..., K]`` (causal, inside the window, same document)."""
+    allowed = k_pos[..., None, :] <= q_pos[..., :, None]
+    if sliding_window is not None:
+        allowed = allowed & (k_pos[..., None, :] > q_pos[..., :, None] - sliding_window)
+    if q_docs is not None:
+        allowed = allowed & (q_docs[..., :, None] == k_docs[..., None, :])
+    return allowed
+
+
 def attention_mask(
     seq_len: int,
     device: torch.device,
@@ -28,14 +39,9 @@ def attention_mask(
 ) -> torch.Tensor:
     """Boolean ``[B or 1, 1, S, S]`` mask, True where query i may attend key j."""
     i = torch.arange(seq_len, device=device)
-    allowed = i[None, :] <= i[:, None]
-    if sliding_window is not None:
-        allowed = allowed & (i[None, :] > i[:, None] - sliding_window)
-    allowed = allowed[None, None]
-    if document_ids_BS is not None:
-        same_doc = document_ids_BS[:, None, :, None] == document_ids_BS[:, None, None, :]
-        allowed = allowed & same_doc
-    return allowed
+    if document_ids_BS is None:
+        return _allowed(i, i, sliding_window)[None, None]
+    return _allowed(i, i, sliding_window, document_ids_BS, document_ids_BS)[:, None]
 
 
 def attention(
@@ -53,39 +59,37 @@ def attention(
     n_heads, m_heads = q_BNSD.shape[1], k_BMSD.shape[1]
     if n_heads % m_heads:
         raise ValueError(f"query heads ({n_heads}) must be a multiple of kv heads ({m_heads})")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     seq_len = q_BNSD.shape[2]
-    plain_causal = document_ids_BS is None and sliding_window is None and sinks_N is None
-    mask = (
-        None
-        if plain_causal
-        else attention_mask(seq_len, q_BNSD.device, document_ids_BS, sliding_window)
-    )
-    if impl == "sdpa" and sinks_N is not None:
-        rep = n_heads // m_heads
-        k_BNSD = k_BMSD.repeat_interleave(rep, dim=1) if rep > 1 else k_BMSD
-        v_BNSD = v_BMSD.repeat_interleave(rep, dim=1) if rep > 1 else v_BMSD
-        if sliding_window is not None and seq_len > 2 * _band_block(sliding_window):
-            return _banded_with_sinks(
-                q_BNSD, k_BNSD, v_BNSD, sinks_N, scale, sliding_window, document_ids_BS
-            )
-        return _sdpa_with_sinks(q_BNSD, k_BNSD, v_BNSD, mask, sinks_N, scale)
-    if impl == "sdpa":
+    causal_only = document_ids_BS is None and sliding_window is None
+    if impl == "sdpa" and sinks_N is None:
         return F.scaled_dot_product_attention(
             q_BNSD,
             k_BMSD,
             v_BMSD,
-            attn_mask=mask,
-            is_causal=plain_causal,
+            attn_mask=None
+            if causal_only
+            else attention_mask(seq_len, q_BNSD.device, document_ids_BS, sliding_window),
+            is_causal=causal_only,
             scale=scale,
             enable_gqa=n_heads != m_heads,
         )
-    if impl != "eager":
-        raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
-    if mask is None:
-        mask = attention_mask(seq_len, q_BNSD.device)
     rep = n_heads // m_heads
-    k_BNSD = k_BMSD.repeat_interleave(rep, dim=1)
-    v_BNSD = v_BMSD.repeat_interleave(rep, dim=1)
+    k_BNSD = k_BMSD.repeat_interleave(rep, dim=1) if rep > 1 else k_BMSD
+    v_BNSD = v_BMSD.repeat_interleave(rep, dim=1) if rep > 1 else v_BMSD
+    if impl == "sdpa":  # with sinks
+        if sliding_window is not None and seq_len > 2 * _band_block(sliding_window):
+            return _banded_with_sinks(
+                q_BNSD, k_BNSD, v_BNSD, sinks_N, scale, sliding_window, document_ids_BS
+            )
+        mask = (
+            None
+            if causal_only
+            else attention_mask(seq_len, q_BNSD.device, document_ids_BS, sliding_window)
+        )
+        return _sdpa_with_sinks(q_BNSD, k_BNSD, v_BNSD, mask, sinks_N, scale)
+    mask = attention_mask(seq_len, q_BNSD.device, document_ids_BS, sliding_window)
     scores = torch.matmul(q_BNSD, k_BNSD.transpose(2, 3)) * scale
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     if sinks_N is None:
@@ -139,16 +143,13 @@ def _banded_with_sinks(q_BNSD, k_BNSD, v_BNSD, sinks_N, scale, window, document_
     start = torch.arange(blocks, device=q_BNSD.device)[:, None] * c
     q_pos = start + torch.arange(c, device=q_BNSD.device)
     k_pos = start - window + torch.arange(c + window, device=q_BNSD.device)
-    allowed = (
-        (k_pos[:, None, :] <= q_pos[:, :, None])
-        & (k_pos[:, None, :] > q_pos[:, :, None] - window)
-        & (k_pos[:, None, :] >= 0)
-    )[None]  # [1, blocks, C, C + W]
+    q_docs = k_docs = None
     if document_ids_BS is not None:
         docs = F.pad(document_ids_BS, (window, pad_end), value=-1)
         q_docs = docs[:, window:].reshape(b, blocks, c)
         k_docs = docs.unfold(1, c + window, c)
-        allowed = allowed & (q_docs[..., :, None] == k_docs[..., None, :])
+    # [(B,) blocks, C, C + W]; keys before position 0 are the front padding
+    allowed = _allowed(q_pos, k_pos, window, q_docs, k_docs) & (k_pos >= 0)[:, None, :]
     allowed = allowed.expand(b, blocks, c, c + window).reshape(b * blocks, 1, c, c + window)
     bias = _additive(allowed, q_BNSD.dtype).expand(b * blocks, n, c, c + window)
     out = _SinkAttention.apply(q_blocks, k_blocks, v_blocks, sinks_N, bias, False, scale)
