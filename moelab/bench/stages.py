@@ -12,38 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from functools import partial
 
 import torch
 
 from moelab.bench.experts import build_block
 from moelab.bench.shapes import SHAPES
+from moelab.bench.timing import median_ms
 from moelab.kernels import grouped_mm as gmm
 from moelab.kernels import triton as tr
 from moelab.kernels import triton_kernels as tk
 from moelab.ops import route
 from moelab.ops.dispatch import dispatch
-
-
-def _median_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        if not torch.cuda.is_available():  # the CPU interpreter: a smoke run, not a timing
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -150,7 +130,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     }
     out = []
     for name, (fn, flops) in {**stages, **ref}.items():
-        ms = _median_ms(fn, args.iters)
+        ms = median_ms(fn, args.iters)
         row = dict(shape=args.shape, tokens=tokens, mode=args.mode, stage=name, ms=round(ms, 4))
         row["tflops"] = round(flops / ms / 1e9, 1) if flops else None
         out.append(row)

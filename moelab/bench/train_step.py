@@ -19,6 +19,7 @@ from functools import partial
 
 import torch
 
+from moelab.bench.timing import median_ms
 from moelab.checkpoints import api
 from moelab.models import tree
 from moelab.models.options import ForwardOptions
@@ -174,22 +175,12 @@ class TransformersSystem:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def _timed_ms(fn, device, reps: int = 3) -> float:
-    """Mean milliseconds of ``fn()`` after one warm-up (CUDA events on GPU)."""
-    fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) * 1e3 / reps
-
-
 def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
     """Where a moelab step's time goes: each part timed alone on the step's shapes, forward +
     backward plus the extra forward that per-layer checkpointing recomputes, times the layers.
     ``other`` is the rest of the measured step (projections, norms, RoPE, router, launches)."""
     cfg, params, options = runner.cfg, runner.params, runner.options
+    cuda = device.type == "cuda"
     dtype = params["embed"]["weight"].dtype
     gen = torch.Generator(device=device).manual_seed(1)
 
@@ -203,7 +194,7 @@ def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
             with torch.no_grad():  # the checkpoint's recomputed forward
                 fn(*inputs)
 
-        return _timed_ms(run, device)
+        return median_ms(run, 3, warmup=1, cuda=cuda)
 
     parts = {}
     layers = params["layers"]
@@ -219,10 +210,9 @@ def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
     )
     kinds = getattr(cfg, "layer_types", ("full_attention",) * len(layers))
     attn_ms = 0.0
-    sinks = layers[0]["attn"].get("sinks")
+    sinks, scale = layers[0]["attn"].get("sinks"), cfg.head_dim**-0.5
     for kind in set(kinds):
         window = cfg.sliding_window if kind == "sliding_attention" else None
-        scale = cfg.head_dim**-0.5
         one = fwd_bwd(
             partial(attention, scale=scale, sliding_window=window, sinks_N=sinks), q, k, v
         )
@@ -230,8 +220,8 @@ def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
     parts["attention kernels"] = attn_ms
     head = runner.family.lm_head_weight(cfg, params)
     labels = torch.randint(0, cfg.vocab_size, (seq,), device=device)
-    parts["LM head + loss"] = _timed_ms(
-        lambda: chunked_cross_entropy(x, head, labels)[0].backward(), device
+    parts["LM head + loss"] = median_ms(
+        lambda: chunked_cross_entropy(x, head, labels)[0].backward(), 3, warmup=1, cuda=cuda
     )
     zero_grads = [torch.zeros_like(t) for t in runner.masters.params]
 
@@ -242,7 +232,7 @@ def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
         runner.optimizer.step()
         runner.masters.masters_to_params()
 
-    parts["optimizer"] = _timed_ms(optimizer_step, device)
+    parts["optimizer"] = median_ms(optimizer_step, 3, warmup=1, cuda=cuda)
     runner.optimizer.zero_grad(set_to_none=True)
     return {name: round(ms, 2) for name, ms in parts.items()}
 
