@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moelab.bench.shapes import BlockShape
 from moelab.kernels import grouped_mm
 from moelab.ops import route
-from moelab.ops.activations import OAI_ALPHA, OAI_LIMIT
+from moelab.ops.activations import activation_forward
 
 NAME = "compiled_grouped_mm"
 
@@ -28,15 +28,6 @@ def _lora(a_MK, w_ENK, lora_a, lora_b, scale: float, offs_E) -> torch.Tensor:
     if lora_a is not None:
         y = y + scale * _gmm(_gmm(a_MK, lora_a, offs_E), lora_b, offs_E)
     return y
-
-
-def _act(h_NG: torch.Tensor, activation: str) -> torch.Tensor:
-    gate, up = h_NG.chunk(2, dim=-1)
-    if activation == "swiglu_oai":
-        gate = gate.clamp(max=OAI_LIMIT)
-        up = up.clamp(-OAI_LIMIT, OAI_LIMIT)
-        return (up + 1) * gate * torch.sigmoid(OAI_ALPHA * gate)
-    return F.silu(gate) * up
 
 
 def block(x_TH: torch.Tensor, params: dict, shape: BlockShape, scale: float) -> torch.Tensor:
@@ -57,7 +48,12 @@ def block(x_TH: torch.Tensor, params: dict, shape: BlockShape, scale: float) -> 
     if "gate_up_bias" in ex:
         h = h + ex["gate_up_bias"][expert_sorted]
     y = _lora(
-        _act(h, shape.activation), ex["down"], lora.get("down_a"), lora.get("down_b"), scale, offs_E
+        activation_forward(h, shape.activation),
+        ex["down"],
+        lora.get("down_a"),
+        lora.get("down_b"),
+        scale,
+        offs_E,
     )
     if "down_bias" in ex:
         y = y + ex["down_bias"][expert_sorted]
