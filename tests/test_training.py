@@ -58,13 +58,18 @@ def test_every_group_option_composes(group):
         assert isinstance(cfg, RunConfig), (group, option)
 
 
-def test_few_steps_in_process(tmp_path):
-    summary = run_training(run_config(SMOKE), tmp_path)
+def test_few_steps_in_process(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="moelab"):
+        summary = run_training(run_config(SMOKE), tmp_path)
     train_loss, eval_loss = metrics(tmp_path)
     assert sorted(train_loss) == [1, 2, 3, 4, 5, 6] and sorted(eval_loss) == [0, 3, 6]
     assert eval_loss[6] < eval_loss[0]
     assert summary["backend"] == "grouped_mm" and summary["mode"] == "full"
     assert json.loads((tmp_path / "summary.json").read_text())["eval_loss"] == eval_loss[6]
+    # the user sees what was chosen at the start and where the results went at the end
+    assert "backend grouped_mm" in caplog.text
+    assert "done, 6 steps" in caplog.text and f"eval loss {eval_loss[6]:.4f}" in caplog.text
+    assert f"outputs in {tmp_path}" in caplog.text
     assert (tmp_path / "checkpoints" / "last").read_text().strip() == "step_000006"
     # the full model in the hub layout loads back
     model = moelab.load_pretrained(tmp_path / "checkpoints" / "step_000006" / "model")

@@ -165,6 +165,18 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     tracker.summary(summary)
     tracker.finish()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def fmt(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    log.info(
+        "moelab: done, %d steps, train loss %s, eval loss %s, %s tokens/s; outputs in %s",
+        summary["steps"],
+        fmt(summary["final_loss"], ".4f"),
+        fmt(summary.get("eval_loss"), ".4f"),
+        fmt(summary["tokens_per_s"], ".0f"),
+        run_dir,
+    )
     return summary
 
 
