@@ -99,6 +99,22 @@ def test_train_step_benchmark_runs_moelab_and_transformers(capsys, tmp_path, mod
     assert train_step.hf_config("qwen3-30b-a3b", 4)["num_hidden_layers"] == 4
 
 
+@pytest.mark.parametrize("limit", [0, 4095, 4096, 12000, 65536, 98304, 100000, 262144, 10**6])
+def test_longest_fitting_finds_the_limit_of_a_monotone_fit(limit):
+    from moelab.bench.train_step import longest_fitting
+
+    tried = []
+
+    def fits(seq):
+        tried.append(seq)
+        return seq <= limit
+
+    best = longest_fitting(fits, start=4096, stop=262144, resolution=4096)
+    expected = 0 if limit < 4096 else min(limit, 262144) // 4096 * 4096
+    assert best == expected
+    assert len(tried) == len(set(tried)) <= 12  # doubling then bisection, no repeats
+
+
 GPT_OSS_LIKE = BlockShape(32, 24, 4, 2, "topk_softmax", "swiglu_oai", biases=True)
 
 

@@ -6,7 +6,8 @@ Real-width models with reduced depth and random bf16 weights; LoRA r=16 on exper
 (or full fine-tune), AdamW, activation checkpointing per layer, one sequence per step. Reports
 tokens/s and peak GPU memory (3 warm-up and 5 timed steps, as ``shared/bench/anchor_e2e.py``)
 for each of the comma-separated, ascending ``--seq`` (a system stops at its first OOM), and with
-``--budget-gb`` the longest sequence (4096 doubling) that trains within that much GPU memory.
+``--budget-gb`` the longest sequence (4096 doubling, then bisection to 4096) that trains within
+that much GPU memory.
 Transformers rows need transformers and peft.
 """
 
@@ -141,8 +142,11 @@ class TransformersSystem:
         # Transformers offers GPT-OSS no sdpa path (sinks): eager is what runs without hub kernels
         attn = "eager" if cfg["model_type"] == "gpt_oss" else "sdpa"
         torch.set_default_dtype(dtype)
-        try:
-            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        try:  # built on the device: random init of billions of parameters on CPU takes minutes
+            with torch.device(device):
+                model = transformers.AutoModelForCausalLM.from_config(
+                    config, attn_implementation=attn
+                )
         finally:
             torch.set_default_dtype(torch.float32)
         model.set_experts_implementation(experts)
@@ -268,24 +272,44 @@ def measure(runner, seq: int, device, warmup: int = 3, steps: int = 5) -> dict:
     )
 
 
-def longest_sequence(runner, budget_gb: float, device, start: int = 4096, stop: int = 262144):
-    """Largest power-of-two multiple of ``start`` whose step fits in ``budget_gb`` (CUDA)."""
+def longest_fitting(fits, start: int, stop: int, resolution: int) -> int:
+    """Largest ``seq`` (0 if none) with ``fits(seq)``, assuming fits is monotone: ``start``
+    doubled up to ``stop`` until a miss, then bisected to a multiple of ``resolution``."""
+    best, miss, seq = 0, None, start
+    while seq <= stop:
+        if not fits(seq):
+            miss = seq
+            break
+        best, seq = seq, seq * 2
+    while best and miss is not None and miss - best > resolution:
+        mid = (best + miss) // 2 // resolution * resolution
+        best, miss = (mid, miss) if fits(mid) else (best, mid)
+    return best
+
+
+def longest_sequence(
+    runner, budget_gb: float, device, start: int = 4096, stop: int = 262144, resolution: int = 4096
+) -> int:
+    """Longest sequence whose step fits in ``budget_gb`` (CUDA): ``start`` doubled until a step
+    runs out of memory, then bisected between the last fit and the first miss to ``resolution``.
+    """
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gb * 2**30 / total), device)
-    best, seq = 0, start
+
+    def fits(seq: int) -> bool:
+        try:
+            torch.cuda.empty_cache()
+            runner.step(torch.randint(0, runner.vocab, (1, seq), device=device))
+            _sync(device)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+
     try:
-        while seq <= stop:
-            try:
-                torch.cuda.empty_cache()
-                runner.step(torch.randint(0, runner.vocab, (1, seq), device=device))
-                _sync(device)
-                best, seq = seq, seq * 2
-            except torch.cuda.OutOfMemoryError:
-                break
+        return longest_fitting(fits, start, stop, resolution)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
         torch.cuda.empty_cache()
-    return best
 
 
 def run(args: argparse.Namespace) -> list[dict]:
