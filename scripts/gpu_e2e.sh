@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# One device call for issue 7: the sink-attention fused path checked on the GPU, then the
+# One device call for issue 7: the sink-attention fused paths checked on the GPU, then the
 # end-to-end training step (moelab vs Transformers + PEFT) at Qwen3-30B-A3B and GPT-OSS-20B
-# width with moelab's stage breakdown, then the longest sequence within BUDGET_GB for the
-# systems in BUDGET_SYSTEMS (for BUDGET_MODELS, default MODELS; empty skips). Rows go to $OUT;
-# plot them with `python -m moelab.bench plot`.
+# width with moelab's stage breakdown (PROFILE=1: a torch-profiler table per moelab row), then
+# the longest sequence within BUDGET_GB for BUDGET_SYSTEMS on BUDGET_MODELS (default MODELS;
+# empty skips). The budget pass runs Triton's fixed configuration: memory does not depend on
+# the tile shape, and autotuning every new length would cost minutes. Rows go to $RES (default
+# $OUT); plot them with `python -m moelab.bench plot`.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; RES=${RES:-$OUT}; mkdir -p "$RES"
 if python3 -c "import pytest" 2>/dev/null; then
-  python3 -m pytest -q -x tests/test_attention.py -k cuda 2>&1 | tail -3
+  python3 -m pytest -q -x tests/test_attention.py -k "cuda or flash" 2>&1 | tail -3
 else
   echo "no pytest on this machine: attention check skipped"
 fi
@@ -18,11 +20,14 @@ bench() {  # model systems tag extra-args...
   echo "== $(date +%T) $tag $model $systems"
   python3 -m moelab.bench train --model "$model" --layers 4 --seq "${SEQ:-4096,8192,16384,32768}" \
     --systems "$systems" --backend "${BACKEND:-triton}" --warmup 2 --steps 3 \
-    --json "$OUT/${tag}_$model.json" "$@" 2>&1 \
-    | grep -v -i 'warn' | tee "$OUT/${tag}_$model.log" | grep -v '^{'
+    --json "$RES/${tag}_$model.json" "$@" 2>&1 \
+    | grep -v -i 'warn\|rope scaling' | tee "$RES/${tag}_$model.log" | grep -v '^{'
 }
-for spec in $MODELS; do bench "${spec%%:*}" "${spec#*:}" e2e --breakdown; done
+profile=()
+[ -n "${PROFILE:-}" ] && profile=(--profile "$RES/profile")
+for spec in $MODELS; do bench "${spec%%:*}" "${spec#*:}" e2e --breakdown "${profile[@]}"; done
 for spec in ${BUDGET_MODELS-$MODELS}; do
-  bench "${spec%%:*}" "${BUDGET_SYSTEMS:-moelab}" budget --seq 4096 --budget-gb "${BUDGET_GB:-40}"
+  MOELAB_TRITON_AUTOTUNE=0 SEQ=4096 bench "${spec%%:*}" "${BUDGET_SYSTEMS:-moelab}" budget \
+    --budget-gb "${BUDGET_GB:-40}"
 done
 echo "== $(date +%T) done"

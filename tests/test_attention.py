@@ -35,8 +35,8 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_sdpa_with_sinks_matches_float64_eager(case, dtype, device):
-    """Sinks on the fused path (CPU flash kernel; CUDA memory-efficient kernel): output and the
-    gradients to q, k, v and the sinks."""
+    """Sinks on the fused path (CPU flash kernel; CUDA: flash in bf16, memory-efficient in fp32
+    or with documents): output and the gradients to q, k, v and the sinks."""
     q, k, v, sinks, docs = _inputs(dtype, device=device)
     opts = dict(scale=0.25, sliding_window=CASES[case].get("sliding_window"))
     if CASES[case].get("documents"):
@@ -80,3 +80,29 @@ def test_sinks_lower_the_attention_mass():
         high = attention(q, k, v, scale=0.25, sinks_N=torch.full_like(sinks, 1e4))
     assert rel_err(low, plain) <= 1e-6
     assert high.abs().max() < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel is CUDA-only")
+@pytest.mark.parametrize("window", [None, 128], ids=["causal", "window 128"])
+def test_flash_sinks_at_gpt_oss_head_shape(window, monkeypatch):
+    """bf16 on CUDA takes the flash path (GQA and window in the kernel) at GPT-OSS's head shape
+    (64 query / 8 kv heads of 64, window 128) and matches the float64 eager formula."""
+    from moelab.ops import attention as att
+
+    used = []
+    original = att._FlashSinkAttention.apply
+    monkeypatch.setattr(att._FlashSinkAttention, "apply", lambda *a: used.append(1) or original(*a))
+    q, k, v, sinks, _ = _inputs(
+        torch.bfloat16, seq=700, heads=64, kv_heads=8, dim=64, batch=2, device="cuda"
+    )
+    out = attention(q, k, v, scale=0.125, sinks_N=sinks, sliding_window=window)
+    assert used
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v, sinks], dout)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, sinks)]
+    ref = attention(*leaves[:3], scale=0.125, sinks_N=leaves[3], sliding_window=window,
+                    impl="eager")  # fmt: skip
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    assert rel_err(out, ref) <= 2e-2
+    for name, g, r in zip("q k v sinks".split(), grads, ref_grads):
+        assert rel_err(g, r) <= 2e-2, name

@@ -81,7 +81,7 @@ def test_train_step_benchmark_runs_moelab_and_transformers(capsys, tmp_path, mod
             "--steps",
             "1",
             "--systems",
-            "moelab,hf:grouped_mm",
+            "moelab,moelab:no-ckpt,hf:grouped_mm",
         ]
     )
     assert code == 0
@@ -90,7 +90,8 @@ def test_train_step_benchmark_runs_moelab_and_transformers(capsys, tmp_path, mod
     assert "LM head + loss" in table and "attention kernels" in table
     rows = json.loads((tmp_path / "train.json").read_text())
     assert [(r["system"], r["seq"]) for r in rows] == [
-        ("moelab", 48), ("moelab", 64), ("hf:grouped_mm", 48), ("hf:grouped_mm", 64)
+        ("moelab", 48), ("moelab", 64), ("moelab:no-ckpt", 48), ("moelab:no-ckpt", 64),
+        ("hf:grouped_mm", 48), ("hf:grouped_mm", 64),
     ]  # fmt: skip
     assert all(r["tokens_per_s"] > 0 for r in rows)
     png = tmp_path / "train.png"

@@ -3,7 +3,8 @@
 ``python -m moelab.bench train --model qwen3-30b-a3b --layers 4 --seq 8192 --mode lora``
 
 Real-width models with reduced depth and random bf16 weights; LoRA r=16 on experts and attention
-(or full fine-tune), AdamW, activation checkpointing per layer, one sequence per step. Reports
+(or full fine-tune), AdamW, activation checkpointing per layer (system ``moelab:no-ckpt`` keeps
+the activations instead), one sequence per step. Reports
 tokens/s and peak GPU memory (3 warm-up and 5 timed steps, as ``shared/bench/anchor_e2e.py``)
 for each of the comma-separated, ascending ``--seq`` (a system stops at its first OOM), and with
 ``--budget-gb`` the longest sequence (4096 doubling, then bisection to 4096) that trains within
@@ -96,7 +97,9 @@ def hf_config(name: str, layers: int) -> dict:
 class MoelabSystem:
     """moelab's model, LoRA (or full), fp32 masters of the trainable tensors, chunked loss."""
 
-    def __init__(self, cfg: dict, mode: str, rank: int, backend: str, device, dtype):
+    def __init__(
+        self, cfg: dict, mode: str, rank: int, backend: str, device, dtype, checkpoint: bool
+    ):
         family, _ = api.FAMILIES[cfg["model_type"]]
         self.family = family
         self.cfg = family.Config.from_hf(cfg)
@@ -117,7 +120,7 @@ class MoelabSystem:
                 trainable.append((path, t))
         self.masters = MasterWeights(trainable)
         self.optimizer = build_optimizer(self.masters, OptimConfig(lr=1e-4, weight_decay=0.0))
-        self.options = ForwardOptions(backend=backend, lora_scale=2.0, checkpoint_layers=True)
+        self.options = ForwardOptions(backend=backend, lora_scale=2.0, checkpoint_layers=checkpoint)
         self.vocab = self.cfg.vocab_size
 
     def step(self, ids: torch.Tensor) -> None:
@@ -181,7 +184,8 @@ class TransformersSystem:
 
 def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
     """Where a moelab step's time goes: each part timed alone on the step's shapes, forward +
-    backward plus the extra forward that per-layer checkpointing recomputes, times the layers.
+    backward plus the extra forward that per-layer checkpointing recomputes (when on), times
+    the layers.
     ``other`` is the rest of the measured step (projections, norms, RoPE, router, launches)."""
     cfg, params, options = runner.cfg, runner.params, runner.options
     cuda = device.type == "cuda"
@@ -195,8 +199,9 @@ def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
         def run():
             out = fn(*inputs)
             out.backward(torch.ones_like(out))
-            with torch.no_grad():  # the checkpoint's recomputed forward
-                fn(*inputs)
+            if options.checkpoint_layers:
+                with torch.no_grad():  # the checkpoint's recomputed forward
+                    fn(*inputs)
 
         return median_ms(run, 3, warmup=1, cuda=cuda)
 
@@ -241,9 +246,32 @@ def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
     return {name: round(ms, 2) for name, ms in parts.items()}
 
 
+SYSTEMS_HELP = (
+    "comma-separated: moelab (activation checkpointing per layer), moelab:no-ckpt (activations "
+    "kept), hf:grouped_mm, hf:eager (Transformers + PEFT, gradient checkpointing on)"
+)
+
+
+def profile_step(runner, seq: int, device, path: str, rows: int = 40) -> None:
+    """One step under the torch profiler: the ``rows`` costliest ops by device time, to a file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, runner.vocab, (1, seq), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        runner.step(ids)
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70))
+
+
 def build(system: str, cfg: dict, args, device, dtype):
-    if system == "moelab":
-        return MoelabSystem(cfg, args.mode, args.rank, args.backend, device, dtype)
+    if system in ("moelab", "moelab:no-ckpt"):
+        checkpoint = system == "moelab"
+        return MoelabSystem(cfg, args.mode, args.rank, args.backend, device, dtype, checkpoint)
+    if system not in ("hf:grouped_mm", "hf:eager"):
+        raise ValueError(f"unknown system {system!r}; {SYSTEMS_HELP}")
     return TransformersSystem(cfg, args.mode, args.rank, system.split(":")[1], device, dtype)
 
 
@@ -294,7 +322,8 @@ def longest_sequence(
     runs out of memory, then bisected between the last fit and the first miss to ``resolution``.
     """
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gb * 2**30 / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gb * 2**30 / total), index)
 
     def fits(seq: int) -> bool:
         try:
@@ -308,7 +337,7 @@ def longest_sequence(
     try:
         return longest_fitting(fits, start, stop, resolution)
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
         torch.cuda.empty_cache()
 
 
@@ -326,10 +355,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if not built:
                     runner, built = build(system, cfg, args, device, dtype), True
                 row.update(measure(runner, seq, device, args.warmup, args.steps))
-                if args.breakdown and system == "moelab":
+                if args.breakdown and system.startswith("moelab"):
                     row["breakdown_ms"] = breakdown(runner, seq, device)
                     row["breakdown_ms"]["other"] = round(
                         row["step_s"] * 1e3 - sum(row["breakdown_ms"].values()), 2
+                    )
+                if args.profile:
+                    profile_step(
+                        runner, seq, device, f"{args.profile}_{args.model}_{system}_{seq}.txt"
                     )
                 if args.budget_gb and device.type == "cuda" and i == len(seqs) - 1:
                     row["max_seq_in_budget"] = longest_sequence(runner, args.budget_gb, device)
@@ -381,10 +414,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="lora", choices=["lora", "full"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--backend", default="auto", help="moelab's expert backend")
-    p.add_argument("--systems", default="moelab,hf:grouped_mm,hf:eager")
+    p.add_argument("--systems", default="moelab,hf:grouped_mm,hf:eager", help=SYSTEMS_HELP)
     p.add_argument("--budget-gb", type=float, default=0.0, help="search the longest sequence")
     p.add_argument("--breakdown", action="store_true", help="time moelab's parts separately")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, help="path prefix: profile one step per row")

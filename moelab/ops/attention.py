@@ -8,8 +8,11 @@ the query's own document; a sliding window of W keeps keys ``j > i - W``.
 
 Sinks (GPT-OSS): one learned logit per query head joins the softmax denominator and carries no
 value, so a row's weights sum to less than 1. The SDPA path runs a fused kernel that returns the
-row log-sum-exp and rescales its output (``_SinkAttention``); the eager path follows the
-reference (scores, sink column, max subtraction and softmax all in the compute dtype).
+row log-sum-exp and rescales its output: on CUDA in half precision the flash kernel (GQA and
+sliding window native; ``_FlashSinkAttention``), elsewhere or with packed documents the
+memory-efficient / CPU flash kernel over an additive mask (``_SinkAttention``). The eager path
+follows the reference (scores, sink column, max subtraction and softmax all in the compute
+dtype).
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def attention(
             scale=scale,
             enable_gqa=n_heads != m_heads,
         )
+    if impl == "sdpa" and document_ids_BS is None and _flash_supported(q_BNSD):
+        return _flash_with_sinks(q_BNSD, k_BMSD, v_BMSD, sinks_N, scale, sliding_window)
     rep = n_heads // m_heads
     k_BNSD = k_BMSD.repeat_interleave(rep, dim=1) if rep > 1 else k_BMSD
     v_BNSD = v_BMSD.repeat_interleave(rep, dim=1) if rep > 1 else v_BMSD
@@ -100,6 +105,33 @@ def attention(
         logits = logits - logits.max(dim=-1, keepdim=True).values
         probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
     return torch.matmul(probs, v_BNSD)
+
+
+def _flash_supported(q_BNSD: torch.Tensor) -> bool:
+    """The CUDA flash kernel: half precision, head width a multiple of 8 up to 256."""
+    head_dim = q_BNSD.shape[-1]
+    return (
+        q_BNSD.is_cuda
+        and q_BNSD.dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    )
+
+
+def _flash_with_sinks(q_BNSD, k_BMSD, v_BMSD, sinks_N, scale, window) -> torch.Tensor:
+    """Sinks on the flash kernel, which takes GQA heads and the sliding window natively (no
+    repeated k/v, no mask). It runs on tokens x heads rows: batches are equal-length varlen
+    segments."""
+    b, n, seq, d = q_BNSD.shape
+
+    def rows(t):  # [B, H, S, D] -> [B * S, H, D] (no copy when t is a transposed [B, S, H, D])
+        return t.transpose(1, 2).reshape(b * seq, t.shape[1], d)
+
+    bounds = torch.arange(0, (b + 1) * seq, seq, device=q_BNSD.device, dtype=torch.int32)
+    out = _FlashSinkAttention.apply(
+        rows(q_BNSD), rows(k_BMSD), rows(v_BMSD), sinks_N, bounds, seq, window, scale
+    )
+    return out.reshape(b, seq, n, d).transpose(1, 2)
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -201,3 +233,36 @@ class _SinkAttention(torch.autograd.Function):
         row_dot = (dout.float() * out.float()).sum(-1)
         d_sinks = -((1.0 - w) * row_dot).sum(dim=(0, 2)).to(ctx.sink_dtype)
         return dq, dk, dv, d_sinks, None, None, None
+
+
+class _FlashSinkAttention(torch.autograd.Function):
+    """``_SinkAttention``'s rescaling on the flash kernel (CUDA, half precision): tokens x heads
+    rows, segments given by ``bounds``, causal, optionally a window of the last W keys."""
+
+    @staticmethod
+    def forward(ctx, q_TND, k_TMD, v_TMD, sinks_N, bounds, max_seq, window, scale):
+        # the kernel's window is inclusive: key j is seen by query i when i - left <= j <= i
+        sides = dict(window_size_left=window - 1, window_size_right=0) if window else {}
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q_TND, k_TMD, v_TMD, bounds, bounds, max_seq, max_seq, 0.0, True, False,
+            scale=scale, **sides,
+        )  # fmt: skip
+        # flash-attn versions differ: [N, T] or [segments, N, max_seq] (our segments are full)
+        lse_TN = lse.t() if lse.dim() == 2 else lse.transpose(1, 2).reshape(-1, lse.shape[1])
+        w_TN = torch.sigmoid(lse_TN.float() - sinks_N.float())
+        out = (out.float() * w_TN[..., None]).to(q_TND.dtype)
+        ctx.save_for_backward(q_TND, k_TMD, v_TMD, out, lse, w_TN, bounds, rng, unused)
+        ctx.max_seq, ctx.scale, ctx.sides, ctx.sink_dtype = max_seq, scale, sides, sinks_N.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, w_TN, bounds, rng, unused = ctx.saved_tensors
+        d_o = (dout.float() * w_TN[..., None]).to(q.dtype)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            d_o, q, k, v, out, lse, bounds, bounds, ctx.max_seq, ctx.max_seq, 0.0, True,
+            rng, unused, scale=ctx.scale, **ctx.sides,
+        )  # fmt: skip
+        row_dot = (dout.float() * out.float()).sum(-1)
+        d_sinks = -((1.0 - w_TN) * row_dot).sum(0).to(ctx.sink_dtype)
+        return dq, dk, dv, d_sinks, None, None, None, None
