@@ -3,8 +3,9 @@
 The LM head and cross-entropy run fused, chunk by chunk: each chunk's log-probabilities give its
 loss and, while they are still in memory, the gradients to the hidden states and (when it
 trains) to the head weight. Backward only scales those by the incoming scalar gradient, so no
-logits are kept or recomputed, and the peak is one chunk of fp32 log-probabilities plus its bf16
-gradient.
+logits are kept or recomputed. On CUDA a Triton kernel turns each chunk's logits into their
+gradient in place (:mod:`moelab.kernels.cross_entropy`), so the peak is one chunk of logits in
+the compute dtype; elsewhere the chunk goes through fp32 log-probabilities.
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Target fp32 logits per chunk: 2^28 bytes (256 MiB), i.e. 441 tokens at a 152k vocabulary.
+from moelab.kernels.cross_entropy import softmax_xent_grad_
+
+# Target bytes of logits per chunk: 2^28 (256 MiB), i.e. 441 tokens of fp32 log-probabilities
+# at a 152k vocabulary, or 882 of bf16 logits on the in-place kernel.
 _CHUNK_BYTES = 2**28
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(64, _CHUNK_BYTES // (4 * vocab))
+def _chunk_rows(vocab: int, bytes_per_logit: int) -> int:
+    return max(64, _CHUNK_BYTES // (bytes_per_logit * vocab))
+
+
+def _in_place_kernel(hidden_NH: torch.Tensor) -> bool:
+    return hidden_NH.is_cuda
 
 
 def _loss_and_grads(hidden_NH, weight_VH, labels_N, chunk: int, need_h: bool, need_w: bool):
@@ -28,19 +36,27 @@ def _loss_and_grads(hidden_NH, weight_VH, labels_N, chunk: int, need_h: bool, ne
     for start in range(0, hidden_NH.shape[0], chunk):
         h, y = hidden_NH[start : start + chunk], labels_N[start : start + chunk]
         valid = y != -100
-        # fp32 log-probabilities straight from the (bf16) logits: three passes over [chunk, V]
-        # in all (this, exp in place, the cast of the gradient); the ignored rows are masked on
-        # the [chunk, H] side instead of the [chunk, V] one
-        logp = F.log_softmax(F.linear(h, weight_VH), dim=-1, dtype=torch.float32)
-        y_safe = torch.where(valid, y, 0)
-        total -= (logp.gather(1, y_safe[:, None])[:, 0] * valid).sum()
+        logits = F.linear(h, weight_VH)
+        # d(sum of losses)/d logits = softmax - one_hot; the ignored rows are masked on the
+        # [chunk, H] side instead of the [chunk, V] one
+        if _in_place_kernel(hidden_NH):
+            total += softmax_xent_grad_(logits, y).sum()
+            grad_logits = logits
+        else:
+            # fp32 log-probabilities straight from the logits: three passes over [chunk, V]
+            # (this, exp in place, the cast of the gradient)
+            logp = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
+            y_safe = torch.where(valid, y, 0)
+            total -= (logp.gather(1, y_safe[:, None])[:, 0] * valid).sum()
+            if not (need_h or need_w):
+                continue
+            probs = logp.exp_()
+            probs.scatter_add_(1, y_safe[:, None], torch.full_like(probs[:, :1], -1.0))
+            grad_logits = probs.to(hidden_NH.dtype)
+            del logp, probs
         if not (need_h or need_w):
             continue
-        # d(sum of losses)/d logits = softmax - one_hot
-        probs = logp.exp_()
-        probs.scatter_add_(1, y_safe[:, None], torch.full_like(probs[:, :1], -1.0))
-        grad_logits = probs.to(hidden_NH.dtype)
-        del logp, probs
         keep = valid[:, None].to(hidden_NH.dtype)
         if need_h:
             rows_h = grad_h[start : start + chunk]
@@ -80,13 +96,14 @@ def chunked_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses in fp32, number of counted tokens); labels of -100 are ignored.
 
-    ``chunk`` rows of logits exist at a time (default: about 256 MiB of fp32 logits).
+    ``chunk`` rows of logits exist at a time (default: about 256 MiB of them).
     """
     if hidden_NH.shape[0] != labels_N.shape[0]:
         raise ValueError(
             f"hidden states have {hidden_NH.shape[0]} rows but labels {labels_N.shape[0]}"
         )
-    rows = chunk or _chunk_rows(weight_VH.shape[0])
+    bytes_per_logit = hidden_NH.element_size() if _in_place_kernel(hidden_NH) else 4
+    rows = chunk or _chunk_rows(weight_VH.shape[0], bytes_per_logit)
     count = (labels_N != -100).sum()
     if torch.is_grad_enabled() and (hidden_NH.requires_grad or weight_VH.requires_grad):
         return _LinearCrossEntropy.apply(hidden_NH, weight_VH, labels_N, rows), count
