@@ -2,10 +2,10 @@
 # One device call for issue 7: the sink-attention fused paths checked on the GPU, then the
 # end-to-end training step (moelab vs Transformers + PEFT) at Qwen3-30B-A3B and GPT-OSS-20B
 # width with moelab's stage breakdown (PROFILE=1: a torch-profiler table per moelab row), then
-# the longest sequence within BUDGET_GB for BUDGET_SYSTEMS on BUDGET_MODELS (default MODELS;
-# empty skips). The budget pass runs Triton's fixed configuration: memory does not depend on
-# the tile shape, and autotuning every new length would cost minutes. Rows go to $RES (default
-# $OUT); plot them with `python -m moelab.bench plot`.
+# the longest sequence within BUDGET_GB for BUDGET_SYSTEMS on BUDGET_MODELS (default MODELS).
+# An empty MODELS or BUDGET_MODELS skips that pass. The budget pass runs Triton's fixed
+# configuration: memory does not depend on the tile shape, and autotuning every new length
+# would cost minutes. Rows go to $RES (default $OUT); plot with `python -m moelab.bench plot`.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; RES=${RES:-$OUT}; mkdir -p "$RES"
@@ -14,7 +14,7 @@ if python3 -c "import pytest" 2>/dev/null; then
 else
   echo "no pytest on this machine: attention check skipped"
 fi
-MODELS=${MODELS:-"qwen3-30b-a3b:moelab,hf:grouped_mm,hf:eager gpt-oss-20b:moelab,hf:grouped_mm"}
+MODELS=${MODELS-"qwen3-30b-a3b:moelab,hf:grouped_mm,hf:eager gpt-oss-20b:moelab,hf:grouped_mm"}
 bench() {  # model systems tag extra-args...
   local model=$1 systems=$2 tag=$3; shift 3
   echo "== $(date +%T) $tag $model $systems"
