@@ -78,3 +78,48 @@ def test_auto_picks_triton_where_it_measured_faster(shape, tokens, rank, capabil
     )  # fmt: skip
     reason = tr._measured_slower(problem, capability)
     assert (reason is None) == picked, reason
+
+
+@pytest.mark.parametrize("variant", ["lora", "all_trainable"])
+def test_recomputing_h_gives_the_same_bits(monkeypatch, variant):
+    """MOELAB_TRITON_RECOMPUTE=1 reruns the forward's up projection in backward instead of
+    keeping h: the same kernel on the same rows, so outputs and gradients are bit-identical."""
+    case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2, cold=(1,))
+    p = make_problem(case, variant, torch.float32, seed=13)
+    out_kept, grads_kept = run_backend(p, "triton")
+    monkeypatch.setenv("MOELAB_TRITON_RECOMPUTE", "1")
+    out, grads = run_backend(p, "triton")
+    assert torch.equal(out, out_kept)
+    for name in grads:
+        assert torch.equal(grads[name], grads_kept[name]), name
+
+
+@pytest.mark.parametrize("recompute", ["0", "1"])
+def test_saved_bytes_per_token_is_what_backward_keeps(monkeypatch, recompute):
+    """The benchmark's bytes-per-token figure against the tensors autograd actually saves
+    (weights, LoRA factors and the per-expert tile table and offsets excluded)."""
+    from moelab.kernels.problem import ExpertProblem
+    from moelab.ops import moe_experts
+
+    monkeypatch.setenv("MOELAB_TRITON_RECOMPUTE", recompute)
+    case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
+    p = make_problem(case, "lora", torch.bfloat16, seed=14)
+    routing = route(p["logits"], "softmax_topk", case.top_k)
+    params = {p["gate_up"].data_ptr(), p["down"].data_ptr()}
+    params |= {t.data_ptr() for t in p["lora"].tensors()}
+    saved = {}
+
+    def pack(t):
+        per_expert = t.dtype == torch.int32  # the tile table and the expert offsets
+        if t.data_ptr() not in params and not per_expert:
+            saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        moe_experts(p["x"], routing, p["gate_up"], p["down"], lora=p["lora"], backend="triton")
+    problem = ExpertProblem(
+        device=p["x"].device, dtype=p["x"].dtype, num_tokens=case.tokens, top_k=case.top_k,
+        num_experts=case.experts, hidden=case.hidden, inter=case.inter,
+        lora_rank=p["lora"].rank, has_bias=False, activation="swiglu",
+    )  # fmt: skip
+    assert sum(saved.values()) == case.tokens * tr.saved_bytes_per_token(problem, 2)

@@ -18,8 +18,10 @@ Backward::
 
 Each rank-r product can instead come from its own rank-r launch; which is faster is measured
 once per shape (``LORA_PLACEMENT``). Saved for backward: x, h ``[N, 2I]``, z1, z2, the routing
-weights and the int plan and tile table. No host synchronisation, no atomics: same bits on
-every run.
+weights and the int plan and tile table; with ``MOELAB_TRITON_RECOMPUTE=1`` h is not kept but
+recomputed by a second up projection in backward (the same kernel, so the same bits), which
+trades one GEMM for ``2 I k`` elements per token. No host synchronisation, no atomics: same bits
+on every run.
 """
 
 from __future__ import annotations
@@ -95,10 +97,17 @@ def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str
     return None
 
 
+def recompute_h() -> bool:
+    """Whether backward recomputes the pre-activation h instead of keeping it."""
+    return os.environ.get("MOELAB_TRITON_RECOMPUTE", "0") == "1"
+
+
 def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
-    """Activation bytes kept for backward per token (x, h, z1, z2, routing and plan ints)."""
+    """Activation bytes kept for backward per token (x, h unless recomputed, z1, z2, routing
+    weights, expert ids and the plan's four int64 per slot; the tile table is per expert)."""
     k, r = problem.top_k, problem.lora_rank
-    return itemsize * (problem.hidden + k * (2 * problem.inter + 2 * r)) + k * (4 + 5 * 8)
+    h = 0 if recompute_h() else 2 * problem.inter
+    return itemsize * (problem.hidden + k * (h + 2 * r)) + k * (4 + 5 * 8)
 
 
 # ---- launchers ------------------------------------------------------------------------------
@@ -521,11 +530,13 @@ class _TritonExperts(torch.autograd.Function):
         low = lora_products(a1, b1, a2, b2, scale, rows, "up", "down")
         h_NG, act_NI = up_projection(x_TH, gate_up, gate_up_bias, low["up"], plan, tiles, bm, oai)
         y_slots = down_projection(act_NI, down, down_bias, low["down"], plan, tiles, bm)
+        del act_NI
         out_TH = combine_rows(y_slots, top_k, weights_TK.reshape(-1).contiguous())
+        recompute = recompute_h()
         # fmt: off
-        ctx.save_for_backward(x_TH, weights_TK, experts_TK, gate_up, down, down_bias,
-                              a1, b1, a2, b2, h_NG, _z(low["up"]), _z(low["down"]), tiles,
-                              *plan.tensors())
+        ctx.save_for_backward(x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias,
+                              down_bias, a1, b1, a2, b2, None if recompute else h_NG,
+                              _z(low["up"]), _z(low["down"]), tiles, *plan.tensors())
         # fmt: on
         ctx.scale, ctx.activation, ctx.block_m = scale, activation, bm
         return out_TH
@@ -533,7 +544,7 @@ class _TritonExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout_TH):
         # fmt: off
-        (x_TH, weights_TK, experts_TK, gate_up, down, down_bias,
+        (x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias,
          a1, b1, a2, b2, h_NG, z1, z2, tiles, *plan_tensors) = ctx.saved_tensors
         # fmt: on
         plan = DispatchPlan(*plan_tensors)
@@ -543,7 +554,11 @@ class _TritonExperts(torch.autograd.Function):
         grads = [None] * 13
         dout_TH = dout_TH.contiguous()
         w_N = weights_TK.reshape(-1).index_select(0, plan.order_N).contiguous()
-        low = lora_products(a1, b1, a2, b2, s, plan.token_N.numel(), "bwd_down", "bwd_up")
+        rows = plan.token_N.numel()
+        if h_NG is None:  # MOELAB_TRITON_RECOMPUTE: the forward's up projection again
+            up = lora_products(a1, b1, a2, b2, s, rows, "up")["up"]
+            h_NG, _ = up_projection(x_TH, gate_up, gate_up_bias, up, plan, tiles, bm, oai)
+        low = lora_products(a1, b1, a2, b2, s, rows, "bwd_down", "bwd_up")
 
         # down projection backward, fused with dSwiGLU and the router gradient's partials
         # fmt: off
