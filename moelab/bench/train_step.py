@@ -4,12 +4,11 @@
 
 Real-width models with reduced depth and random bf16 weights; LoRA r=16 on experts and attention
 (or full fine-tune), AdamW, activation checkpointing per layer (system ``moelab:no-ckpt`` keeps
-the activations instead), one sequence per step. Reports
-tokens/s and peak GPU memory (3 warm-up and 5 timed steps, as ``shared/bench/anchor_e2e.py``)
-for each of the comma-separated, ascending ``--seq`` (a system stops at its first OOM), and with
-``--budget-gb`` the longest sequence (4096 doubling, then bisection to 4096) that trains within
-that much GPU memory.
-Transformers rows need transformers and peft.
+the activations instead), one sequence per step. Reports tokens/s and peak GPU memory (3 warm-up
+and 5 timed steps, as ``shared/bench/anchor_e2e.py``) and the host synchronisations of one more
+step (CUDA), for each of the comma-separated ``--seq`` (a system stops at its first OOM), and
+with ``--budget-gb`` the longest sequence (4096 doubling, then bisection to 4096) that trains
+within that much GPU memory. Transformers rows need transformers and peft.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from functools import partial
 
 import torch
@@ -297,7 +297,23 @@ def measure(runner, seq: int, device, warmup: int = 3, steps: int = 5) -> dict:
         step_s=round(seconds, 4),
         tokens_per_s=round(seq / seconds, 1),
         peak_gib=None if peak is None else round(peak, 2),
+        host_syncs=host_syncs(lambda: runner.step(ids)) if device.type == "cuda" else None,
     )
+
+
+def host_syncs(step) -> int:
+    """Host synchronisations one (untimed) ``step()`` makes, as CUDA's sync debug mode sees
+    them (``.item()``, ``nonzero``, device-to-host copies, ...)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def longest_fitting(fits, start: int, stop: int, resolution: int) -> int:
@@ -389,16 +405,18 @@ def run(args: argparse.Namespace) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     print(
         f"\n{'model':<15}{'system':<18}{'mode':<6}{'seq':>7}{'tokens/s':>11}{'peak GiB':>10}"
-        f"{'max seq':>9}"
+        f"{'max seq':>9}{'syncs':>7}"
     )
     for r in rows:
         if "error" in r:
             print(f"{r['model']:<15}{r['system']:<18}{r['mode']:<6}{r['seq']:>7}  {r['error']}")
             continue
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        syncs = "n/a" if r.get("host_syncs") is None else r["host_syncs"]
         print(
             f"{r['model']:<15}{r['system']:<18}{r['mode']:<6}{r['seq']:>7}"
             f"{r['tokens_per_s']:>11,.0f}{peak:>10}{r.get('max_seq_in_budget', 'n/a')!s:>9}"
+            f"{syncs!s:>7}"
         )
     for r in rows:
         if "breakdown_ms" in r:
