@@ -6,6 +6,7 @@ attention factor and cast to the compute dtype, the rotation itself in the compu
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -82,12 +83,19 @@ def rope_frequencies(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, factor
 
 
+@functools.lru_cache(maxsize=16)
+def _frequencies_on(cfg: RopeConfig, device: torch.device) -> tuple[torch.Tensor, float]:
+    """``rope_frequencies`` computed on the CPU (the reference models' bits) and copied to
+    ``device`` once: a copy from host memory synchronises, so not one per forward."""
+    inv_freq, factor = rope_frequencies(cfg)
+    return inv_freq.to(device), factor
+
+
 def rope_cos_sin(
     cfg: RopeConfig, position_ids_BS: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin [B, S, rotary_dim]`` for integer positions, in the compute dtype."""
-    inv_freq, factor = rope_frequencies(cfg)
-    inv_freq = inv_freq.to(position_ids_BS.device)
+    inv_freq, factor = _frequencies_on(cfg, position_ids_BS.device)
     angles = position_ids_BS.float()[..., None] * inv_freq  # [B, S, d/2], fp32
     emb = torch.cat([angles, angles], dim=-1)
     return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
