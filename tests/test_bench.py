@@ -149,3 +149,13 @@ def test_stages_benchmark_times_every_stage(tmp_path, mode):
     assert sum(n.startswith("alt:") for n in names) == (8 if mode == "lora" else 0)
     assert sum(n.startswith("ref:") for n in names) == 2
     assert ("LoRA dA, dB (torch grouped_mm)" in names) == (mode == "lora")
+
+
+def test_train_step_profile_writes_a_table(tmp_path):
+    """``--profile`` leaves one profiler table per row, naming the ops a step ran."""
+    prefix = tmp_path / "prof"
+    args = ["train", "--model", "tiny-qwen3", "--layers", "1", "--seq", "16", "--systems",
+            "moelab", "--warmup", "1", "--steps", "1", "--profile", str(prefix)]  # fmt: skip
+    assert main(args) == 0
+    table = (tmp_path / "prof_tiny-qwen3_moelab_16.txt").read_text()
+    assert "aten::mm" in table and "Self CPU" in table
