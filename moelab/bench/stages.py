@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     out.append(
         dict(
             configs=tr.best_configs(),
-            lora_placements={str(k): v for k, v in tr._placements.items()},
+            lora_placements={key: v for (_, key), v in tr._placements.chosen.items()},
         )
     )
     print(json.dumps(out[-1]), flush=True)

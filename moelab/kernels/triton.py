@@ -17,7 +17,8 @@ Backward::
     LoRA dA1/dB1, dW1 and biases                         varlen-K grouped products (torch)
 
 Each rank-r product can instead come from its own rank-r launch; which is faster is measured
-once per shape (``LORA_PLACEMENT``). Saved for backward: x, h ``[N, 2I]``, z1, z2, the routing
+once per shape and machine (``LORA_PLACEMENT``; remembered on disk by
+:mod:`moelab.kernels.measured`). Saved for backward: x, h ``[N, 2I]``, z1, z2, the routing
 weights and the int plan and tile table; with ``MOELAB_TRITON_RECOMPUTE=1`` h is not kept but
 recomputed by a second up projection in backward (the same kernel, so the same bits), which
 trades one GEMM for ``2 I k`` elements per token. No host synchronisation, no atomics: same bits
@@ -35,6 +36,7 @@ import torch
 
 from moelab.kernels import grouped_mm as gmm
 from moelab.kernels import triton_kernels as tk
+from moelab.kernels.measured import MeasuredChoices
 from moelab.kernels.problem import ExpertProblem
 from moelab.ops.dispatch import DispatchPlan, dispatch
 from moelab.ops.lora import ExpertLoRA
@@ -161,10 +163,11 @@ _FIXED = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)  # CI, interpre
 _GROUP_M = 8
 _DW_COLS = 32  # SWIGLU_BWD writes one router partial per 32 columns (kernel constant)
 # Where z = A la^T is computed for each product: tk.LORA_IN_LOOP, tk.LORA_GIVEN, or None to
-# time both on the first call of each shape (with autotuning on; else in the loop). Products:
+# time both on the first call of each shape on this machine (with autotuning on; else in the
+# loop), the choice kept on disk. Products:
 # up (x A1^T), down (act A2^T), bwd_down (dout B2), bwd_up (dh B1).
 LORA_PLACEMENT: dict[str, int | None] = dict.fromkeys(("up", "down", "bwd_down", "bwd_up"))
-_placements: dict[tuple, int] = {}
+_placements = MeasuredChoices("triton_lora_placement.json")
 
 
 def _autotune_enabled() -> bool:
@@ -277,17 +280,32 @@ def expert_gemm(
 
     placement = None if lora is None else lora.placement
     if lora is not None and placement is None:
-        if not (_autotune_enabled() and a.is_cuda):
+        if not _measures_placement(a):
             placement = tk.LORA_IN_LOOP
         else:
             key = (epilogue, n_out, k_dim, lora.z.shape[1], tiles.shape[1], gather is not None,
                    scatter is not None, str(a.dtype))  # fmt: skip
-            if key not in _placements:
-                _placements[key] = _fastest(run, (tk.LORA_IN_LOOP, tk.LORA_GIVEN))
-                log.info("moelab: triton LoRA placement for %s: %s", key, _placements[key])
-            placement = _placements[key]
+
+            def measure() -> int:
+                choice = _fastest(run, (tk.LORA_IN_LOOP, tk.LORA_GIVEN))
+                log.info("moelab: triton LoRA placement for %s measured: %s", key, choice)
+                return choice
+
+            placement = _placements.get(_scope(a.device), repr(key), measure)
     run(placement)
     return out
+
+
+def _measures_placement(a: torch.Tensor) -> bool:
+    return _autotune_enabled() and a.is_cuda
+
+
+def _scope(device: torch.device) -> str:
+    """What a measured choice depends on besides the problem: the GPU and the compilers."""
+    import triton
+
+    name = torch.cuda.get_device_name(device)
+    return f"{name} | triton {triton.__version__} | torch {torch.__version__}"
 
 
 def _fastest(run, choices: tuple[int, ...], reps: int = 10) -> int:

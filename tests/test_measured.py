@@ -1,0 +1,69 @@
+"""Measured choices kept on disk: stored once, reused by later processes, never half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_experts import Case, make_problem, run_backend
+
+from moelab.kernels import triton as tr
+from moelab.kernels import triton_kernels as tk
+from moelab.kernels.measured import MeasuredChoices
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_choice_is_measured_once_and_read_back_by_a_new_process(cache):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return 2
+
+    assert MeasuredChoices("c.json").get("gpu a", "k1", measure) == 2
+    assert MeasuredChoices("c.json").get("gpu a", "k1", measure) == 2  # a "new process"
+    assert len(calls) == 1
+    assert MeasuredChoices("c.json").get("gpu b", "k1", lambda: 1) == 1  # other scope: measured
+    assert json.loads((cache / "c.json").read_text()) == {"gpu a": {"k1": 2}, "gpu b": {"k1": 1}}
+    assert [p.name for p in cache.iterdir()] == ["c.json"]  # no temporary files left
+
+
+def test_a_corrupt_file_is_ignored_and_replaced(cache):
+    cache.mkdir()
+    (cache / "c.json").write_text("{not json")
+    assert MeasuredChoices("c.json").get("s", "k", lambda: 1) == 1
+    assert json.loads((cache / "c.json").read_text()) == {"s": {"k": 1}}
+
+
+def test_an_unwritable_cache_only_costs_measuring_again(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(blocker / "cache"))  # a file in the way
+    choices = MeasuredChoices("c.json")
+    assert choices.get("s", "k", lambda: 2) == 2
+    assert choices.get("s", "k", lambda: 1) == 2  # remembered in memory
+
+
+def test_triton_lora_placement_goes_through_the_disk_cache(cache, monkeypatch):
+    """The backend's measured placement (timed on CUDA; faked here) is stored per machine and
+    product, and a fresh process reuses it without timing again."""
+    timed = []
+    monkeypatch.setattr(tr, "_measures_placement", lambda a: True)
+    monkeypatch.setattr(tr, "_scope", lambda device: "test machine")
+    monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(1) or tk.LORA_GIVEN)
+    monkeypatch.setattr(tr, "_placements", MeasuredChoices("triton_lora_placement.json"))
+    case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
+    p = make_problem(case, "lora", torch.float32, seed=15)
+    run_backend(p, "triton")
+    stored = json.loads((cache / "triton_lora_placement.json").read_text())["test machine"]
+    assert len(stored) == len(timed) == 4  # up, down, bwd_down, bwd_up
+    assert set(stored.values()) == {tk.LORA_GIVEN}
+    monkeypatch.setattr(tr, "_placements", MeasuredChoices("triton_lora_placement.json"))
+    run_backend(p, "triton")
+    assert len(timed) == 4
