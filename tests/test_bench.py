@@ -59,6 +59,28 @@ def test_experts_benchmark_runs_and_checks(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_experts_benchmark_with_recompute(tmp_path):
+    """``--recompute``: triton is checked and timed with h recomputed (fewer saved bytes per
+    token), grouped_mm, which keeps h, is skipped with the reason."""
+    out = tmp_path / "rows.json"
+    args = ["experts", "--shape", "tiny", "--tokens", "32", "--mode", "lora", "--iters", "1",
+            "--check", "--check-tokens", "24", "--backends", "grouped_mm,triton", "--recompute",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(out.read_text())
+    checks = [r for r in rows if "check" in r]
+    assert [r["check"] for r in checks] == ["triton", "triton"]  # lora and full
+    assert all(r["max_rel_err"] < 1e-5 and r["empty_expert_zero_grad"] for r in checks)
+    by_backend = {r["backend"]: r for r in rows if "backend" in r}
+    assert "recompute is triton's" in by_backend["grouped_mm"]["skipped"]
+    assert by_backend["triton"]["recompute"] and by_backend["triton"]["ms"] > 0
+    kept = main(args[:-3] + ["--json", str(tmp_path / "kept.json")])
+    assert kept == 0
+    kept_rows = json.loads((tmp_path / "kept.json").read_text())
+    kept_triton = [r for r in kept_rows if r.get("backend") == "triton"][0]
+    assert by_backend["triton"]["saved_bytes_per_token"] < kept_triton["saved_bytes_per_token"]
+
+
 @pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-gpt-oss"])
 def test_train_step_benchmark_runs_moelab_and_transformers(capsys, tmp_path, model):
     pytest.importorskip("peft")

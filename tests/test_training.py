@@ -287,6 +287,7 @@ def test_two_job_multirun_and_report(tmp_path):
         (["model.nonexistent=1"], "nonexistent"),
         (["model=qwen3_moe", "model.path=/no/such/ckpt"], "is not a folder"),
         (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid"),
+        (["backend=grouped_mm", "trainer.moe_recompute=true"], "recompute is triton's"),
     ],
 )
 def test_bad_values_stop_before_any_work(tmp_path, overrides, message):

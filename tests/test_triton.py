@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import LOGITS_GRAD_TOLERANCE, TOLERANCE, rel_err
-from test_experts import Case, make_problem, run_backend, run_reference
+from test_experts import Case, make_problem, run_backend, run_reference, trainables
 
 from moelab.kernels import triton as tr
 from moelab.kernels import triton_kernels as tk
@@ -80,28 +80,48 @@ def test_auto_picks_triton_where_it_measured_faster(shape, tokens, rank, capabil
     assert (reason is None) == picked, reason
 
 
+def _run(p: dict, backend: str, recompute: bool):
+    """``run_backend`` with the recompute option."""
+    from moelab.ops import moe_experts
+
+    routing = route(p["logits"], "softmax_topk", p["case"].top_k)
+    out = moe_experts(
+        p["x"], routing, p["gate_up"], p["down"], gate_up_bias=p["gate_up_bias"],
+        down_bias=p["down_bias"], activation=p["activation"], lora=p["lora"], backend=backend,
+        recompute=recompute,
+    )  # fmt: skip
+    named = trainables(p)
+    return out, dict(zip(named, torch.autograd.grad(out, list(named.values()), p["dout"])))
+
+
 @pytest.mark.parametrize("variant", ["lora", "all_trainable"])
-def test_recomputing_h_gives_the_same_bits(monkeypatch, variant):
-    """MOELAB_TRITON_RECOMPUTE=1 reruns the forward's up projection in backward instead of
-    keeping h: the same kernel on the same rows, so outputs and gradients are bit-identical."""
+def test_recomputing_h_gives_the_same_bits(variant):
+    """``recompute=True`` reruns the forward's up projection in backward instead of keeping h:
+    the same kernel on the same rows, so outputs and gradients are bit-identical."""
     case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2, cold=(1,))
     p = make_problem(case, variant, torch.float32, seed=13)
-    out_kept, grads_kept = run_backend(p, "triton")
-    monkeypatch.setenv("MOELAB_TRITON_RECOMPUTE", "1")
-    out, grads = run_backend(p, "triton")
+    out_kept, grads_kept = _run(p, "triton", recompute=False)
+    out, grads = _run(p, "triton", recompute=True)
     assert torch.equal(out, out_kept)
     for name in grads:
         assert torch.equal(grads[name], grads_kept[name]), name
 
 
-@pytest.mark.parametrize("recompute", ["0", "1"])
-def test_saved_bytes_per_token_is_what_backward_keeps(monkeypatch, recompute):
+@pytest.mark.parametrize("backend", ["native_torch", "grouped_mm"])
+def test_recompute_is_refused_by_backends_that_keep_h(backend):
+    case = Case("wide", tokens=8, hidden=64, inter=48, experts=5, top_k=2)
+    p = make_problem(case, "lora", torch.float32, seed=16)
+    with pytest.raises(ValueError, match="recompute is triton's"):
+        _run(p, backend, recompute=True)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_saved_bytes_per_token_is_what_backward_keeps(recompute):
     """The benchmark's bytes-per-token figure against the tensors autograd actually saves
     (weights, LoRA factors and the per-expert tile table and offsets excluded)."""
     from moelab.kernels.problem import ExpertProblem
     from moelab.ops import moe_experts
 
-    monkeypatch.setenv("MOELAB_TRITON_RECOMPUTE", recompute)
     case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
     p = make_problem(case, "lora", torch.bfloat16, seed=14)
     routing = route(p["logits"], "softmax_topk", case.top_k)
@@ -116,10 +136,11 @@ def test_saved_bytes_per_token_is_what_backward_keeps(monkeypatch, recompute):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        moe_experts(p["x"], routing, p["gate_up"], p["down"], lora=p["lora"], backend="triton")
+        moe_experts(p["x"], routing, p["gate_up"], p["down"], lora=p["lora"], backend="triton",
+                    recompute=recompute)  # fmt: skip
     problem = ExpertProblem(
         device=p["x"].device, dtype=p["x"].dtype, num_tokens=case.tokens, top_k=case.top_k,
         num_experts=case.experts, hidden=case.hidden, inter=case.inter,
-        lora_rank=p["lora"].rank, has_bias=False, activation="swiglu",
+        lora_rank=p["lora"].rank, has_bias=False, activation="swiglu", recompute=recompute,
     )  # fmt: skip
     assert sum(saved.values()) == case.tokens * tr.saved_bytes_per_token(problem, 2)

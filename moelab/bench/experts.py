@@ -63,7 +63,7 @@ def build_block(
     return params, trainable
 
 
-def block_config(shape: BlockShape, backend: str, rank: int) -> MoEConfig:
+def block_config(shape: BlockShape, backend: str, rank: int, recompute: bool = False) -> MoEConfig:
     return MoEConfig(
         num_experts=shape.num_experts,
         top_k=shape.top_k,
@@ -71,10 +71,13 @@ def block_config(shape: BlockShape, backend: str, rank: int) -> MoEConfig:
         activation=shape.activation,
         lora_scale=2.0,  # alpha = 2r, as the anchor
         backend=backend,
+        recompute=recompute,
     )
 
 
-def _problem(shape: BlockShape, tokens: int, rank: int, dtype, device) -> ExpertProblem:
+def _problem(
+    shape: BlockShape, tokens: int, rank: int, dtype, device, recompute: bool = False
+) -> ExpertProblem:
     return ExpertProblem(
         device=torch.device(device),
         dtype=dtype,
@@ -86,6 +89,7 @@ def _problem(shape: BlockShape, tokens: int, rank: int, dtype, device) -> Expert
         lora_rank=rank,
         has_bias=shape.biases,
         activation=shape.activation,
+        recompute=recompute,
     )
 
 
@@ -138,7 +142,13 @@ def profile_step(fn, x0: torch.Tensor, top: int = 12) -> list[tuple[str, float, 
 
 
 def check_backends(
-    shape: BlockShape, backends: list[str], dtype, device: str, tokens: int, rank: int
+    shape: BlockShape,
+    backends: list[str],
+    dtype,
+    device: str,
+    tokens: int,
+    rank: int,
+    recompute: bool = False,
 ) -> list[dict]:
     """Relative error of the expert output and every gradient (x, router logits, weights,
     biases, LoRA) against float64 ``native_torch``, on fresh inputs and one shared routing.
@@ -172,6 +182,7 @@ def check_backends(
                 activation=shape.activation,
                 backend=backend,
                 lora=None if lora is None else ExpertLoRA(**lora, scale=2.0),
+                recompute=recompute and backend != "native_torch",
             )
             grads = torch.autograd.grad(out, [x, logits, *trainable], dout32.to(dt))
             results.append((backend, out, grads))
@@ -206,13 +217,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     backends = args.backends.split(",") if args.backends else available()
     rows = []
     if args.check:
-        ok = [
-            b
-            for b in backends
-            if b != compiled.NAME
-            and unsupported_reason(b, _problem(shape, 256, args.rank, dtype, device)) is None
-        ]
-        for row in check_backends(shape, ok, dtype, device, args.check_tokens, args.rank):
+        probe = _problem(shape, 256, args.rank, dtype, device, args.recompute)
+        ok = [b for b in backends if b != compiled.NAME and unsupported_reason(b, probe) is None]
+        checks = check_backends(
+            shape, ok, dtype, device, args.check_tokens, args.rank, args.recompute
+        )
+        for row in checks:
             print(json.dumps(row), flush=True)
             rows.append(row)
     for tokens in [int(t) for t in args.tokens.split(",")]:
@@ -225,9 +235,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                     backend=backend,
                     rank=args.rank if mode == "lora" else 0,
                     dtype=str(dtype),
+                    recompute=args.recompute,
                 )
                 rank = args.rank if mode == "lora" else 0
-                problem = _problem(shape, tokens, rank, dtype, device)
+                problem = _problem(shape, tokens, rank, dtype, device, args.recompute)
                 if backend == compiled.NAME:
                     reason = unsupported_reason("grouped_mm", problem)
                 else:
@@ -256,7 +267,7 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
         # one dynamic-shape compilation serves every token count
         step = torch.compile(lambda x: compiled.block(x, params, shape, 2.0), dynamic=True)
     else:
-        cfg = block_config(shape, backend, args.rank)
+        cfg = block_config(shape, backend, args.rank, args.recompute)
         step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
     ms, peak = time_step(step, x0, args.iters)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
@@ -264,7 +275,8 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     module = None if backend == compiled.NAME else registry._module(backend)
     saved = getattr(module, "saved_bytes_per_token", None)
     if saved is not None:
-        problem = _problem(shape, tokens, args.rank if mode == "lora" else 0, dtype, device)
+        rank = args.rank if mode == "lora" else 0
+        problem = _problem(shape, tokens, rank, dtype, device, args.recompute)
         row["saved_bytes_per_token"] = saved(problem, x0.element_size())
     if args.profile:
         row["kernels"] = profile_step(step, x0)
@@ -321,6 +333,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) or float32")
     p.add_argument("--device", default=None)
     p.add_argument("--check", action="store_true", help="check correctness first")
+    p.add_argument(
+        "--recompute", action="store_true", help="recompute the pre-activation in backward"
+    )
     p.add_argument("--check-tokens", type=int, default=512)
     p.add_argument("--profile", action="store_true", help="list the top kernels of each row")
     p.add_argument("--json", default=None, help="write all rows to this file")

@@ -50,6 +50,14 @@ def _grouped_mm_op():
 
 
 def unsupported_reason(problem: ExpertProblem) -> str | None:
+    if problem.recompute:
+        return "grouped_mm keeps the pre-activation (recompute is triton's)"
+    return grouped_products_reason(problem)
+
+
+def grouped_products_reason(problem: ExpertProblem) -> str | None:
+    """Why torch's grouped GEMM cannot run this problem's products (also triton's weight and
+    LoRA gradients), or None."""
     if _grouped_mm_op() is None:
         return f"torch {torch.__version__} has no grouped_mm"
     if problem.accumulate != "fp32":
@@ -261,15 +269,16 @@ class _GroupedExperts(torch.autograd.Function):
 
 def apply_function(
     function, x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias, activation,
-    lora: ExpertLoRA | None,
+    lora: ExpertLoRA | None, *options,
 ) -> torch.Tensor:  # fmt: skip
     """``function.apply`` in the argument order this module's and the triton backend's autograd
-    functions share, LoRA unpacked into its four factors and scale."""
+    functions share, LoRA unpacked into its four factors and scale; backend-specific
+    ``options`` last."""
     a1, b1, a2, b2 = lora.tensors() if lora is not None else (None,) * 4
     scale = float(lora.scale) if lora is not None else 0.0
     # fmt: off
     return function.apply(x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias,
-                          a1, b1, a2, b2, scale, activation)
+                          a1, b1, a2, b2, scale, activation, *options)
     # fmt: on
 
 

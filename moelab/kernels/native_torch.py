@@ -21,6 +21,8 @@ NAME = "native_torch"
 
 
 def unsupported_reason(problem: ExpertProblem) -> str | None:
+    if problem.recompute:
+        return "native_torch keeps what autograd saves (recompute is triton's)"
     return None
 
 

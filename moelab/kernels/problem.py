@@ -20,6 +20,7 @@ class ExpertProblem:
     has_bias: bool
     activation: str
     accumulate: str = "fp32"
+    recompute: bool = False  # recompute the pre-activation in backward instead of keeping it
 
     @property
     def routed_rows(self) -> int:

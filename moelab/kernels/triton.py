@@ -19,7 +19,7 @@ Backward::
 Each rank-r product can instead come from its own rank-r launch; which is faster is measured
 once per shape and machine (``LORA_PLACEMENT``; remembered on disk by
 :mod:`moelab.kernels.measured`). Saved for backward: x, h ``[N, 2I]``, z1, z2, the routing
-weights and the int plan and tile table; with ``MOELAB_TRITON_RECOMPUTE=1`` h is not kept but
+weights and the int plan and tile table; with ``recompute`` (``moe_experts``) h is not kept but
 recomputed by a second up projection in backward (the same kernel, so the same bits), which
 trades one GEMM for ``2 I k`` elements per token. No host synchronisation, no atomics: same bits
 on every run.
@@ -68,7 +68,7 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
     if problem.lora_rank > _MAX_RANK:
         return f"LoRA rank {problem.lora_rank} exceeds {_MAX_RANK}"
     # weight and LoRA gradients use torch's grouped GEMM, with its alignment rules
-    return gmm.unsupported_reason(problem)
+    return gmm.grouped_products_reason(problem)
 
 
 # Average rows per expert from which triton measured faster than grouped_mm on an H200
@@ -86,6 +86,8 @@ def auto_reason(problem: ExpertProblem) -> str | None:
 
 
 def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str | None:
+    if problem.recompute:  # asked for, and no other backend offers it
+        return None
     if capability < (9, 0):
         return f"tuned and measured on sm90+ only, this GPU is sm{capability[0]}{capability[1]}"
     mode = "lora" if problem.lora_rank else "full"
@@ -99,16 +101,11 @@ def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str
     return None
 
 
-def recompute_h() -> bool:
-    """Whether backward recomputes the pre-activation h instead of keeping it."""
-    return os.environ.get("MOELAB_TRITON_RECOMPUTE", "0") == "1"
-
-
 def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
     """Activation bytes kept for backward per token (x, h unless recomputed, z1, z2, routing
     weights, expert ids and the plan's four int64 per slot; the tile table is per expert)."""
     k, r = problem.top_k, problem.lora_rank
-    h = 0 if recompute_h() else 2 * problem.inter
+    h = 0 if problem.recompute else 2 * problem.inter
     return itemsize * (problem.hidden + k * (h + 2 * r)) + k * (4 + 5 * 8)
 
 
@@ -538,6 +535,7 @@ class _TritonExperts(torch.autograd.Function):
         b2,
         scale,
         activation,
+        recompute,
     ):
         num_experts, top_k = gate_up.shape[0], experts_TK.shape[1]
         plan = dispatch(experts_TK, num_experts)
@@ -550,7 +548,6 @@ class _TritonExperts(torch.autograd.Function):
         y_slots = down_projection(act_NI, down, down_bias, low["down"], plan, tiles, bm)
         del act_NI
         out_TH = combine_rows(y_slots, top_k, weights_TK.reshape(-1).contiguous())
-        recompute = recompute_h()
         # fmt: off
         ctx.save_for_backward(x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias,
                               down_bias, a1, b1, a2, b2, None if recompute else h_NG,
@@ -569,11 +566,11 @@ class _TritonExperts(torch.autograd.Function):
         need, s, bm = ctx.needs_input_grad, ctx.scale, ctx.block_m
         num_experts, top_k = gate_up.shape[0], experts_TK.shape[1]
         oai = ctx.activation == "swiglu_oai"
-        grads = [None] * 13
+        grads = [None] * 14
         dout_TH = dout_TH.contiguous()
         w_N = weights_TK.reshape(-1).index_select(0, plan.order_N).contiguous()
         rows = plan.token_N.numel()
-        if h_NG is None:  # MOELAB_TRITON_RECOMPUTE: the forward's up projection again
+        if h_NG is None:  # recompute: the forward's up projection again
             up = lora_products(a1, b1, a2, b2, s, rows, "up")["up"]
             h_NG, _ = up_projection(x_TH, gate_up, gate_up_bias, up, plan, tiles, bm, oai)
         low = lora_products(a1, b1, a2, b2, s, rows, "bwd_down", "bwd_up")
@@ -617,9 +614,10 @@ def experts_mlp(
     activation: str,
     lora: ExpertLoRA | None,
     accumulate: str = "fp32",
+    recompute: bool = False,
 ) -> torch.Tensor:
     # fmt: off
     return gmm.apply_function(_TritonExperts, x_TH.contiguous(), weights_TK.contiguous(),
                               experts_TK, gate_up_EGH, down_EHI, gate_up_bias_EG, down_bias_EH,
-                              activation, lora)
+                              activation, lora, recompute)
     # fmt: on

@@ -16,6 +16,8 @@ class ForwardOptions:
         lora_dropout: dropout on the inputs of dense LoRA adapters (set it for training only).
         checkpoint_layers: recompute each decoder layer in backward instead of keeping its
             activations (activation checkpointing).
+        moe_recompute: the expert MLP keeps only its input and recomputes the pre-activation
+            in backward (one more GEMM, ``2 I k`` fewer saved elements per token; ``triton``).
         accumulate: ``"fp32"`` k-sum of expert outputs, or ``"input"`` for the reference
             models' eager numerics (bit-exact parity checks; ``native_torch`` only).
     """
@@ -26,3 +28,4 @@ class ForwardOptions:
     lora_dropout: float = 0.0
     accumulate: str = "fp32"
     checkpoint_layers: bool = False
+    moe_recompute: bool = False

@@ -87,6 +87,7 @@ class Config:
             lora_dropout=options.lora_dropout,
             backend=options.backend,
             accumulate=options.accumulate,
+            recompute=options.moe_recompute,
         )
 
     @classmethod

@@ -30,6 +30,7 @@ def moe_experts(
     lora: ExpertLoRA | None = None,
     backend: str | None = "auto",
     accumulate: str = "fp32",
+    recompute: bool = False,
     validate: bool | None = None,
 ) -> torch.Tensor:
     """Run each token through its k experts and sum the outputs with the routing weights.
@@ -48,6 +49,8 @@ def moe_experts(
             ``"input"`` reproduces the reference models' eager path bit for bit: each expert's
             output times its weight (in the weights' dtype) is rounded to x's dtype and added
             into an x-dtype sum in ascending expert order (``native_torch`` only).
+        recompute: keep only x for backward and recompute the pre-activation ``[T*K, 2I]``
+            there (one more up projection; ``triton`` only, same bits as keeping it).
         validate: check expert ids are in ``[0, E)`` (needs the values on the host; default:
             only for CPU tensors).
 
@@ -88,6 +91,7 @@ def moe_experts(
         has_bias=gate_up_bias is not None or down_bias is not None,
         activation=activation,
         accumulate=accumulate,
+        recompute=recompute,
     )
     impl = registry.resolve(None if backend == "auto" else backend, problem)
     if accumulate == "fp32":
@@ -104,6 +108,7 @@ def moe_experts(
         activation,
         lora,
         accumulate,
+        **({"recompute": True} if recompute else {}),
     )
 
 

@@ -54,6 +54,7 @@ class MoEConfig:
     lora_dropout: float = 0.0  # on the inputs of dense (shared-expert) adapters
     backend: str | None = "auto"
     accumulate: str = "fp32"  # "input": the reference models' eager numerics (moe_experts)
+    recompute: bool = False  # recompute the expert pre-activation in backward (moe_experts)
 
 
 class RouterStats(NamedTuple):
@@ -94,6 +95,7 @@ def moe_block(x: torch.Tensor, params: dict, cfg: MoEConfig) -> tuple[torch.Tens
         lora=lora,
         backend=cfg.backend,
         accumulate=cfg.accumulate,
+        recompute=cfg.recompute,
     )
     if params.get("shared") is not None:
         shared_TH = swiglu_mlp(x_TH, params["shared"], cfg.lora_scale, cfg.lora_dropout)

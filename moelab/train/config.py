@@ -80,6 +80,7 @@ class TrainerConfig:
     grad_accum: int = 1
     precision: str = "auto"  # bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
+    moe_recompute: bool = False  # expert pre-activation recomputed in backward (triton backend)
     seed: int = 0
     device: str = "auto"
     eval_interval: int = 100

@@ -88,8 +88,11 @@ def build_data(cfg: RunConfig, model: Model) -> Data:
     )
 
 
-def expert_backend(model: Model, backend: str, dtype: torch.dtype, device, rank: int) -> str:
-    """The expert backend this run's MoE layers will use (resolved once, for the log line)."""
+def expert_backend(
+    model: Model, backend: str, dtype: torch.dtype, device, rank: int, recompute: bool = False
+) -> str:
+    """The expert backend this run's MoE layers will use (resolved once, for the log line; a
+    request no backend can serve fails here, before training)."""
     c = model.config
     problem = ExpertProblem(
         device=device,
@@ -102,6 +105,7 @@ def expert_backend(model: Model, backend: str, dtype: torch.dtype, device, rank:
         lora_rank=rank,
         has_bias=False,
         activation="swiglu",
+        recompute=recompute,
     )
     return registry.resolve(None if backend == "auto" else backend, problem).NAME
 

@@ -116,9 +116,15 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         lora_scale=scale,
         lora_dropout=lora.dropout if lora.rank else 0.0,
         checkpoint_layers=cfg.trainer.activation_checkpointing,
+        moe_recompute=cfg.trainer.moe_recompute,
     )
-    eval_opts = dataclasses.replace(train_opts, lora_dropout=0.0, checkpoint_layers=False)
-    backend = setup.expert_backend(model, cfg.backend.name, dtype, device, lora.rank or 0)
+    eval_opts = dataclasses.replace(
+        train_opts, lora_dropout=0.0, checkpoint_layers=False, moe_recompute=False
+    )
+    # fmt: off
+    backend = setup.expert_backend(model, cfg.backend.name, dtype, device, lora.rank or 0,
+                                   cfg.trainer.moe_recompute)
+    # fmt: on
     n_total, n_train = tree.count(model.params), sum(t.numel() for _, t in trainable)
     mode = "full" if lora.rank is None else f"LoRA r={lora.rank} on {', '.join(lora.targets)}"
     log.info(
