@@ -181,3 +181,17 @@ def test_train_step_profile_writes_a_table(tmp_path):
     assert main(args) == 0
     table = (tmp_path / "prof_tiny-qwen3_moelab_16.txt").read_text()
     assert "aten::mm" in table and "Self CPU" in table
+
+
+def test_train_step_benchmark_full_fine_tune(tmp_path):
+    """``--mode full``: every parameter trains, on both sides."""
+    pytest.importorskip("peft")
+    out = tmp_path / "full.json"
+    args = ["train", "--model", "tiny-gpt-oss", "--layers", "1", "--seq", "32", "--mode",
+            "full", "--systems", "moelab,hf:grouped_mm", "--warmup", "1", "--steps", "1",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(out.read_text())
+    assert [r["system"] for r in rows] == ["moelab", "hf:grouped_mm"]
+    assert all(r["mode"] == "full" for r in rows)
+    assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
