@@ -305,13 +305,14 @@ def host_syncs(step) -> int:
     """Host synchronisations one (untimed) ``step()`` makes, as CUDA's sync debug mode sees
     them (``.item()``, ``nonzero``, device-to-host copies, ...)."""
     torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(before)
     torch.cuda.synchronize()
     return sum("synchroniz" in str(w.message) for w in caught)
 
