@@ -83,8 +83,16 @@ def test_sinks_lower_the_attention_mass():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel is CUDA-only")
-@pytest.mark.parametrize("window", [None, 128], ids=["causal", "window 128"])
-def test_flash_sinks_at_gpt_oss_head_shape(window, monkeypatch):
+@pytest.mark.parametrize(
+    "seq, window",
+    [
+        (700, None),  # full causal
+        (700, 128),  # GPT-OSS's window, several band blocks
+        (100, 128),  # a window wider than the sequence
+        (1, 128),  # one token
+    ],
+)
+def test_flash_sinks_at_gpt_oss_head_shape(seq, window, monkeypatch):
     """bf16 on CUDA takes the flash path (GQA and window in the kernel) at GPT-OSS's head shape
     (64 query / 8 kv heads of 64, window 128) and matches the float64 eager formula."""
     from moelab.ops import attention as att
@@ -93,7 +101,7 @@ def test_flash_sinks_at_gpt_oss_head_shape(window, monkeypatch):
     original = att._FlashSinkAttention.apply
     monkeypatch.setattr(att._FlashSinkAttention, "apply", lambda *a: used.append(1) or original(*a))
     q, k, v, sinks, _ = _inputs(
-        torch.bfloat16, seq=700, heads=64, kv_heads=8, dim=64, batch=2, device="cuda"
+        torch.bfloat16, seq=seq, heads=64, kv_heads=8, dim=64, batch=2, device="cuda"
     )
     out = attention(q, k, v, scale=0.125, sinks_N=sinks, sliding_window=window)
     assert used
