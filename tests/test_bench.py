@@ -124,7 +124,7 @@ def test_train_step_benchmark_runs_moelab_and_transformers(capsys, tmp_path, mod
 
 @pytest.mark.parametrize("limit", [0, 4095, 4096, 12000, 65536, 98304, 100000, 262144, 10**6])
 def test_longest_fitting_finds_the_limit_of_a_monotone_fit(limit):
-    from moelab.bench.train_step import longest_fitting
+    from moelab.bench.step_probes import longest_fitting
 
     tried = []
 
