@@ -77,11 +77,7 @@ class Config:
             top_k=self.top_k,
             router="topk_softmax",
             activation="swiglu_oai",
-            lora_scale=options.lora_scale,
-            lora_dropout=options.lora_dropout,
-            backend=options.backend,
-            accumulate=options.accumulate,
-            recompute=options.moe_recompute,
+            **options.moe_fields(),
         )
 
     @classmethod

@@ -29,3 +29,13 @@ class ForwardOptions:
     accumulate: str = "fp32"
     checkpoint_layers: bool = False
     moe_recompute: bool = False
+
+    def moe_fields(self) -> dict:
+        """The run-time fields of a family's ``MoEConfig`` (the family adds the architecture)."""
+        return dict(
+            lora_scale=self.lora_scale,
+            lora_dropout=self.lora_dropout,
+            backend=self.backend,
+            accumulate=self.accumulate,
+            recompute=self.moe_recompute,
+        )

@@ -83,11 +83,7 @@ class Config:
             router="softmax_topk",
             router_options={"renormalize": self.norm_topk_prob},
             activation="swiglu",
-            lora_scale=options.lora_scale,
-            lora_dropout=options.lora_dropout,
-            backend=options.backend,
-            accumulate=options.accumulate,
-            recompute=options.moe_recompute,
+            **options.moe_fields(),
         )
 
     @classmethod
