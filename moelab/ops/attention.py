@@ -189,6 +189,19 @@ def _banded_with_sinks(q_BNSD, k_BNSD, v_BNSD, sinks_N, scale, window, document_
     return out[:, :, :seq]
 
 
+def _scaled_by_sinks(out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The fused kernel's output times ``w = sigmoid(L - sink)`` per row, in its dtype."""
+    return (out.float() * w[..., None]).to(out.dtype)
+
+
+def _through_sinks(dout, out, w, head_dims, sink_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dO, d_sinks)``: the kernel backward's upstream gradient ``w * dout``, and the sinks'
+    gradient ``-sum (1 - w) <dout, out>`` over all but the head dimension (``head_dims``)."""
+    d_o = (dout.float() * w[..., None]).to(out.dtype)
+    row_dot = (dout.float() * out.float()).sum(-1)
+    return d_o, -((1.0 - w) * row_dot).sum(dim=head_dims).to(sink_dtype)
+
+
 class _SinkAttention(torch.autograd.Function):
     """Attention with sinks on a fused kernel that also returns the row log-sum-exp.
 
@@ -212,7 +225,7 @@ class _SinkAttention(torch.autograd.Function):
             seed = offset = None
         seq = q.shape[2]
         w = torch.sigmoid(lse[..., :seq].float() - sinks_N.float()[None, :, None])
-        out = (out.float() * w[..., None]).to(q.dtype)
+        out = _scaled_by_sinks(out, w)
         ctx.save_for_backward(q, k, v, bias, out, lse, w, seed, offset)
         ctx.is_causal, ctx.scale, ctx.sink_dtype = is_causal, scale, sinks_N.dtype
         return out
@@ -220,7 +233,7 @@ class _SinkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, bias, out, lse, w, seed, offset = ctx.saved_tensors
-        d_o = (dout.float() * w[..., None]).to(q.dtype)
+        d_o, d_sinks = _through_sinks(dout, out, w, (0, 2), ctx.sink_dtype)
         if q.is_cuda:
             dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
                 d_o, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, False],
@@ -230,8 +243,6 @@ class _SinkAttention(torch.autograd.Function):
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 d_o, q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=bias, scale=ctx.scale
             )
-        row_dot = (dout.float() * out.float()).sum(-1)
-        d_sinks = -((1.0 - w) * row_dot).sum(dim=(0, 2)).to(ctx.sink_dtype)
         return dq, dk, dv, d_sinks, None, None, None
 
 
@@ -250,7 +261,7 @@ class _FlashSinkAttention(torch.autograd.Function):
         # flash-attn versions differ: [N, T] or [segments, N, max_seq] (our segments are full)
         lse_TN = lse.t() if lse.dim() == 2 else lse.transpose(1, 2).reshape(-1, lse.shape[1])
         w_TN = torch.sigmoid(lse_TN.float() - sinks_N.float())
-        out = (out.float() * w_TN[..., None]).to(q_TND.dtype)
+        out = _scaled_by_sinks(out, w_TN)
         ctx.save_for_backward(q_TND, k_TMD, v_TMD, out, lse, w_TN, bounds, rng, unused)
         ctx.max_seq, ctx.scale, ctx.sides, ctx.sink_dtype = max_seq, scale, sides, sinks_N.dtype
         return out
@@ -258,11 +269,9 @@ class _FlashSinkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, w_TN, bounds, rng, unused = ctx.saved_tensors
-        d_o = (dout.float() * w_TN[..., None]).to(q.dtype)
+        d_o, d_sinks = _through_sinks(dout, out, w_TN, 0, ctx.sink_dtype)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             d_o, q, k, v, out, lse, bounds, bounds, ctx.max_seq, ctx.max_seq, 0.0, True,
             rng, unused, scale=ctx.scale, **ctx.sides,
         )  # fmt: skip
-        row_dot = (dout.float() * out.float()).sum(-1)
-        d_sinks = -((1.0 - w_TN) * row_dot).sum(0).to(ctx.sink_dtype)
         return dq, dk, dv, d_sinks, None, None, None, None
