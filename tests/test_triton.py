@@ -144,3 +144,35 @@ def test_saved_bytes_per_token_is_what_backward_keeps(recompute):
         lora_rank=p["lora"].rank, has_bias=False, activation="swiglu", recompute=recompute,
     )  # fmt: skip
     assert sum(saved.values()) == case.tokens * tr.saved_bytes_per_token(problem, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("is_a", [True, False], ids=["A layout", "B layout"])
+def test_rank_grad_kernel_against_float64(dtype, is_a):
+    """``rank_grad``: per-expert ``s q[rows]^T (w p)`` with q read through a token index, an
+    empty expert (zeros), a rank that is not a power of two and a width that leaves a partial
+    column block, in either factor layout."""
+    torch.manual_seed(5)
+    tokens, width, rank, scale = 23, 45, 5, 0.75
+    counts = torch.tensor([7, 0, 19, 1, 13])
+    rows = int(counts.sum())
+    offs_E = counts.cumsum(0).to(torch.int32)
+    token_N = torch.randint(0, tokens, (rows,))
+    q = torch.randn(tokens, width, dtype=dtype)
+    p = torch.randn(rows, rank, dtype=dtype)
+    w = torch.rand(rows)
+    out_shape = (5, rank, width) if is_a else (5, width, rank)
+    out = torch.full(out_shape, float("nan"), dtype=dtype)
+    strides = tr._t(out) if is_a else out.stride()
+    tr.rank_grad(q, p, offs_E, out, strides, scale, gather=token_N, row_scale=w)
+    ws = (p.float() * w[:, None]).to(dtype).double()
+    qs = q.double()[token_N]
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        ref = scale * qs[start : start + n].t() @ ws[start : start + n]  # [width, rank]
+        got = out[e].double().t() if is_a else out[e].double()
+        if n == 0:
+            assert torch.equal(got, torch.zeros_like(got))
+        else:
+            assert rel_err(got, ref) <= TOLERANCE[dtype]
+        start += n

@@ -99,25 +99,45 @@ def run(args: argparse.Namespace) -> list[dict]:
             for placement, text in label.items():
                 alt = low[product]._replace(placement=placement)
                 stages[f"alt: {name} [{text}]"] = (partial(stage, alt), flops)
-        # LoRA dA, dB (7-10); full fine-tune: dW1, dW2 (3, 4)
-        need = (False,) * 7 + (True,) * 4 + (False,) * 2
-        grads_name, grads_flops = "LoRA dA, dB (torch grouped_mm)", 2 * rows * r * (4 * h + 6 * i)
+        grads_name, grads_flops = "LoRA dA, dB (rank-r kernels)", 2 * rows * r * (4 * h + 6 * i)
+
+        def param_grads():
+            grads = [None] * 13
+            need = (False,) * 7 + (True,) * 4 + (False,) * 2
+            # fmt: off
+            tr.lora_down_grads(need, s, plan, dout, w_N, act_w, tr._z(low["bwd_down"]),
+                               tr._z(low["down"]), a2, b2, grads)
+            tr.lora_up_grads(need, s, plan, x, dh, tr._z(low["bwd_up"]), tr._z(low["up"]), a1,
+                             b1, grads)
+            # fmt: on
+
+        def torch_lora_grads():
+            grads = [None] * 13
+            need = (False,) * 7 + (True,) * 4 + (False,) * 2
+            dout_NH = dout.index_select(0, plan.token_N)
+            # fmt: off
+            gmm.down_grads(need, s, plan, dout, dout_NH, act_w, tr._z(low["bwd_down"]),
+                           tr._z(low["down"]), w_N[:, None], routing.weights, routing.experts,
+                           db, e, grads)
+            gmm.up_grads(need, s, plan, x, dh, tr._z(low["bwd_up"]), tr._z(low["up"]), grads)
+            # fmt: on
+
+        stages["alt: LoRA dA, dB (torch grouped_mm)"] = (torch_lora_grads, grads_flops)
     else:
-        need = (False,) * 3 + (True, True) + (False,) * 8
         grads_name, grads_flops = "dW1, dW2 (torch grouped_mm)", 2 * rows * h * i * 3
 
-    def param_grads():
-        grads = [None] * 13
-        dout_NH = dout.index_select(0, plan.token_N)
-        # fmt: off
-        gmm.down_grads(need, s, plan, dout, dout_NH, act_w, tr._z(low["bwd_down"]),
-                       tr._z(low["down"]), w_N[:, None], routing.weights, routing.experts, db,
-                       e, grads)
-        gmm.up_grads(need, s, plan, x, dh, tr._z(low["bwd_up"]), tr._z(low["up"]), grads)
-        # fmt: on
+        def param_grads():
+            grads = [None] * 13
+            need = (False,) * 3 + (True, True) + (False,) * 8
+            dout_NH = dout.index_select(0, plan.token_N)
+            # fmt: off
+            gmm.down_grads(need, s, plan, dout, dout_NH, act_w, None, None, w_N[:, None],
+                           routing.weights, routing.experts, db, e, grads)
+            # fmt: on
+            gmm.up_grads(need, s, plan, x, dh, None, None, grads)
 
     stages[grads_name] = (param_grads, grads_flops)
-    xs = x.index_select(0, plan.token_N)
+    xs, douts = x.index_select(0, plan.token_N), dout.index_select(0, plan.token_N)
     ref = {
         "ref: torch grouped_mm up, sorted rows": (
             lambda: gmm._gmm(xs, gate_up.transpose(1, 2), plan.offs_E),
@@ -126,6 +146,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         "ref: torch grouped_mm down, sorted rows": (
             lambda: gmm._gmm(act, down.transpose(1, 2), plan.offs_E),
             2 * rows * i * h,
+        ),
+        "ref: torch grouped_mm dY W2, sorted rows": (
+            lambda: gmm._gmm(douts, down, plan.offs_E),
+            2 * rows * h * i,
+        ),
+        "ref: torch grouped_mm dh W1, sorted rows": (
+            lambda: gmm._gmm(dh, gate_up, plan.offs_E),
+            2 * rows * 2 * i * h,
         ),
     }
     out = []

@@ -397,6 +397,103 @@ def _launch(
     _kernel(None)[grid](*args, **flags, **fixed)
 
 
+# (BLOCK_M, BLOCK_D, warps, stages) of the rank-r weight gradients: memory-bound reductions over
+# each expert's rows, so deep pipelines over wide row blocks
+_RANK_GRAD_CONFIGS = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3),
+                      (64, 128, 4, 4), (128, 128, 4, 4))  # fmt: skip
+_RANK_GRAD_FIXED = dict(BLOCK_M=32, BLOCK_D=32, num_warps=4, num_stages=3)
+_rank_grad_kernels: dict[bool, object] = {}
+
+
+def _rank_grad_kernel(tuned: bool):
+    if tuned not in _rank_grad_kernels:
+        import triton
+
+        kernel = tk._rank_grad_kernel
+        if tuned:
+            configs = [
+                triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+                for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
+            ]
+            kernel = triton.autotune(configs, key=["d_dim", "rank", "GATHER", "ROW_SCALE"])(kernel)
+        _rank_grad_kernels[tuned] = kernel
+    return _rank_grad_kernels[tuned]
+
+
+def rank_grad(
+    q_MD: torch.Tensor,
+    p_NR: torch.Tensor,
+    offs_E: torch.Tensor,
+    out: torch.Tensor,
+    out_strides: tuple[int, int, int],
+    scale: float,
+    *,
+    gather: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[e, d, j] = s * sum_{n of e} q[n, d] p[n, j]`` (a LoRA factor's gradient) written
+    through ``out_strides`` (expert, d, j), so A's ``[E, r, D]`` and B's ``[E, D, r]`` both come
+    out in place; ``q`` rows through ``gather`` (token order), ``p`` rows times ``row_scale``."""
+    d_dim, rank = q_MD.shape[1], p_NR.shape[1]
+    args = (
+        q_MD,
+        gather if gather is not None else offs_E,
+        q_MD.stride(0),
+        q_MD.stride(1),
+        p_NR,
+        p_NR.stride(0),
+        p_NR.stride(1),
+        row_scale if row_scale is not None else p_NR,
+        offs_E,
+        out,
+        *out_strides,
+        d_dim,
+        rank,
+        float(scale),
+    )
+    flags = dict(
+        GATHER=gather is not None,
+        ROW_SCALE=row_scale is not None,
+        UPCAST=_interpreting(),
+        PRECISION="ieee" if q_MD.dtype == torch.float32 else None,
+        BLOCK_R=max(16, triton_next_pow2(rank)),
+    )
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (offs_E.numel(), triton_cdiv(d_dim, meta["BLOCK_D"]))
+
+    tuned = _autotune_enabled()
+    _rank_grad_kernel(tuned)[grid](*args, **flags, **({} if tuned else _RANK_GRAD_FIXED))
+    return out
+
+
+def _factor_grad(factor, q, p, s, offs_E, *, is_a: bool, gather=None, row_scale=None):
+    """A LoRA factor's gradient by :func:`rank_grad`: A is ``[E, r, D]`` (the reduction's d on
+    its last axis), B is ``[E, D, r]``."""
+    out = torch.empty_like(factor)
+    strides = _t(out) if is_a else out.stride()
+    return rank_grad(q, p, offs_E, out, strides, s, gather=gather, row_scale=row_scale)
+
+
+def lora_down_grads(need, s, plan, dout_TH, w_N, act_w_NI, u2_NR, z2_NR, a2, b2, grads) -> None:
+    """dA2 (9) = s u2^T (w act) and dB2 (10) = s dout[token]^T (w z2) per expert."""
+    if need[9]:
+        grads[9] = _factor_grad(a2, act_w_NI, u2_NR, s, plan.offs_E, is_a=True)
+    if need[10]:
+        # fmt: off
+        grads[10] = _factor_grad(b2, dout_TH, z2_NR, s, plan.offs_E, is_a=False,
+                                 gather=plan.token_N, row_scale=w_N)
+        # fmt: on
+
+
+def lora_up_grads(need, s, plan, x_TH, dh_NG, u1_NR, z1_NR, a1, b1, grads) -> None:
+    """dA1 (7) = s u1^T x[token] and dB1 (8) = s dh^T z1 per expert."""
+    if need[7]:
+        grads[7] = _factor_grad(a1, x_TH, u1_NR, s, plan.offs_E, is_a=True, gather=plan.token_N)
+    if need[8]:
+        grads[8] = _factor_grad(b1, dh_NG, z1_NR, s, plan.offs_E, is_a=False)
+
+
 def best_configs() -> dict[int, str]:
     """The autotuner's choice per epilogue (for benchmark reports)."""
     return {
@@ -514,6 +611,11 @@ def up_backward(dh_NG, gate_up, lora, plan, tiles, bm):
     return dx_slots
 
 
+def _without_lora(need: tuple[bool, ...]) -> tuple[bool, ...]:
+    """``needs_input_grad`` without the LoRA factors (7-10), which the rank-r kernels do."""
+    return tuple(False if i in (7, 8, 9, 10) else n for i, n in enumerate(need))
+
+
 def _z(lora: LowRank | None) -> torch.Tensor | None:
     return None if lora is None else lora.z
 
@@ -585,9 +687,11 @@ class _TritonExperts(torch.autograd.Function):
 
         # the down projection's weight and LoRA gradients now, so that w * act and the gathered
         # dout are freed before the up projection's [N, H] dX buffer exists (a lower peak)
-        dout_NH = dout_TH.index_select(0, plan.token_N) if need[4] or need[10] else None
         # fmt: off
-        gmm.down_grads(need, s, plan, dout_TH, dout_NH, act_w, _z(low["bwd_down"]), z2,
+        lora_down_grads(need, s, plan, dout_TH, w_N, act_w, _z(low["bwd_down"]), z2, a2, b2,
+                        grads)
+        dout_NH = dout_TH.index_select(0, plan.token_N) if need[4] else None
+        gmm.down_grads(_without_lora(need), s, plan, dout_TH, dout_NH, act_w, None, None,
                        w_N[:, None], weights_TK, experts_TK, down_bias, num_experts, grads)
         # fmt: on
         del dout_NH, act_w
@@ -599,7 +703,8 @@ class _TritonExperts(torch.autograd.Function):
                 grads[0] = combine_rows(dx_slots, top_k, None)
             del dx_slots
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
-        gmm.up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, grads)
+        lora_up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, a1, b1, grads)
+        gmm.up_grads(_without_lora(need), s, plan, x_TH, dh_NG, None, None, grads)
         return tuple(grads)
 
 

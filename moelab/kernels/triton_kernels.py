@@ -205,6 +205,9 @@ def _expert_gemm_kernel(
                 tl.store(z_ptrs, z, mask=z_mask)
         else:  # LORA_GIVEN: z came from a rank-r launch
             z = tl.load(z_ptrs, mask=z_mask, other=0.0)
+        # s z (one rounding of the rank-r term) accumulates into the main accumulator: a second
+        # BLOCK_M x BLOCK_N fp32 tile for it would double the epilogue's registers
+        z = _cast(z.to(tl.float32) * lora_scale, out_dtype, UPCAST)
         lb_ptrs = (
             lb_ptr
             + e.to(tl.int64) * stride_lbe
@@ -212,16 +215,12 @@ def _expert_gemm_kernel(
             + rs[:, None] * stride_lbr
         )
         lb = tl.load(lb_ptrs, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += lora_scale * _dot(
-            z, lb, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION
-        )
+        acc = _dot(z, lb, acc, UPCAST, PRECISION)
         if EPILOGUE == 1:  # SWIGLU_FWD
             lb_up = tl.load(
                 lb_ptrs + n_out * stride_lbn, mask=r_mask[:, None] & col_mask[None, :], other=0.0
             )
-            acc_up += lora_scale * _dot(
-                z, lb_up, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION
-            )
+            acc_up = _dot(z, lb_up, acc_up, UPCAST, PRECISION)
     if BIAS:
         b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn
         acc += tl.load(b_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -308,4 +307,70 @@ def _combine_kernel(
         out_ptr + t.to(tl.int64) * stride_o + cols,
         _cast(acc, out_ptr.dtype.element_ty, UPCAST),
         mask=mask,
+    )
+
+
+@triton.jit
+def _rank_grad_kernel(
+    q_ptr,
+    q_rows_ptr,
+    stride_qm,
+    stride_qd,
+    p_ptr,
+    stride_pm,
+    stride_pr,
+    row_scale_ptr,
+    offs_ptr,
+    out_ptr,
+    stride_oe,
+    stride_od,
+    stride_or,
+    d_dim,
+    rank,
+    scale,
+    GATHER: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """A LoRA factor's gradient, ``out[e, d, j] = s * sum_{n of e} q[n, d] p[n, j]``, over one
+    expert's sorted rows in row order (no atomics); ``q`` read from token order through a row
+    index when ``GATHER``, ``p`` times a per-row weight when ``ROW_SCALE`` (rounded to p's dtype,
+    as a stored product would be). An empty expert gets zeros."""
+    e = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < d_dim
+    rs = tl.arange(0, BLOCK_R)
+    r_mask = rs < rank
+    end = tl.load(offs_ptr + e)
+    start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+    acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < end
+        if GATHER:
+            src = tl.load(q_rows_ptr + rows, mask=row_mask, other=0)
+        else:
+            src = rows
+        q = tl.load(
+            q_ptr + src[:, None].to(tl.int64) * stride_qm + cols[None, :] * stride_qd,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        p = tl.load(
+            p_ptr + rows[:, None].to(tl.int64) * stride_pm + rs[None, :] * stride_pr,
+            mask=row_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        if ROW_SCALE:
+            w = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+            p = _cast(p.to(tl.float32) * w[:, None], p_ptr.dtype.element_ty, UPCAST)
+        acc = _dot(tl.trans(q), p, acc, UPCAST, PRECISION)
+    tl.store(
+        out_ptr + e.to(tl.int64) * stride_oe + cols[:, None] * stride_od + rs[None, :] * stride_or,
+        _cast(acc * scale, out_ptr.dtype.element_ty, UPCAST),
+        mask=col_mask[:, None] & r_mask[None, :],
     )
