@@ -168,7 +168,7 @@ def test_stages_benchmark_times_every_stage(tmp_path, mode):
     rows = [r for r in json.loads(out.read_text()) if "stage" in r]
     names = [r["stage"] for r in rows]
     assert all(r["ms"] > 0 for r in rows)
-    assert sum(n.startswith("alt:") for n in names) == (9 if mode == "lora" else 0)
+    assert sum(n.startswith("alt:") for n in names) == (11 if mode == "lora" else 2)
     assert sum(n.startswith("ref:") for n in names) == 4
     assert ("LoRA dA, dB (rank-r kernels)" in names) == (mode == "lora")
     assert ("alt: LoRA dA, dB (torch grouped_mm)" in names) == (mode == "lora")

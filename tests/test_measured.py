@@ -26,10 +26,12 @@ def test_a_choice_is_measured_once_and_read_back_by_a_new_process(cache):
         calls.append(1)
         return 2
 
-    assert MeasuredChoices("c.json").get("gpu a", "k1", measure) == 2
-    assert MeasuredChoices("c.json").get("gpu a", "k1", measure) == 2  # a "new process"
+    assert MeasuredChoices("c.json", (1, 2)).get("gpu a", "k1", measure) == 2
+    assert MeasuredChoices("c.json", (1, 2)).get("gpu a", "k1", measure) == 2  # a "new process"
     assert len(calls) == 1
-    assert MeasuredChoices("c.json").get("gpu b", "k1", lambda: 1) == 1  # other scope: measured
+    assert (
+        MeasuredChoices("c.json", (1, 2)).get("gpu b", "k1", lambda: 1) == 1
+    )  # other scope: measured
     assert json.loads((cache / "c.json").read_text()) == {"gpu a": {"k1": 2}, "gpu b": {"k1": 1}}
     assert [p.name for p in cache.iterdir()] == ["c.json"]  # no temporary files left
 
@@ -37,7 +39,7 @@ def test_a_choice_is_measured_once_and_read_back_by_a_new_process(cache):
 def test_a_corrupt_file_is_ignored_and_replaced(cache):
     cache.mkdir()
     (cache / "c.json").write_text("{not json")
-    assert MeasuredChoices("c.json").get("s", "k", lambda: 1) == 1
+    assert MeasuredChoices("c.json", (1, 2)).get("s", "k", lambda: 1) == 1
     assert json.loads((cache / "c.json").read_text()) == {"s": {"k": 1}}
 
 
@@ -45,25 +47,43 @@ def test_an_unwritable_cache_only_costs_measuring_again(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("MOELAB_CACHE_DIR", str(blocker / "cache"))  # a file in the way
-    choices = MeasuredChoices("c.json")
+    choices = MeasuredChoices("c.json", (1, 2))
     assert choices.get("s", "k", lambda: 2) == 2
     assert choices.get("s", "k", lambda: 1) == 2  # remembered in memory
 
 
-def test_triton_lora_placement_goes_through_the_disk_cache(cache, monkeypatch):
-    """The backend's measured placement (timed on CUDA; faked here) is stored per machine and
-    product, and a fresh process reuses it without timing again."""
+def test_an_unknown_stored_value_is_measured_again(cache):
+    cache.mkdir()
+    (cache / "c.json").write_text(json.dumps({"s": {"k": 7}}))
+    assert MeasuredChoices("c.json", (1, 2)).get("s", "k", lambda: 1) == 1
+
+
+def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
+    """The backend's measured LoRA placements and down-projection backward main loop (timed on
+    CUDA; faked here: always the last candidate) are stored per machine and product, and a
+    fresh process reuses them without timing again."""
     timed = []
     monkeypatch.setattr(tr, "_measures_placement", lambda a: True)
     monkeypatch.setattr(tr, "_scope", lambda device: "test machine")
-    monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(1) or tk.LORA_GIVEN)
-    monkeypatch.setattr(tr, "_placements", MeasuredChoices("triton_lora_placement.json"))
+    monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(1) or choices[-1])
+
+    def fresh_process():
+        monkeypatch.setattr(
+            tr, "_placements", MeasuredChoices("triton_lora_placement.json", tr._placements.allowed)
+        )
+        monkeypatch.setattr(tr, "_main_loops", MeasuredChoices("triton_main_loop.json",
+                                                               tr._main_loops.allowed))  # fmt: skip
+
+    fresh_process()
     case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
     p = make_problem(case, "lora", torch.float32, seed=15)
     run_backend(p, "triton")
-    stored = json.loads((cache / "triton_lora_placement.json").read_text())["test machine"]
-    assert len(stored) == len(timed) == 4  # up, down, bwd_down, bwd_up
-    assert set(stored.values()) == {tk.LORA_GIVEN}
-    monkeypatch.setattr(tr, "_placements", MeasuredChoices("triton_lora_placement.json"))
+    placements = json.loads((cache / "triton_lora_placement.json").read_text())["test machine"]
+    mains = json.loads((cache / "triton_main_loop.json").read_text())["test machine"]
+    # up, down, bwd_up; bwd_down's z comes with the torch main loop (a rank-r launch)
+    assert set(placements.values()) == {tk.LORA_GIVEN} and len(placements) == 3
+    assert list(mains.values()) == ["torch"]
+    assert len(timed) == 4
+    fresh_process()
     run_backend(p, "triton")
     assert len(timed) == 4

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import LOGITS_GRAD_TOLERANCE, TOLERANCE, rel_err
-from test_experts import Case, make_problem, run_backend, run_reference, trainables
+from test_experts import CASES, VARIANTS, Case, make_problem, run_backend, run_reference, trainables
 
 from moelab.kernels import triton as tr
 from moelab.kernels import triton_kernels as tk
@@ -40,6 +40,20 @@ def test_lora_placements_match_reference(monkeypatch, placement, dtype):
     monkeypatch.setattr(tr, "LORA_PLACEMENT", PLACEMENTS[placement])
     case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2, cold=(1,))
     _check_against_reference(make_problem(case, "all_trainable", dtype, seed=11))
+
+
+EDGE_CASES = [c for c in CASES if c.name in ("T=1", "empty experts", "all tokens on one expert")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: c.name)
+def test_down_backward_on_torch_main_loop_matches_reference(monkeypatch, case, variant, dtype):
+    """The down projection's backward with g from torch's grouped GEMM and the SwiGLU epilogue
+    run alone (``DOWN_BACKWARD_MAIN = "torch"``): every output and gradient as the float64
+    reference, at the edge cases of the backend matrix."""
+    monkeypatch.setattr(tr, "DOWN_BACKWARD_MAIN", "torch")
+    _check_against_reference(make_problem(case, variant, dtype, seed=17))
 
 
 @pytest.mark.parametrize("block_n", [32, 64, 128])

@@ -90,6 +90,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         name: (partial(stage, low[product]), flops)
         for name, (stage, product, flops) in products.items()
     }
+    # the down projection's backward with each main loop (the stage above: the measured one)
+    for main in ("triton", "torch"):
+        fn = partial(tr.down_backward, dout, down, h_NG, w_N, low["bwd_down"], plan, tiles, bm,
+                     oai, want_actw=True, main=main)  # fmt: skip
+        stages[f"alt: bwd dY W2 [{main} main loop]"] = (fn, 2 * rows * h * i)
     stages["combine"] = (lambda: tr.combine_rows(y, k, weights), 0)
     stages["dX combine"] = (lambda: tr.combine_rows(dxs, k, None), 0)
     if lora_mode:
@@ -167,6 +172,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         dict(
             configs=tr.best_configs(),
             lora_placements={key: v for (_, key), v in tr._placements.chosen.items()},
+            main_loops={key: v for (_, key), v in tr._main_loops.chosen.items()},
         )
     )
     print(json.dumps(out[-1]), flush=True)

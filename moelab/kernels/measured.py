@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("moelab")
+Choice = int | str
 
 
 def cache_dir() -> Path:
@@ -24,11 +25,13 @@ def cache_dir() -> Path:
 
 
 class MeasuredChoices:
-    """``get(scope, key, measure)``: the stored choice, else ``measure()``'s, stored."""
+    """``get(scope, key, measure)``: the stored choice, else ``measure()``'s, stored. A stored
+    value that is not one of ``allowed`` (another version's, or edited) is measured again."""
 
-    def __init__(self, filename: str):
+    def __init__(self, filename: str, allowed: tuple[Choice, ...]):
         self.filename = filename
-        self.chosen: dict[tuple[str, str], int] = {}
+        self.allowed = allowed
+        self.chosen: dict[tuple[str, str], Choice] = {}
 
     def path(self) -> Path:
         return cache_dir() / self.filename
@@ -43,18 +46,18 @@ class MeasuredChoices:
             log.warning("moelab: ignoring unreadable %s (%s)", self.path(), e)
             return {}
 
-    def get(self, scope: str, key: str, measure: Callable[[], int]) -> int:
+    def get(self, scope: str, key: str, measure: Callable[[], Choice]) -> Choice:
         if (scope, key) in self.chosen:
             return self.chosen[scope, key]
         stored = self._read().get(scope, {}).get(key)
-        if isinstance(stored, int):
+        if stored in self.allowed:
             self.chosen[scope, key] = stored
             return stored
         choice = self.chosen[scope, key] = measure()
         self._write(scope, key, choice)
         return choice
 
-    def _write(self, scope: str, key: str, choice: int) -> None:
+    def _write(self, scope: str, key: str, choice: Choice) -> None:
         path = self.path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

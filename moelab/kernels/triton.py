@@ -12,9 +12,12 @@ Backward::
 
     g = dout[token] W2 + s u2 A2                         u2 = dout B2 in the K loop; epilogue:
                                                          dw = <g, act>, dh = act'(h, w g), w act
-    LoRA dA2/dB2 and dW2                                 varlen-K grouped products (torch)
+                                                         (or g from torch's grouped GEMM and
+                                                         the epilogue alone: down_backward)
+    LoRA dA2/dB2                                         rank-r reduction kernel per factor
+    dW2                                                  varlen-K grouped product (torch)
     dxs[slot] = dh W1 + s u1 A1;  dx[t] = sum_j dxs      u1 = dh B1 in the K loop
-    LoRA dA1/dB1, dW1 and biases                         varlen-K grouped products (torch)
+    LoRA dA1/dB1; dW1 and biases                         as above
 
 Each rank-r product can instead come from its own rank-r launch; which is faster is measured
 once per shape and machine (``LORA_PLACEMENT``; remembered on disk by
@@ -141,7 +144,7 @@ def triton_cdiv(a: int, b: int) -> int:
 # Hopper-shaped candidates (BLOCK_N, BLOCK_K, warps, stages): wgmma wants 64-row warpgroups
 # and BLOCK_K 64 keeps 128-byte rows; the dual (gate + up) kernel holds two accumulators, so its
 # column block is half as wide; rank-r launches are memory-bound skinny products.
-_LOW_RANK = 3
+_LOW_RANK, _EPILOGUE_ONLY = 3, 4
 _CONFIGS = {
     tk.STORE: ((128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)),
     tk.SWIGLU_FWD: ((64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2)),
@@ -155,6 +158,8 @@ _CONFIGS = {
         (128, 64, 4, 3),
     ),
     _LOW_RANK: ((16, 64, 4, 3), (16, 64, 4, 5), (16, 128, 4, 3), (16, 128, 4, 4), (32, 64, 4, 4)),
+    # the SwiGLU-backward epilogue alone, over a product torch's grouped GEMM made: memory-bound
+    _EPILOGUE_ONLY: ((32, 16, 4, 1), (64, 16, 4, 1), (64, 16, 8, 1), (128, 16, 8, 1)),
 }
 _FIXED = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)  # CI, interpreter, repro
 _GROUP_M = 8
@@ -164,7 +169,9 @@ _DW_COLS = 32  # SWIGLU_BWD writes one router partial per 32 columns (kernel con
 # loop), the choice kept on disk. Products:
 # up (x A1^T), down (act A2^T), bwd_down (dout B2), bwd_up (dh B1).
 LORA_PLACEMENT: dict[str, int | None] = dict.fromkeys(("up", "down", "bwd_down", "bwd_up"))
-_placements = MeasuredChoices("triton_lora_placement.json")
+_placements = MeasuredChoices("triton_lora_placement.json", (tk.LORA_IN_LOOP, tk.LORA_GIVEN))
+DOWN_BACKWARD_MAIN: str | None = None  # see down_backward
+_main_loops = MeasuredChoices("triton_main_loop.json", ("triton", "torch"))
 
 
 def _autotune_enabled() -> bool:
@@ -206,6 +213,7 @@ def _kernel(epilogue: int | None):
                     "rank",
                     "num_row_tiles",
                     "EPILOGUE",
+                    "ACC_IN",
                     "LORA",
                     "GATHER",
                     "SCATTER",
@@ -305,25 +313,29 @@ def _scope(device: torch.device) -> str:
     return f"{name} | triton {triton.__version__} | torch {torch.__version__}"
 
 
-def _fastest(run, choices: tuple[int, ...], reps: int = 10) -> int:
-    """The choice whose ``run(choice)`` takes least GPU time (each tuned and warmed first)."""
-    times = {}
+def _fastest(run, choices: tuple, reps: int = 5, rounds: int = 3):
+    """The choice whose ``run(choice)`` takes least GPU time: each tuned and warmed first, then
+    timed in alternating rounds (best round each), so clock drift favours none."""
     for choice in choices:
         run(choice)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            run(choice)
-        end.record()
-        end.synchronize()
-        times[choice] = start.elapsed_time(end)
+    times = {choice: float("inf") for choice in choices}
+    for _ in range(rounds):
+        for choice in choices:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                run(choice)
+            end.record()
+            end.synchronize()
+            times[choice] = min(times[choice], start.elapsed_time(end))
     return min(times, key=times.get)
 
 
 def _launch(
     a, w, w_strides, n_out, k_dim, tiles, block_m, out, *, gather=None, scatter=None,
     lora=None, bias=None, epilogue=tk.STORE, h=None, w_rows=None, dw=None, act_w=None,
-    oai=False, tuned_as: int,
+    oai=False, acc_in=False, tuned_as: int,
 ) -> None:  # fmt: skip
     dummy = a  # never read: its branch is compiled out
     rank = lora.z.shape[1] if lora is not None else 0
@@ -365,6 +377,7 @@ def _launch(
     )
     flags = dict(
         EPILOGUE=epilogue,
+        ACC_IN=acc_in,
         GATHER=gather is not None,
         SCATTER=scatter is not None,
         LORA=tk.LORA_NONE if lora is None else lora.placement,
@@ -584,19 +597,61 @@ def down_projection(act_NI, down, down_bias, lora, plan, tiles, bm):
     return y_slots
 
 
-def down_backward(dout_TH, down, h_NG, w_N, lora, plan, tiles, bm, oai, want_actw: bool):
+def down_backward(
+    dout_TH, down, h_NG, w_N, lora, plan, tiles, bm, oai, want_actw: bool, main: str | None = None
+):
     """``dh [N, 2I]``, router partials ``[N, I / 32]`` and ``w act [N, I]`` (or None) from
-    g = dout W2 + s u2 A2, u2 = dout B2 into lora.z."""
+    g = dout W2 + s u2 A2, u2 = dout B2 into lora.z.
+
+    g comes from the fused kernel's own main loop (``"triton"``) or from torch's grouped GEMM
+    over a gathered copy of dout followed by the same epilogue alone (``"torch"``): the
+    epilogue's registers keep the fused kernel's column block narrow, so it re-reads each row of
+    dout I / BLOCK_N times. ``DOWN_BACKWARD_MAIN`` fixes the choice; else it is measured once
+    per shape and machine and kept on disk like the LoRA placement; ``main`` overrides both.
+    """
     hidden, inter = down.shape[1:]
     rows = h_NG.shape[0]
     dh_NG = h_NG.new_empty(rows, 2 * inter)
     dw_parts = h_NG.new_empty(rows, triton_cdiv(inter, _DW_COLS), dtype=torch.float32)
     act_w = h_NG.new_empty(rows, inter) if want_actw else None
-    # fmt: off
-    expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, bm, dh_NG, gather=plan.token_N,
-                epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N, dw=dw_parts, act_w=act_w, oai=oai,
-                lora=lora)
-    # fmt: on
+    epilogue = dict(epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N, dw=dw_parts, act_w=act_w, oai=oai)
+
+    def run(main: str) -> None:
+        if main == "triton":
+            # fmt: off
+            expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, bm, dh_NG,
+                        gather=plan.token_N, lora=lora, **epilogue)
+            # fmt: on
+            return
+        dout_NH = dout_TH.index_select(0, plan.token_N)
+        g_NI = gmm._gmm(dout_NH, down, plan.offs_E)
+        low = None if lora is None else lora._replace(placement=tk.LORA_GIVEN)
+        if low is not None:
+            # fmt: off
+            _launch(dout_NH, low.la, low.la_strides, low.z.shape[1], hidden, tiles, bm, low.z,
+                    tuned_as=_LOW_RANK)
+            # fmt: on
+        del dout_NH
+        # fmt: off
+        _launch(g_NI, down, _t(down), inter, 0, tiles, bm, dh_NG, lora=low, acc_in=True,
+                tuned_as=_EPILOGUE_ONLY, **epilogue)
+        # fmt: on
+
+    main = main or DOWN_BACKWARD_MAIN
+    if main is None:
+        if not _measures_placement(dout_TH):
+            main = "triton"
+        else:
+            key = ("down_backward", hidden, inter, tiles.shape[1], lora is not None,
+                   str(dout_TH.dtype))  # fmt: skip
+
+            def measure() -> str:
+                choice = _fastest(run, ("triton", "torch"))
+                log.info("moelab: triton down-projection backward for %s measured: %s", key, choice)
+                return choice
+
+            main = _main_loops.get(_scope(dout_TH.device), repr(key), measure)
+    run(main)
     return dh_NG, dw_parts, act_w
 
 

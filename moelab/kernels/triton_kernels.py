@@ -118,6 +118,7 @@ def _expert_gemm_kernel(
     rank,
     lora_scale,
     EPILOGUE: tl.constexpr,
+    ACC_IN: tl.constexpr,
     GATHER: tl.constexpr,
     SCATTER: tl.constexpr,
     LORA: tl.constexpr,
@@ -171,29 +172,38 @@ def _expert_gemm_kernel(
         la_ptr + e.to(tl.int64) * stride_lae + rs[None, :] * stride_lar + ks[:, None] * stride_lak
     )
     acc_z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < k_dim, other=0.0)
-        if EVEN_K and EVEN_N:
-            w = tl.load(w_ptrs)
-        else:
-            w_mask = ((k0 + ks)[:, None] < k_dim) & col_mask[None, :]
-            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        acc = _dot(a, w, acc, UPCAST, PRECISION)
-        if EPILOGUE == 1:  # SWIGLU_FWD: the up half sits n_out rows further in W
-            if EVEN_K and EVEN_N:
-                w_up = tl.load(w_ptrs + n_out * stride_wn)
+    if ACC_IN:  # the product came from another GEMM (rows in sorted order): epilogue only
+        acc = tl.load(
+            a_ptr + rows_in[:, None].to(tl.int64) * stride_am + cols[None, :] * stride_ak,
+            mask=col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    else:
+        for k0 in range(0, k_dim, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
             else:
-                w_up = tl.load(w_ptrs + n_out * stride_wn, mask=w_mask, other=0.0)
-            acc_up = _dot(a, w_up, acc_up, UPCAST, PRECISION)
-        if LORA == 1:  # LORA_IN_LOOP
-            la = tl.load(la_ptrs, mask=((k0 + ks)[:, None] < k_dim) & r_mask[None, :], other=0.0)
-            acc_z = _dot(a, la, acc_z, UPCAST, PRECISION)
-            la_ptrs += BLOCK_K * stride_lak
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+                a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < k_dim, other=0.0)
+            if EVEN_K and EVEN_N:
+                w = tl.load(w_ptrs)
+            else:
+                w_mask = ((k0 + ks)[:, None] < k_dim) & col_mask[None, :]
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            acc = _dot(a, w, acc, UPCAST, PRECISION)
+            if EPILOGUE == 1:  # SWIGLU_FWD: the up half sits n_out rows further in W
+                if EVEN_K and EVEN_N:
+                    w_up = tl.load(w_ptrs + n_out * stride_wn)
+                else:
+                    w_up = tl.load(w_ptrs + n_out * stride_wn, mask=w_mask, other=0.0)
+                acc_up = _dot(a, w_up, acc_up, UPCAST, PRECISION)
+            if LORA == 1:  # LORA_IN_LOOP
+                la = tl.load(
+                    la_ptrs, mask=((k0 + ks)[:, None] < k_dim) & r_mask[None, :], other=0.0
+                )
+                acc_z = _dot(a, la, acc_z, UPCAST, PRECISION)
+                la_ptrs += BLOCK_K * stride_lak
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
 
     out_dtype = out_ptr.dtype.element_ty
     if LORA != 0:  # + s z lb^T; z is rounded as stored, and kept for the LoRA gradients
