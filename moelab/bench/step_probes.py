@@ -14,9 +14,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def host_syncs(step) -> int:
-    """Host synchronisations one (untimed) ``step()`` makes, as CUDA's sync debug mode sees
-    them (``.item()``, ``nonzero``, device-to-host copies, ...)."""
+def host_syncs(step) -> list[str]:
+    """Where one (untimed) ``step()`` synchronises with the host, as CUDA's sync debug mode sees
+    it (``.item()``, ``nonzero``, device-to-host copies, ...): one ``file:line`` per sync."""
     torch.cuda.synchronize()
     before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
@@ -27,7 +27,7 @@ def host_syncs(step) -> int:
         finally:
             torch.cuda.set_sync_debug_mode(before)
     torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
 def profile_step(runner, seq: int, device, path: str, rows: int = 40) -> None:

@@ -274,11 +274,13 @@ def measure(runner, seq: int, device, warmup: int = 3, steps: int = 5) -> dict:
     sync(device)
     seconds = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    sites = host_syncs(lambda: runner.step(ids)) if device.type == "cuda" else None
     return dict(
         step_s=round(seconds, 4),
         tokens_per_s=round(seq / seconds, 1),
         peak_gib=None if peak is None else round(peak, 2),
-        host_syncs=host_syncs(lambda: runner.step(ids)) if device.type == "cuda" else None,
+        host_syncs=None if sites is None else len(sites),
+        host_sync_sites=sites,
     )
 
 
@@ -343,6 +345,9 @@ def print_table(rows: list[dict]) -> None:
             f"{r['tokens_per_s']:>11,.0f}{peak:>10}{r.get('max_seq_in_budget', 'n/a')!s:>9}"
             f"{syncs!s:>7}"
         )
+    for r in rows:
+        if r.get("host_sync_sites"):
+            print(f"host syncs of {r['system']} at {r['seq']}: {', '.join(r['host_sync_sites'])}")
     for r in rows:
         if "breakdown_ms" in r:
             print(f"\nwhere a moelab step goes ({r['model']}, {r['seq']} tokens, ms):")

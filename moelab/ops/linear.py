@@ -17,7 +17,16 @@ def linear(
     y = F.linear(x, params["weight"], params.get("bias"))
     if params.get("lora_a") is not None:
         x_in = F.dropout(x, dropout) if dropout > 0 else x
-        y = y + lora_scale * F.linear(F.linear(x_in, params["lora_a"]), params["lora_b"])
+        z = F.linear(x_in, params["lora_a"])
+        # y + s z B^T as one GEMM that accumulates into y: no full-width product, scaling and
+        # sum as separate passes (nor the scaled gradient in backward)
+        y_2d = torch.addmm(
+            y.reshape(-1, y.shape[-1]),
+            z.reshape(-1, z.shape[-1]),
+            params["lora_b"].t(),
+            alpha=lora_scale,
+        )
+        y = y_2d.view(y.shape)
     return y
 
 

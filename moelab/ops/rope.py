@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moelab.kernels.rope import rope
+
 ROPE_KINDS = ("default", "yarn")
 
 
@@ -102,7 +104,20 @@ def rope_cos_sin(
 
 
 def apply_rope(x_BNSD: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (NeoX) pairing on the first ``R`` channels of each head; the rest pass."""
+    """Rotate-half (NeoX) pairing on the first ``R`` channels of each head; the rest pass.
+
+    On CUDA one Triton pass each way (:mod:`moelab.kernels.rope`, fp32 with one rounding); on
+    CPU the reference models' spelling in the compute dtype, bit for bit.
+    """
+    if x_BNSD.is_cuda:
+        return rope(x_BNSD, cos_BSR, sin_BSR)
+    return rope_reference(x_BNSD, cos_BSR, sin_BSR)
+
+
+def rope_reference(
+    x_BNSD: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor
+) -> torch.Tensor:
+    """:func:`apply_rope` as torch ops in the compute dtype (the reference models' rounding)."""
     rot = cos_BSR.shape[-1]
     cos, sin = cos_BSR[:, None], sin_BSR[:, None]
     x_rot, x_pass = x_BNSD[..., :rot], x_BNSD[..., rot:]
