@@ -39,3 +39,28 @@ def test_checkpointed_layers_give_the_same_gradients(model, backend):
         assert (g is None) == (g_ckpt is None)
         if g is not None:
             torch.testing.assert_close(g_ckpt, g, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpointed_layers_replay_lora_dropout():
+    """With LoRA dropout the recompute must draw the same masks: the RNG state is saved for it
+    (and only then, as saving it synchronises with a GPU)."""
+    from moelab.train.config import LoraConfig
+    from moelab.train.lora import add_lora
+
+    hf = hf_config("tiny-qwen3", 2)
+    family, _ = api.FAMILIES[hf["model_type"]]
+    cfg = family.Config.from_hf(hf)
+    params = family.init_params(cfg, generator=torch.Generator().manual_seed(0))
+    add_lora(params, LoraConfig(rank=4, targets=["attention"]), torch.Generator().manual_seed(2))
+    adapters = [t.requires_grad_(True) for p, t in tree.leaves(params) if p[-1] == "lora_b"]
+    ids = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+
+    def grads(checkpoint: bool):
+        torch.manual_seed(7)
+        options = ForwardOptions(lora_dropout=0.5, checkpoint_layers=checkpoint)
+        h, _ = family.hidden_states(cfg, params, ids, options=options)
+        return torch.autograd.grad(h.square().mean(), adapters)
+
+    for g, g_ckpt in zip(grads(False), grads(True)):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g_ckpt, g, rtol=1e-6, atol=1e-7)

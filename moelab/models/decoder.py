@@ -56,7 +56,12 @@ def hidden_states(
     for layer, p in enumerate(params["layers"]):
         args = (layer, p, h, cos, sin, document_ids, options)
         if options.checkpoint_layers and torch.is_grad_enabled():
-            h, layer_stats = checkpoint(cfg.decoder_layer, *args, use_reentrant=False)
+            # the RNG state is saved for the recompute only when the layer draws random
+            # numbers (LoRA dropout): reading the CUDA generator's state synchronises the host
+            # fmt: off
+            h, layer_stats = checkpoint(cfg.decoder_layer, *args, use_reentrant=False,
+                                        preserve_rng_state=options.lora_dropout > 0)
+            # fmt: on
         else:
             h, layer_stats = cfg.decoder_layer(*args)
         if layer_stats is not None:
