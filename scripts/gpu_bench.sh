@@ -11,9 +11,14 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 python3 -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' | tee -a "$OUT/env.txt"
 for shape in ${SHAPES:-qwen3-30b-a3b gpt-oss-20b}; do
   python3 -m moelab.bench experts --shape "$shape" --tokens "$TOKENS" --mode "${MODES:-lora,full}" \
-    --backends "${BACKENDS:-grouped_mm,triton}" ${NOCHECK:---check} ${PROFILE:+--profile} --json "$OUT/moelab_$shape.json" 2>&1 \
+    --backends "${BACKENDS:-grouped_mm,triton}" ${NOCHECK:---check} ${PROFILE:+--profile} ${GRAPH:+--graph} --json "$OUT/moelab_$shape.json" 2>&1 \
     | tee "$OUT/moelab_$shape.log" | grep -v '^{'
 done
-if [ -f .anchor/anchor_bench.py ] && [ -z "${SKIP_ANCHOR:-}" ]; then
+if [ -f .anchor/anchor_bench.py ] && [ -n "${ANCHOR_ROWS:-}" ]; then
+  # chosen anchor rows only (scripts/anchor_rows.py; ANCHOR_ROWS=default: grouped_mm rows)
+  [ "$ANCHOR_ROWS" = default ] && unset ANCHOR_ROWS
+  OUT="$OUT" TOKENS="${ANCHOR_TOKENS:-$TOKENS}" ROWS="${ANCHOR_ROWS:-}" python3 scripts/anchor_rows.py 2>&1 \
+    | tee "$OUT/anchor.log" | grep -v '^{' | grep -v Warning
+elif [ -f .anchor/anchor_bench.py ] && [ -z "${SKIP_ANCHOR:-}" ]; then
   TOKENS="${ANCHOR_TOKENS:-$TOKENS}" python3 .anchor/anchor_bench.py 2>&1 | tee "$OUT/anchor.log" | grep -v '^{' | grep -v Warning
 fi

@@ -17,7 +17,7 @@ if python3 -c "import pytest" 2>/dev/null; then
 else
   echo "no pytest on this machine: attention check skipped"
 fi
-MODELS=${MODELS-"qwen3-30b-a3b:moelab,moelab:no-ckpt,hf:grouped_mm,hf:eager gpt-oss-20b:moelab,moelab:no-ckpt,hf:grouped_mm"}
+MODELS=${MODELS-"qwen3-30b-a3b:moelab,moelab:no-ckpt,moelab:graph,moelab:no-ckpt:graph,hf:grouped_mm,hf:eager gpt-oss-20b:moelab,moelab:no-ckpt,moelab:graph,moelab:no-ckpt:graph,hf:grouped_mm"}
 bench() {  # model systems tag extra-args...
   local model=$1 systems=$2 tag=$3; shift 3
   echo "== $(date +%T) $tag $model $systems"

@@ -23,6 +23,7 @@ from moelab.kernels import available, registry
 from moelab.kernels.problem import ExpertProblem
 from moelab.kernels.registry import unsupported_reason
 from moelab.ops import ExpertLoRA, MoEConfig, moe_block, moe_experts, route
+from moelab.train.graphs import CapturedStep
 
 
 def build_block(
@@ -93,33 +94,45 @@ def _problem(
     )
 
 
-def time_step(fn, x0: torch.Tensor, iters: int, warmup: int = 3) -> tuple[float, float | None]:
-    """Median ms of ``fn(x).backward(grad)`` and peak extra MiB (None off CUDA)."""
+def time_step(
+    fn, x0: torch.Tensor, iters: int, warmup: int = 3, graph: bool = False
+) -> tuple[float, float | None, float | None]:
+    """Median ms of ``fn(x).backward(grad)``, peak extra MiB and the median ms the host took
+    to issue the step (both None off CUDA): when the host's time is close to the GPU's, the
+    step is bound by launching, not by the kernels. ``graph`` times replays of the step
+    captured as a CUDA graph (the kernels' time without the launching; CUDA only)."""
     cuda = x0.device.type == "cuda"
     grad = torch.randn_like(x0)
+    step = lambda x: fn(x).backward(grad)  # noqa: E731
     for _ in range(warmup):
-        fn(x0.detach().requires_grad_(True)).backward(grad)
+        step(x0.detach().requires_grad_(True))
     base = 0
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
+    if graph:
+        captured = CapturedStep(step)
+        captured.capture(x0.detach().requires_grad_(True))
+        step = captured
+    times, host = [], []
     for _ in range(iters):
         x = x0.detach().requires_grad_(True)
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(x).backward(grad)
+            t0 = time.perf_counter()
+            step(x)
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            fn(x).backward(grad)
+            step(x)
             times.append((time.perf_counter() - t0) * 1e3)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
-    return statistics.median(times), peak
+    return statistics.median(times), peak, statistics.median(host) if cuda else None
 
 
 def profile_step(fn, x0: torch.Tensor, top: int = 12) -> list[tuple[str, float, int]]:
@@ -269,9 +282,11 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     else:
         cfg = block_config(shape, backend, args.rank, args.recompute)
         step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
-    ms, peak = time_step(step, x0, args.iters)
+    ms, peak, host_ms = time_step(step, x0, args.iters, graph=args.graph)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
     row = dict(ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1))
+    row["host_ms"] = None if host_ms is None else round(host_ms, 3)
+    row["graph"] = args.graph
     module = None if backend == compiled.NAME else registry._module(backend)
     saved = getattr(module, "saved_bytes_per_token", None)
     if saved is not None:
@@ -306,7 +321,7 @@ def print_table(rows: list[dict]) -> None:
                 print(f"  {ms:8.3f} ms {calls:4d}x  {name}")
     print(
         f"\n{'shape':<15}{'tokens':>7} {'mode':<5}{'backend':<14}{'ms':>9}{'TFLOP/s':>9}"
-        f"{'peak MiB':>10}{'saved B/token':>15}"
+        f"{'peak MiB':>10}{'saved B/token':>15}{'host ms':>9}"
     )
     for r in timed:
         if "skipped" in r:
@@ -317,9 +332,10 @@ def print_table(rows: list[dict]) -> None:
             continue
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         saved = r.get("saved_bytes_per_token", "n/a")
+        host = "n/a" if r.get("host_ms") is None else f"{r['host_ms']:.2f}"
         print(
             f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
-            f"{r['ms']:>9.3f}{r['tflops']:>9.2f}{peak:>10}{saved!s:>15}"
+            f"{r['ms']:>9.3f}{r['tflops']:>9.2f}{peak:>10}{saved!s:>15}{host:>9}"
         )
 
 
@@ -335,6 +351,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="check correctness first")
     p.add_argument(
         "--recompute", action="store_true", help="recompute the pre-activation in backward"
+    )
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="time replays of the step captured as a CUDA graph (kernel time without launching)",
     )
     p.add_argument("--check-tokens", type=int, default=512)
     p.add_argument("--profile", action="store_true", help="list the top kernels of each row")

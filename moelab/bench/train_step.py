@@ -28,6 +28,7 @@ from moelab.models.options import ForwardOptions
 from moelab.ops.attention import attention
 from moelab.ops.moe import moe_block
 from moelab.train.config import LoraConfig, OptimConfig
+from moelab.train.graphs import CapturedStep
 from moelab.train.lora import add_lora, trainable_predicate
 from moelab.train.loss import chunked_cross_entropy
 from moelab.train.optim import MasterWeights, build_optimizer
@@ -98,7 +99,15 @@ class MoelabSystem:
     """moelab's model, LoRA (or full), fp32 masters of the trainable tensors, chunked loss."""
 
     def __init__(
-        self, cfg: dict, mode: str, rank: int, backend: str, device, dtype, checkpoint: bool
+        self,
+        cfg: dict,
+        mode: str,
+        rank: int,
+        backend: str,
+        device,
+        dtype,
+        checkpoint: bool,
+        graph: bool = False,
     ):
         family, _ = api.FAMILIES[cfg["model_type"]]
         self.family = family
@@ -119,11 +128,21 @@ class MoelabSystem:
             if trains(path):
                 trainable.append((path, t))
         self.masters = MasterWeights(trainable)
-        self.optimizer = build_optimizer(self.masters, OptimConfig(lr=1e-4, weight_decay=0.0))
+        optim = OptimConfig(lr=1e-4, weight_decay=0.0)
+        self.optimizer = build_optimizer(self.masters, optim, capturable=graph)
         self.options = ForwardOptions(backend=backend, lora_scale=2.0, checkpoint_layers=checkpoint)
         self.vocab = self.cfg.vocab_size
+        # replayed from a CUDA graph, captured by ``capture`` (or the first step of a new shape)
+        self.captured = CapturedStep(self.eager_step) if graph else None
 
     def step(self, ids: torch.Tensor) -> None:
+        (self.captured or self.eager_step)(ids)
+
+    def capture(self, ids: torch.Tensor) -> None:
+        if self.captured is not None:
+            self.captured.capture(ids)
+
+    def eager_step(self, ids: torch.Tensor) -> None:
         h, _ = self.family.hidden_states(self.cfg, self.params, ids, options=self.options)
         weight = self.family.lm_head_weight(self.cfg, self.params)
         loss_sum, count = chunked_cross_entropy(h[0, :-1], weight, ids[0, 1:])
@@ -248,14 +267,21 @@ def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
 
 SYSTEMS_HELP = (
     "comma-separated: moelab (activation checkpointing per layer), moelab:no-ckpt (activations "
-    "kept), hf:grouped_mm, hf:eager (Transformers + PEFT, gradient checkpointing on)"
+    "kept), either with :graph (the step replayed from a CUDA graph), hf:grouped_mm, hf:eager "
+    "(Transformers + PEFT, gradient checkpointing on)"
 )
+_MOELAB_SYSTEMS = ("moelab", "moelab:no-ckpt", "moelab:graph", "moelab:no-ckpt:graph")
 
 
 def build(system: str, cfg: dict, args, device, dtype):
-    if system in ("moelab", "moelab:no-ckpt"):
-        checkpoint = system == "moelab"
-        return MoelabSystem(cfg, args.mode, args.rank, args.backend, device, dtype, checkpoint)
+    if system in _MOELAB_SYSTEMS:
+        flags = system.split(":")[1:]
+        if "graph" in flags and device.type != "cuda":
+            raise ValueError(f"{system} needs a CUDA device")
+        # fmt: off
+        return MoelabSystem(cfg, args.mode, args.rank, args.backend, device, dtype,
+                            checkpoint="no-ckpt" not in flags, graph="graph" in flags)
+        # fmt: on
     if system not in ("hf:grouped_mm", "hf:eager"):
         raise ValueError(f"unknown system {system!r}; {SYSTEMS_HELP}")
     return TransformersSystem(cfg, args.mode, args.rank, system.split(":")[1], device, dtype)
@@ -268,6 +294,11 @@ def measure(runner, seq: int, device, warmup: int = 3, steps: int = 5) -> dict:
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if hasattr(runner, "capture"):
+        # a graphed step records here, through the allocator: the peak below is the step's own,
+        # as replays allocate nothing
+        runner.capture(ids)
+        sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         runner.step(ids)

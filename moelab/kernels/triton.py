@@ -30,6 +30,7 @@ on every run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -305,6 +306,7 @@ def _measures_placement(a: torch.Tensor) -> bool:
     return _autotune_enabled() and a.is_cuda
 
 
+@functools.lru_cache(maxsize=8)
 def _scope(device: torch.device) -> str:
     """What a measured choice depends on besides the problem: the GPU and the compilers."""
     import triton

@@ -48,7 +48,11 @@ def param_groups(masters: MasterWeights, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(masters: MasterWeights, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    masters: MasterWeights, cfg: OptimConfig, capturable: bool = False
+) -> torch.optim.AdamW:
+    """AdamW over the masters; ``capturable`` keeps its step counts on the GPU so that a CUDA
+    graph can record the update (:mod:`moelab.train.graphs`)."""
     # on CUDA one fused kernel updates every tensor (the default launches several per tensor
     # group, which at LoRA's many small factors costs more than the arithmetic)
     fused = all(m.is_cuda for m in masters.masters) or None
@@ -58,6 +62,7 @@ def build_optimizer(masters: MasterWeights, cfg: OptimConfig) -> torch.optim.Ada
         betas=tuple(cfg.betas),
         eps=cfg.eps,
         fused=fused,
+        capturable=capturable,
     )
 
 

@@ -1,0 +1,50 @@
+"""Chosen rows of the shared anchor benchmark (shared/bench/anchor_bench.py, carried in as
+.anchor/): its own block builder and timing function, with the model built on the GPU (the
+anchor initialises it on the CPU, minutes per row) and without its slow eager rows.
+
+Env: ROWS=family:impl:rank,... (default: grouped_mm with and without LoRA r=16, both
+families), TOKENS=8192, ITERS=10, OUT (anchor_rows.json there). Device machine only.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, ".anchor")
+import anchor_bench as anchor  # noqa: E402
+
+DEFAULT_ROWS = ",".join(
+    f"{family}:grouped_mm:{rank}" for family in ("qwen3_30b_a3b", "gpt_oss_20b") for rank in (16, 0)
+)
+
+
+def main() -> None:
+    tokens = [int(t) for t in os.environ.get("TOKENS", "8192").split(",")]
+    iters = int(os.environ.get("ITERS", "10"))
+    rows = []
+    for spec in (os.environ.get("ROWS") or DEFAULT_ROWS).split(","):
+        family, impl, rank = spec.split(":")
+        with torch.device("cuda"):
+            block, cfg = anchor.build(family, impl, int(rank))
+        for t in tokens:
+            x = torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+            ms, mib = anchor.time_block(block, x, iters)
+            row = dict(family=family, tokens=t, impl=impl, lora_rank=int(rank), ms=round(ms, 3),
+                       peak_mib=round(mib, 1))  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del block
+        torch.cuda.empty_cache()
+    print("\nanchor rows (shared/bench/anchor_bench.py's build and time_block)")
+    for r in rows:
+        print(f"{r['family']:<15}{r['tokens']:>7} {r['impl']:<12} r={r['lora_rank']:<3}"
+              f"{r['ms']:>9.3f} ms{r['peak_mib']:>9.0f} MiB")  # fmt: skip
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "anchor_rows.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
