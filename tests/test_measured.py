@@ -87,3 +87,17 @@ def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
     fresh_process()
     run_backend(p, "triton")
     assert len(timed) == 4
+
+
+def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeypatch):
+    """Where the torch main loop's transient copies would exceed the bound, the fused path
+    runs without measuring (long sequences keep the fused path's memory)."""
+    timed = []
+    monkeypatch.setattr(tr, "_measures_placement", lambda a: True)
+    monkeypatch.setattr(tr, "_scope", lambda device: "test machine")
+    monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(choices) or choices[-1])
+    monkeypatch.setattr(tr, "_main_loops", MeasuredChoices("main.json", tr._main_loops.allowed))
+    monkeypatch.setattr(tr, "_TORCH_MAIN_LOOP_MAX_BYTES", 0)
+    case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
+    run_backend(make_problem(case, "lora", torch.float32, seed=15), "triton")
+    assert ("triton", "torch") not in timed and not (cache / "main.json").exists()

@@ -14,6 +14,7 @@ within that much GPU memory. Transformers rows need transformers and peft.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from functools import partial
@@ -355,6 +356,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if "error" in row:  # skipped, or out of memory: longer sequences will not fit either
                 break
         runner = None
+        gc.collect()  # a graphed system and its captured step refer to each other
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

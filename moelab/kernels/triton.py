@@ -172,6 +172,9 @@ _DW_COLS = 32  # SWIGLU_BWD writes one router partial per 32 columns (kernel con
 LORA_PLACEMENT: dict[str, int | None] = dict.fromkeys(("up", "down", "bwd_down", "bwd_up"))
 _placements = MeasuredChoices("triton_lora_placement.json", (tk.LORA_IN_LOOP, tk.LORA_GIVEN))
 DOWN_BACKWARD_MAIN: str | None = None  # see down_backward
+# The torch main loop holds a gathered copy of dout and g, (H + I) elements per row, while it
+# runs; above this it is not considered, so long sequences keep the fused path's memory.
+_TORCH_MAIN_LOOP_MAX_BYTES = 1 << 30
 _main_loops = MeasuredChoices("triton_main_loop.json", ("triton", "torch"))
 
 
@@ -609,7 +612,8 @@ def down_backward(
     over a gathered copy of dout followed by the same epilogue alone (``"torch"``): the
     epilogue's registers keep the fused kernel's column block narrow, so it re-reads each row of
     dout I / BLOCK_N times. ``DOWN_BACKWARD_MAIN`` fixes the choice; else it is measured once
-    per shape and machine and kept on disk like the LoRA placement; ``main`` overrides both.
+    per shape and machine and kept on disk like the LoRA placement (the torch loop only while
+    its transient copies stay under ``_TORCH_MAIN_LOOP_MAX_BYTES``); ``main`` overrides both.
     """
     hidden, inter = down.shape[1:]
     rows = h_NG.shape[0]
@@ -641,7 +645,8 @@ def down_backward(
 
     main = main or DOWN_BACKWARD_MAIN
     if main is None:
-        if not _measures_placement(dout_TH):
+        extra = rows * (hidden + inter) * dout_TH.element_size()
+        if not _measures_placement(dout_TH) or extra > _TORCH_MAIN_LOOP_MAX_BYTES:
             main = "triton"
         else:
             key = ("down_backward", hidden, inter, tiles.shape[1], lora is not None,
