@@ -2,6 +2,8 @@
 # One device call: ms per forward+backward against tokens for every backend (issue 5's sweep),
 # LoRA with the torch.compile'd grouped_mm baseline, then full fine-tune. JSON rows go to $OUT
 # after every row; plot them here with `python -m moelab.bench plot $OUT/sweep_*.json`.
+# GRAPH=1 times every block replayed from a CUDA graph (kernel time, no launching; the eager
+# block is launch-bound below about 6 ms, BENCHMARKS.md runs 19-20).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -11,7 +13,7 @@ for mode in lora full; do
   [ "$mode" = lora ] && backends=grouped_mm,triton,compiled_grouped_mm
   for shape in qwen3-30b-a3b gpt-oss-20b; do
     python3 -m moelab.bench experts --shape "$shape" --tokens "$TOKENS" --mode "$mode" \
-      --backends "$backends" --iters "${ITERS:-5}" --json "$OUT/sweep_${shape}_${mode}.json" 2>&1 \
+      --backends "$backends" --iters "${ITERS:-5}" ${GRAPH:+--graph} --json "$OUT/sweep_${shape}_${mode}.json" 2>&1 \
       | grep -v '^{' | grep -v -i 'warn\|softmax\|^$' | tail -n +2
   done
 done
