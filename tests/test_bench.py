@@ -196,3 +196,9 @@ def test_train_step_benchmark_full_fine_tune(tmp_path):
     assert [r["system"] for r in rows] == ["moelab", "hf:grouped_mm"]
     assert all(r["mode"] == "full" for r in rows)
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal off CUDA")
+def test_experts_benchmark_refuses_graph_replay_without_cuda():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        main(["experts", "--shape", "tiny", "--tokens", "16", "--graph"])

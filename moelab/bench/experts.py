@@ -225,6 +225,8 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.graph and not device.startswith("cuda"):
+        raise ValueError(f"--graph replays CUDA graphs: it needs a CUDA device, not {device}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     shape = SHAPES[args.shape]
     backends = args.backends.split(",") if args.backends else available()
