@@ -190,3 +190,22 @@ def test_rank_grad_kernel_against_float64(dtype, is_a):
         else:
             assert rel_err(got, ref) <= TOLERANCE[dtype]
         start += n
+
+
+def test_up_projection_without_the_activation_writes_the_same_h():
+    """Backward's recompute asks the up projection for h alone: same h bits, no act buffer."""
+    from moelab.ops.dispatch import dispatch
+
+    torch.manual_seed(9)
+    tokens, hidden, inter, experts = 20, 32, 24, 4
+    x = torch.randn(tokens, hidden)
+    gate_up = torch.randn(experts, 2 * inter, hidden) * 0.2
+    experts_TK = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
+    plan = dispatch(experts_TK, experts)
+    rows = plan.token_N.numel()
+    bm = tr._block_m(rows, experts)
+    tiles = tr.tile_table(plan.offs_E, rows, bm)
+    h, act = tr.up_projection(x, gate_up, None, None, plan, tiles, bm, oai=False)
+    h_only, none = tr.up_projection(x, gate_up, None, None, plan, tiles, bm, False, False)
+    assert none is None and act.shape == (rows, inter)
+    assert torch.equal(h_only, h)

@@ -266,6 +266,7 @@ def expert_gemm(
     dw: torch.Tensor | None = None,
     act_w: torch.Tensor | None = None,
     oai: bool = False,
+    act_out: bool = True,
 ) -> torch.Tensor:
     """One grouped product over the tile table; see ``triton_kernels`` for the epilogues.
 
@@ -284,7 +285,7 @@ def expert_gemm(
         _launch(
             a, w, w_strides, n_out, k_dim, tiles, block_m, out, gather=gather, scatter=scatter,
             lora=low, bias=bias, epilogue=epilogue, h=h, w_rows=w_rows, dw=dw, act_w=act_w,
-            oai=oai, tuned_as=epilogue,
+            oai=oai, act_out=act_out, tuned_as=epilogue,
         )  # fmt: skip
 
     placement = None if lora is None else lora.placement
@@ -340,7 +341,7 @@ def _fastest(run, choices: tuple, reps: int = 5, rounds: int = 3):
 def _launch(
     a, w, w_strides, n_out, k_dim, tiles, block_m, out, *, gather=None, scatter=None,
     lora=None, bias=None, epilogue=tk.STORE, h=None, w_rows=None, dw=None, act_w=None,
-    oai=False, acc_in=False, tuned_as: int,
+    oai=False, acc_in=False, act_out=True, tuned_as: int,
 ) -> None:  # fmt: skip
     dummy = a  # never read: its branch is compiled out
     rank = lora.z.shape[1] if lora is not None else 0
@@ -389,6 +390,7 @@ def _launch(
         BIAS=bias is not None,
         OAI=oai,
         STORE_ACTW=act_w is not None,
+        ACT_OUT=act_out,
         UPCAST=_interpreting(),
         PRECISION="ieee" if a.dtype == torch.float32 else None,
         BLOCK_M=block_m,
@@ -578,15 +580,17 @@ def lora_products(a1, b1, a2, b2, scale: float, rows: int, *names: str) -> dict:
 # The four grouped products of a step, shared by the autograd function and the stage benchmark.
 
 
-def up_projection(x_TH, gate_up, gate_up_bias, lora, plan, tiles, bm, oai):
-    """``h [N, 2I], act [N, I]``: act = swiglu(x[token] W1^T + s z1 B1^T + b1), z1 into lora.z."""
+def up_projection(x_TH, gate_up, gate_up_bias, lora, plan, tiles, bm, oai, want_act=True):
+    """``h [N, 2I], act [N, I]``: act = swiglu(x[token] W1^T + s z1 B1^T + b1), z1 into lora.z;
+    act is None (never written) without ``want_act``, as when backward recomputes h."""
     rows, (two_inter, hidden) = plan.token_N.numel(), gate_up.shape[1:]
     h_NG = x_TH.new_empty(rows, two_inter)
-    act_NI = x_TH.new_empty(rows, two_inter // 2)
+    act_NI = x_TH.new_empty(rows, two_inter // 2) if want_act else None
     # fmt: off
-    expert_gemm(x_TH, gate_up, gate_up.stride(), two_inter // 2, hidden, tiles, bm, act_NI,
-                gather=plan.token_N, epilogue=tk.SWIGLU_FWD, h=h_NG, oai=oai, lora=lora,
-                bias=gate_up_bias)
+    expert_gemm(x_TH, gate_up, gate_up.stride(), two_inter // 2, hidden, tiles, bm,
+                h_NG if act_NI is None else act_NI, gather=plan.token_N,
+                epilogue=tk.SWIGLU_FWD, h=h_NG, oai=oai, lora=lora, bias=gate_up_bias,
+                act_out=want_act)
     # fmt: on
     return h_NG, act_NI
 
@@ -736,7 +740,10 @@ class _TritonExperts(torch.autograd.Function):
         rows = plan.token_N.numel()
         if h_NG is None:  # recompute: the forward's up projection again
             up = lora_products(a1, b1, a2, b2, s, rows, "up")["up"]
-            h_NG, _ = up_projection(x_TH, gate_up, gate_up_bias, up, plan, tiles, bm, oai)
+            # fmt: off
+            h_NG, _ = up_projection(x_TH, gate_up, gate_up_bias, up, plan, tiles, bm, oai,
+                                    want_act=False)
+            # fmt: on
         low = lora_products(a1, b1, a2, b2, s, rows, "bwd_down", "bwd_up")
 
         # down projection backward, fused with dSwiGLU and the router gradient's partials

@@ -6,8 +6,9 @@ a row index when ``GATHER`` (no permuted copy of x or dout), and results can be 
 (token, slot) order through a row index when ``SCATTER``. Epilogues:
 
 - ``STORE``: ``A W_e^T (+ s z B_e^T) (+ b_e)`` as it is.
-- ``SWIGLU_FWD``: gate and up in two accumulators; stores the pre-activation h and the
-  activation (computed from the rounded h, exactly what backward recomputes).
+- ``SWIGLU_FWD``: gate and up in two accumulators; stores the pre-activation h and (unless
+  ``ACT_OUT`` is off) the activation, computed from the rounded h, exactly what backward
+  recomputes.
 - ``SWIGLU_BWD``: the accumulator is ``g = dY W2`` before the routing weight; recomputes the
   activation from h, writes the per-row partial ``<g, act>`` (the router gradient, no expert
   outputs kept), ``dh = act'(h, w g)`` and optionally ``w * act`` for weight gradients.
@@ -125,6 +126,7 @@ def _expert_gemm_kernel(
     BIAS: tl.constexpr,
     OAI: tl.constexpr,
     STORE_ACTW: tl.constexpr,
+    ACT_OUT: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -256,13 +258,14 @@ def _expert_gemm_kernel(
         up = _cast(acc_up, out_dtype, UPCAST)
         tl.store(h_ptrs, gate, mask=mask)
         tl.store(h_ptrs + n_out * stride_hn, up, mask=mask)
-        act = _act_fwd(gate.to(tl.float32), up.to(tl.float32), OAI)
-        act = _cast(act, out_dtype, UPCAST)
-        tl.store(
-            out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
-            act,
-            mask=mask,
-        )
+        if ACT_OUT:  # off when backward recomputes h: it reads the activation from h itself
+            act = _act_fwd(gate.to(tl.float32), up.to(tl.float32), OAI)
+            act = _cast(act, out_dtype, UPCAST)
+            tl.store(
+                out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
+                act,
+                mask=mask,
+            )
     else:  # SWIGLU_BWD: acc = g = dY W2 (+ LoRA), before the routing weight
         h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
