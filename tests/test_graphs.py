@@ -52,3 +52,19 @@ def test_graphed_steps_match_eager_steps(checkpoint):
         # fp32 masters; the capturable optimizer computes its bias correction on the GPU, so
         # allow rounding, far below one step's update (lr 1e-4)
         torch.testing.assert_close(graphed[path], eager[path], rtol=0, atol=1e-6, msg=str(path))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_each_call_is_one_step():
+    """The call that captures trains once (its eager step), later calls replay once each."""
+    counter = torch.zeros((), device="cuda")
+
+    def step(batch):
+        counter.add_(batch.sum())
+
+    captured = CapturedStep(step)
+    ones = torch.ones(3, device="cuda")
+    for _ in range(3):
+        captured(ones)
+    torch.cuda.synchronize()
+    assert counter.item() == 9.0

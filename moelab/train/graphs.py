@@ -45,8 +45,10 @@ class CapturedStep:
         self.graph = graph
 
     def __call__(self, batch: torch.Tensor) -> None:
+        """One step on ``batch``: a replay, or, for a new shape, the capture's eager step."""
         if self.graph is None or batch.shape != self.static_batch.shape:
-            self.capture(batch)
+            self.capture(batch)  # its eager step has trained on this batch: no replay
+            return
         with torch.no_grad():
             self.static_batch.copy_(batch)
         self.graph.replay()
