@@ -63,7 +63,7 @@ def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
     CUDA; faked here: always the last candidate) are stored per machine and product, and a
     fresh process reuses them without timing again."""
     timed = []
-    monkeypatch.setattr(tr, "_measures_placement", lambda a: True)
+    monkeypatch.setattr(tr, "_measures", lambda a: True)
     monkeypatch.setattr(tr, "_scope", lambda device: "test machine")
     monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(1) or choices[-1])
 
@@ -93,7 +93,7 @@ def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeyp
     """Where the torch main loop's transient copies would exceed the bound, the fused path
     runs without measuring (long sequences keep the fused path's memory)."""
     timed = []
-    monkeypatch.setattr(tr, "_measures_placement", lambda a: True)
+    monkeypatch.setattr(tr, "_measures", lambda a: True)
     monkeypatch.setattr(tr, "_scope", lambda device: "test machine")
     monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(choices) or choices[-1])
     monkeypatch.setattr(tr, "_main_loops", MeasuredChoices("main.json", tr._main_loops.allowed))

@@ -290,24 +290,31 @@ def expert_gemm(
 
     placement = None if lora is None else lora.placement
     if lora is not None and placement is None:
-        if not _measures_placement(a):
+        if not _measures(a):
             placement = tk.LORA_IN_LOOP
         else:
             key = (epilogue, n_out, k_dim, lora.z.shape[1], tiles.shape[1], gather is not None,
                    scatter is not None, str(a.dtype))  # fmt: skip
-
-            def measure() -> int:
-                choice = _fastest(run, (tk.LORA_IN_LOOP, tk.LORA_GIVEN))
-                log.info("moelab: triton LoRA placement for %s measured: %s", key, choice)
-                return choice
-
-            placement = _placements.get(_scope(a.device), repr(key), measure)
+            placement = _measured_choice(_placements, "LoRA placement", key, run, a.device)
     run(placement)
     return out
 
 
-def _measures_placement(a: torch.Tensor) -> bool:
+def _measures(a: torch.Tensor) -> bool:
+    """Whether launch choices are timed here (else each takes its default)."""
     return _autotune_enabled() and a.is_cuda
+
+
+def _measured_choice(store: MeasuredChoices, what: str, key: tuple, run, device):
+    """``store``'s choice for ``key`` on this machine; on first use the fastest of its allowed
+    candidates by ``run(candidate)``, logged once and kept on disk."""
+
+    def measure():
+        choice = _fastest(run, store.allowed)
+        log.info("moelab: triton %s for %s measured: %s", what, key, choice)
+        return choice
+
+    return store.get(_scope(device), repr(key), measure)
 
 
 @functools.lru_cache(maxsize=8)
@@ -650,18 +657,15 @@ def down_backward(
     main = main or DOWN_BACKWARD_MAIN
     if main is None:
         extra = rows * (hidden + inter) * dout_TH.element_size()
-        if not _measures_placement(dout_TH) or extra > _TORCH_MAIN_LOOP_MAX_BYTES:
+        if not _measures(dout_TH) or extra > _TORCH_MAIN_LOOP_MAX_BYTES:
             main = "triton"
         else:
             key = ("down_backward", hidden, inter, tiles.shape[1], lora is not None,
                    str(dout_TH.dtype))  # fmt: skip
-
-            def measure() -> str:
-                choice = _fastest(run, ("triton", "torch"))
-                log.info("moelab: triton down-projection backward for %s measured: %s", key, choice)
-                return choice
-
-            main = _main_loops.get(_scope(dout_TH.device), repr(key), measure)
+            # fmt: off
+            main = _measured_choice(_main_loops, "down-projection backward", key, run,
+                                    dout_TH.device)
+            # fmt: on
     run(main)
     return dh_NG, dw_parts, act_w
 
