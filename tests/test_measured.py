@@ -101,3 +101,35 @@ def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeyp
     case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
     run_backend(make_problem(case, "lora", torch.float32, seed=15), "triton")
     assert ("triton", "torch") not in timed and not (cache / "main.json").exists()
+
+
+class _FakeKernel:
+    """Records ``kernel[grid](*args, **kwargs)`` launches; ``best_config`` as Triton's tuner."""
+
+    def __init__(self, calls: list, name: str, best=None):
+        self.calls, self.name, self.best_config = calls, name, best
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.name, grid, args, kwargs))
+
+
+def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(monkeypatch):
+    import triton
+
+    monkeypatch.setattr(tr, "_chosen", {})
+    calls = []
+    best = triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)
+    plain, tuned = _FakeKernel(calls, "plain"), _FakeKernel(calls, "tuned", best)
+
+    def derived(config):
+        return {"EVEN": config["BLOCK_N"] == 128}
+
+    for _ in range(3):
+        tr._run_tuned(plain, lambda: tuned, ("k", 1), (4,), (1, 2), {"F": True}, derived)
+    tr._run_tuned(plain, lambda: tuned, ("k", 2), (4,), (1, 2), {"F": False}, derived)
+    assert [c[0] for c in calls] == ["tuned", "plain", "plain", "tuned"]
+    name, grid, args, kwargs = calls[1]
+    assert grid == (4,) and args == (1, 2)
+    assert kwargs["F"] is True and kwargs["BLOCK_N"] == 128 and kwargs["EVEN"] is True
+    assert kwargs["num_warps"] == 8 and kwargs["num_stages"] == 3
+    assert calls[0][3] == {"F": True}  # the tuner itself picks the configuration

@@ -102,3 +102,21 @@ def test_block_with_expert_lora_and_bias_free_router():
     params["experts"]["lora"] = lora
     with_lora, _ = moe_block(x, params, cfg)
     torch.testing.assert_close(base, with_lora)  # B = 0 starts at the base model
+
+
+def test_block_without_router_stats_computes_the_same_output():
+    """``router_stats=False`` (the block benchmark's setting) returns None for the stats and the
+    same output bits and gradients."""
+    g = torch.Generator().manual_seed(2)
+    params = _params(g, dtype=torch.float32)
+    del params["router"]["correction_bias"]
+    x = torch.randn(9, 16, generator=g)
+    with_stats = MoEConfig(num_experts=6, top_k=2, backend="grouped_mm")
+    without = MoEConfig(num_experts=6, top_k=2, backend="grouped_mm", router_stats=False)
+    outs, grads = [], []
+    for cfg in (with_stats, without):
+        out, stats = moe_block(x, params, cfg)
+        assert (stats is None) == (cfg is without)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), params["router"]["weight"])[0])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])

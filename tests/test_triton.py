@@ -209,3 +209,31 @@ def test_up_projection_without_the_activation_writes_the_same_h():
     h_only, none = tr.up_projection(x, gate_up, None, None, plan, tiles, bm, False, False)
     assert none is None and act.shape == (rows, inter)
     assert torch.equal(h_only, h)
+
+
+def _reference_tile_table(offs_E: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
+    """Each expert's rows cut into block_m tiles, in expert order, padded with expert -1."""
+    table, start = [], 0
+    for e, end in enumerate(offs_E.tolist()):
+        table += [(e, first, end) for first in range(start, end, block_m)]
+        start = end
+    slots = -(-num_rows // block_m) + offs_E.numel()
+    table += [(-1, 0, 0)] * (slots - len(table))
+    return torch.tensor(table, dtype=torch.int32).t()
+
+
+@pytest.mark.parametrize(
+    "counts, block_m",
+    [
+        ([5, 0, 130, 64, 0, 1], 64),
+        ([0, 0, 0, 1], 64),  # T = 1, k = 1
+        ([0, 300, 0], 128),  # all rows on one expert
+        ([64] * 40, 64),  # exact multiples
+        (list(torch.randint(0, 200, (300,), generator=torch.Generator().manual_seed(3))), 128),
+    ],
+)
+def test_tile_table_lists_every_experts_row_tiles(counts, block_m):
+    offs_E = torch.tensor(counts).cumsum(0).to(torch.int32)
+    rows = int(offs_E[-1])
+    got = tr.tile_table(offs_E, rows, block_m)
+    assert torch.equal(got, _reference_tile_table(offs_E, rows, block_m))

@@ -73,6 +73,9 @@ def block_config(shape: BlockShape, backend: str, rank: int, recompute: bool = F
         lora_scale=2.0,  # alpha = 2r, as the anchor
         backend=backend,
         recompute=recompute,
+        # as the anchor's block (Transformers' sparse MoE block): no router losses or metrics,
+        # which the trainer's blocks compute
+        router_stats=False,
     )
 
 

@@ -49,7 +49,6 @@ NAME = "triton"
 log = logging.getLogger("moelab")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_RANK = 128
-_tuned_logged: set[tuple] = set()
 
 
 def _interpreting() -> bool:
@@ -123,19 +122,19 @@ def _block_m(num_rows: int, num_experts: int) -> int:
 def tile_table(offs_E: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
     """``[3, tiles]`` int32: expert (-1 for padding), first row, end row of each row tile.
 
-    Sized for the worst case ``ceil(N / BM) + E`` so the grid is known without a host sync.
+    Sized for the worst case ``ceil(N / BM) + E`` so the grid is known without a host sync;
+    one small kernel (it was ~20 torch launches, a tenth of the block's host time).
     """
     num_experts = offs_E.numel()
-    ends = offs_E.long()
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    tiles = (counts + block_m - 1) // block_m
-    cum = tiles.cumsum(0)
-    ids = torch.arange(triton_cdiv(num_rows, block_m) + num_experts, device=offs_E.device)
-    expert = torch.searchsorted(cum, ids, right=True)
-    valid = expert < num_experts
-    e = expert.clamp(max=num_experts - 1)
-    start = ends[e] - counts[e] + (ids - (cum[e] - tiles[e])) * block_m
-    return torch.stack([torch.where(valid, e, -1), start, ends[e]]).to(torch.int32)
+    slots = triton_cdiv(num_rows, block_m) + num_experts
+    out = torch.empty(3, slots, dtype=torch.int32, device=offs_E.device)
+    block_t = 32
+    # fmt: off
+    tk._tile_table_kernel[(triton_cdiv(slots, block_t),)](
+        offs_E, out, out.stride(0), num_experts, slots, BLOCK_M=block_m,
+        BLOCK_E=max(16, triton_next_pow2(num_experts)), BLOCK_T=block_t)
+    # fmt: on
+    return out
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -188,45 +187,56 @@ def _even(args: dict) -> dict:
     )
 
 
-_kernels: dict[int | None, object] = {}
+_kernels: dict[int, object] = {}
 
 
-def _kernel(epilogue: int | None):
-    """The GEMM kernel with the EVEN_* heuristics; autotuned per epilogue unless ``None``."""
+def _kernel(epilogue: int):
+    """The GEMM kernel autotuned over ``_CONFIGS[epilogue]`` (with the EVEN_* heuristics)."""
     if epilogue not in _kernels:
         import triton
 
         kernel = triton.heuristics(
             {"EVEN_K": lambda a: _even(a)["EVEN_K"], "EVEN_N": lambda a: _even(a)["EVEN_N"]}
         )(tk._expert_gemm_kernel)
-        if epilogue is not None:
-            configs = [
-                triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-                for bn, bk, warps, stages in _CONFIGS[epilogue]
-            ]
-            extra = (
-                {"cache_results": True}
-                if "cache_results" in triton.autotune.__code__.co_varnames
-                else {}
-            )
-            kernel = triton.autotune(
-                configs,
-                key=[
-                    "n_out",
-                    "k_dim",
-                    "rank",
-                    "num_row_tiles",
-                    "EPILOGUE",
-                    "ACC_IN",
-                    "LORA",
-                    "GATHER",
-                    "SCATTER",
-                    "BLOCK_M",
-                ],
-                **extra,
-            )(kernel)
-        _kernels[epilogue] = kernel
+        configs = [
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+            for bn, bk, warps, stages in _CONFIGS[epilogue]
+        ]
+        extra = (
+            {"cache_results": True}
+            if "cache_results" in triton.autotune.__code__.co_varnames
+            else {}
+        )
+        key = ["n_out", "k_dim", "rank", "num_row_tiles", "EPILOGUE", "ACC_IN", "LORA", "GATHER",
+               "SCATTER", "BLOCK_M"]  # fmt: skip
+        _kernels[epilogue] = triton.autotune(configs, key=key, **extra)(kernel)
     return _kernels[epilogue]
+
+
+# Configuration chosen per launch key. After the first call of a key, launches go straight to
+# the plain kernel with it: Triton's autotuner and heuristics wrappers rebuild their keys from
+# all ~60 arguments on every call, about 100 of the ~175 us the host spent per launch (run 22),
+# and the eager block step was bound by the host, not the GPU.
+_chosen: dict[tuple, dict] = {}
+
+
+def _run_tuned(plain, tuned, key: tuple, grid, args: tuple, flags: dict, derived) -> None:
+    """Launch ``plain`` with the configuration the autotuned ``tuned()`` chose for ``key``
+    (``derived(config)`` adds what its heuristics would); the first call of a key tunes, its
+    cost logged once."""
+    config = _chosen.get(key)
+    if config is None:
+        t0 = time.perf_counter()
+        kernel = tuned()
+        kernel[grid](*args, **flags)
+        _chosen[key] = kernel.best_config.all_kwargs()
+        log.info(
+            "moelab: triton tuning for %s took %.1f s (then cached on disk)",
+            key[:4],
+            time.perf_counter() - t0,
+        )
+        return
+    plain[grid](*args, **flags, **config, **derived(config))
 
 
 class LowRank(NamedTuple):
@@ -408,20 +418,18 @@ def _launch(
     def grid(meta: dict) -> tuple[int]:
         return (num_row_tiles * triton_cdiv(n_out, meta["BLOCK_N"]),)
 
+    def even(config: dict) -> dict:
+        return _even(dict(config, k_dim=k_dim, n_out=n_out))
+
     if _autotune_enabled():
-        key = (tuned_as, n_out, k_dim, rank, flags["GATHER"], str(a.dtype))
-        t0 = time.perf_counter()
-        _kernel(tuned_as)[grid](*args, **flags)
-        if key not in _tuned_logged:
-            _tuned_logged.add(key)
-            log.info(
-                "moelab: triton tuning for %s took %.1f s (then cached on disk)",
-                key,
-                time.perf_counter() - t0,
-            )
+        key = (tuned_as, n_out, k_dim, rank, num_row_tiles, str(a.dtype), *flags.values())
+        # fmt: off
+        _run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args, flags,
+                   even)
+        # fmt: on
         return
     fixed = dict(_FIXED, BLOCK_N=16) if tuned_as == _LOW_RANK else _FIXED
-    _kernel(None)[grid](*args, **flags, **fixed)
+    tk._expert_gemm_kernel[grid](*args, **flags, **fixed, **even(fixed))
 
 
 # (BLOCK_M, BLOCK_D, warps, stages) of the rank-r weight gradients: memory-bound reductions over
@@ -429,22 +437,21 @@ def _launch(
 _RANK_GRAD_CONFIGS = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3),
                       (64, 128, 4, 4), (128, 128, 4, 4))  # fmt: skip
 _RANK_GRAD_FIXED = dict(BLOCK_M=32, BLOCK_D=32, num_warps=4, num_stages=3)
-_rank_grad_kernels: dict[bool, object] = {}
+_rank_grad_tuned: list = []
 
 
-def _rank_grad_kernel(tuned: bool):
-    if tuned not in _rank_grad_kernels:
+def _rank_grad_kernel():
+    """The rank-r gradient kernel autotuned over ``_RANK_GRAD_CONFIGS``."""
+    if not _rank_grad_tuned:
         import triton
 
-        kernel = tk._rank_grad_kernel
-        if tuned:
-            configs = [
-                triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
-                for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
-            ]
-            kernel = triton.autotune(configs, key=["d_dim", "rank", "GATHER", "ROW_SCALE"])(kernel)
-        _rank_grad_kernels[tuned] = kernel
-    return _rank_grad_kernels[tuned]
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+            for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
+        ]
+        key = ["d_dim", "rank", "GATHER", "ROW_SCALE"]
+        _rank_grad_tuned.append(triton.autotune(configs, key=key)(tk._rank_grad_kernel))
+    return _rank_grad_tuned[0]
 
 
 def rank_grad(
@@ -489,8 +496,14 @@ def rank_grad(
     def grid(meta: dict) -> tuple[int, int]:
         return (offs_E.numel(), triton_cdiv(d_dim, meta["BLOCK_D"]))
 
-    tuned = _autotune_enabled()
-    _rank_grad_kernel(tuned)[grid](*args, **flags, **({} if tuned else _RANK_GRAD_FIXED))
+    if _autotune_enabled():
+        key = ("rank_grad", d_dim, rank, str(q_MD.dtype), *flags.values())
+        # fmt: off
+        _run_tuned(tk._rank_grad_kernel, _rank_grad_kernel, key, grid, args, flags,
+                   lambda config: {})
+        # fmt: on
+    else:
+        tk._rank_grad_kernel[grid](*args, **flags, **_RANK_GRAD_FIXED)
     return out
 
 

@@ -387,3 +387,41 @@ def _rank_grad_kernel(
         _cast(acc * scale, out_ptr.dtype.element_ty, UPCAST),
         mask=col_mask[:, None] & r_mask[None, :],
     )
+
+
+@triton.jit
+def _tile_table_kernel(
+    offs_ptr,
+    out_ptr,
+    stride_o,
+    num_experts,
+    num_slots,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """The GEMMs' tile table from the experts' row ends: each expert's rows cut into BLOCK_M row
+    tiles, listed expert by expert; ``out[0]`` the expert (-1 past the last tile), ``out[1]``
+    the first row, ``out[2]`` the expert's end row. BLOCK_T table slots per program, every
+    program reading all E ends (a few hundred int32): one launch, no host sync."""
+    es = tl.arange(0, BLOCK_E)
+    e_mask = es < num_experts
+    ends = tl.load(offs_ptr + es, mask=e_mask, other=0)
+    starts = tl.load(offs_ptr + es - 1, mask=e_mask & (es > 0), other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(tiles, axis=0)  # inclusive: the first tile of expert e is cum - tiles
+    ids = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # a slot's expert: how many experts' tiles all come before it
+    e = tl.sum(((cum[None, :] <= ids[:, None]) & e_mask[None, :]).to(tl.int32), axis=1)
+    pick = es[None, :] == e[:, None]
+    first_tile = tl.sum(tl.where(pick, cum - tiles, 0), axis=1)
+    start = tl.sum(tl.where(pick, starts, 0), axis=1) + (ids - first_tile) * BLOCK_M
+    valid = e < num_experts
+    slot_mask = ids < num_slots
+    tl.store(out_ptr + ids, tl.where(valid, e, -1), mask=slot_mask)
+    tl.store(out_ptr + stride_o + ids, tl.where(valid, start, 0), mask=slot_mask)
+    tl.store(
+        out_ptr + 2 * stride_o + ids,
+        tl.where(valid, tl.sum(tl.where(pick, ends, 0), axis=1), 0),
+        mask=slot_mask,
+    )

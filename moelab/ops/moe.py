@@ -55,6 +55,9 @@ class MoEConfig:
     backend: str | None = "auto"
     accumulate: str = "fp32"  # "input": the reference models' eager numerics (moe_experts)
     recompute: bool = False  # recompute the expert pre-activation in backward (moe_experts)
+    # the balance and z losses, counts and entropy; off, the block launches nothing for them
+    # (about 25 small kernels) and returns None in their place
+    router_stats: bool = True
 
 
 class RouterStats(NamedTuple):
@@ -66,8 +69,11 @@ class RouterStats(NamedTuple):
     entropy: torch.Tensor
 
 
-def moe_block(x: torch.Tensor, params: dict, cfg: MoEConfig) -> tuple[torch.Tensor, RouterStats]:
-    """Apply the MoE block to ``x [..., H]``; returns the output (same shape) and router stats."""
+def moe_block(
+    x: torch.Tensor, params: dict, cfg: MoEConfig
+) -> tuple[torch.Tensor, RouterStats | None]:
+    """Apply the MoE block to ``x [..., H]``; returns the output (same shape) and router stats
+    (None unless ``cfg.router_stats``)."""
     x_TH = x.reshape(-1, x.shape[-1])
     router = params["router"]
     weight_EH = router["weight"]
@@ -103,6 +109,8 @@ def moe_block(x: torch.Tensor, params: dict, cfg: MoEConfig) -> tuple[torch.Tens
             shared_TH = shared_TH * torch.sigmoid(linear(x_TH, params["shared_gate"]))
         out_TH = out_TH + shared_TH
 
+    if not cfg.router_stats:
+        return out_TH.view(x.shape), None
     probs_TE = _router_probs(logits_TE, cfg.router)
     stats = RouterStats(
         aux_loss=load_balancing_loss(probs_TE, routing.experts),

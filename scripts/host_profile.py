@@ -1,0 +1,83 @@
+"""Where the host's time goes while it issues one MoE block step (forward + backward).
+
+Run on the GPU machine: ``python3 scripts/host_profile.py --backend triton --tokens 8192``.
+Prints the host milliseconds per step (the GPU idle at each step's start, so nothing waits on
+it), the Python functions that take them (cProfile) and the torch ops and launches per step
+(torch.profiler, CPU side); full tables go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moelab.bench.experts import block_config, build_block
+from moelab.bench.shapes import SHAPES
+from moelab.ops import moe_block
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="qwen3-30b-a3b")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--mode", default="lora")
+    p.add_argument("--backend", default="triton")
+    p.add_argument("--out", default="/tmp/host_profile")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = SHAPES[args.shape]
+    rank = 16 if args.mode == "lora" else 0
+    params, _ = build_block(shape, args.mode, 16, torch.bfloat16, "cuda")
+    cfg = block_config(shape, args.backend, rank)
+    x0 = torch.randn(args.tokens, shape.hidden, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x0)
+
+    def step() -> None:
+        moe_block(x0.detach().requires_grad_(True), params, cfg)[0].backward(grad)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    host = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    tag = f"{args.shape} {args.tokens} {args.mode} {args.backend}"
+    print(f"host ms per step, {tag}: median {statistics.median(host):.3f} min {min(host):.3f}")
+
+    prof = cProfile.Profile()
+    for _ in range(10):
+        prof.enable()
+        step()
+        prof.disable()
+        torch.cuda.synchronize()
+    for order, top in (("tottime", 30), ("cumulative", 45)):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(top)
+        text = buf.getvalue()
+        (out / f"cprofile_{args.backend}_{args.tokens}_{order}.txt").write_text(text)
+        print(f"--- cProfile by {order} (10 steps) ---")
+        print("\n".join(text.splitlines()[: top + 12]))
+
+    with profile(activities=[ProfilerActivity.CPU]) as tp:
+        for _ in range(5):
+            step()
+            torch.cuda.synchronize()
+    table = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    (out / f"torch_ops_{args.backend}_{args.tokens}.txt").write_text(table)
+    print(f"--- torch ops, CPU side (5 steps) ---\n{table}")
+
+
+if __name__ == "__main__":
+    main()
