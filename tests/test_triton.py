@@ -56,14 +56,15 @@ def test_down_backward_on_torch_main_loop_matches_reference(monkeypatch, case, v
     _check_against_reference(make_problem(case, variant, dtype, seed=17))
 
 
-@pytest.mark.parametrize("block_n", [32, 64, 128])
-def test_column_block_does_not_change_results(monkeypatch, block_n):
-    """Autotuning may pick any column block; the router partials (one per 32 columns) and every
-    other output must not depend on it. inter=48 leaves a partial block for each choice."""
+@pytest.mark.parametrize("block_m, block_n", [(64, 32), (64, 128), (128, 64)])
+def test_tile_shape_does_not_change_results(monkeypatch, block_m, block_n):
+    """Autotuning may pick any tile height and column block; the router partials (one per 32
+    columns) and every other output must not depend on them. inter=48 leaves a partial column
+    block for each choice; 40 tokens x 2 leave partial row tiles of either height."""
     case = Case("wide", tokens=40, hidden=80, inter=48, experts=5, top_k=2)
     p = make_problem(case, "all_trainable", torch.float32, seed=12)
     out_ref, grads_ref = run_backend(p, "triton")
-    monkeypatch.setattr(tr, "_FIXED", dict(tr._FIXED, BLOCK_N=block_n))
+    monkeypatch.setattr(tr, "_FIXED", dict(tr._FIXED, BLOCK_M=block_m, BLOCK_N=block_n))
     out, grads = run_backend(p, "triton")
     assert rel_err(out, out_ref) <= 1e-6
     for name in grads:
@@ -203,37 +204,49 @@ def test_up_projection_without_the_activation_writes_the_same_h():
     experts_TK = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
     plan = dispatch(experts_TK, experts)
     rows = plan.token_N.numel()
-    bm = tr._block_m(rows, experts)
-    tiles = tr.tile_table(plan.offs_E, rows, bm)
-    h, act = tr.up_projection(x, gate_up, None, None, plan, tiles, bm, oai=False)
-    h_only, none = tr.up_projection(x, gate_up, None, None, plan, tiles, bm, False, False)
+    tiles = tr.tile_table(plan.offs_E, rows)
+    h, act = tr.up_projection(x, gate_up, None, None, plan, tiles, oai=False)
+    h_only, none = tr.up_projection(x, gate_up, None, None, plan, tiles, False, False)
     assert none is None and act.shape == (rows, inter)
     assert torch.equal(h_only, h)
 
 
-def _reference_tile_table(offs_E: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
+def _reference_tile_table(offs_E: torch.Tensor, block_m: int, slots: int) -> torch.Tensor:
     """Each expert's rows cut into block_m tiles, in expert order, padded with expert -1."""
     table, start = [], 0
     for e, end in enumerate(offs_E.tolist()):
         table += [(e, first, end) for first in range(start, end, block_m)]
         start = end
-    slots = -(-num_rows // block_m) + offs_E.numel()
     table += [(-1, 0, 0)] * (slots - len(table))
     return torch.tensor(table, dtype=torch.int32).t()
 
 
 @pytest.mark.parametrize(
-    "counts, block_m",
+    "counts",
     [
-        ([5, 0, 130, 64, 0, 1], 64),
-        ([0, 0, 0, 1], 64),  # T = 1, k = 1
-        ([0, 300, 0], 128),  # all rows on one expert
-        ([64] * 40, 64),  # exact multiples
-        (list(torch.randint(0, 200, (300,), generator=torch.Generator().manual_seed(3))), 128),
+        [5, 0, 130, 64, 0, 1],
+        [0, 0, 0, 1],  # T = 1, k = 1
+        [0, 300, 0],  # all rows on one expert
+        [128] * 40,  # exact multiples of both heights
+        torch.randint(0, 200, (300,), generator=torch.Generator().manual_seed(3)).tolist(),
     ],
 )
-def test_tile_table_lists_every_experts_row_tiles(counts, block_m):
+def test_tile_table_lists_every_experts_row_tiles(counts):
     offs_E = torch.tensor(counts).cumsum(0).to(torch.int32)
     rows = int(offs_E[-1])
-    got = tr.tile_table(offs_E, rows, block_m)
-    assert torch.equal(got, _reference_tile_table(offs_E, rows, block_m))
+    got = tr.tile_table(offs_E, rows)
+    for i, block_m in enumerate(tk.TILE_BLOCKS_M):
+        slots = -(-rows // block_m) + offs_E.numel()  # the GEMM grid's row tiles
+        assert torch.equal(got[i, :, :slots], _reference_tile_table(offs_E, block_m, slots))
+
+
+@pytest.mark.parametrize(
+    "rows, experts, heights",
+    [(8192, 128, {64}), (65536, 128, {64, 128}), (131072, 128, {64, 128}), (262144, 32, {128})],
+)
+def test_autotuning_times_the_tile_heights_that_may_win(rows, experts, heights):
+    import triton
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64}) for bm in tk.TILE_BLOCKS_M]
+    kept = tr._tile_heights_worth_timing(configs, dict(num_rows=rows, num_experts=experts))
+    assert {c.kwargs["BLOCK_M"] for c in kept} == heights

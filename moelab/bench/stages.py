@@ -42,8 +42,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     routing = route(logits, shape.router, k)
     plan = dispatch(routing.experts, e)
     rows = plan.token_N.numel()
-    bm = tr._block_m(rows, e)
-    tiles = tr.tile_table(plan.offs_E, rows, bm)
+    tiles = tr.tile_table(plan.offs_E, rows)
     oai = shape.activation == "swiglu_oai"
     gb, db = ex.get("gate_up_bias"), ex.get("down_bias")
     gb = None if gb is None else gb.detach()
@@ -54,34 +53,34 @@ def run(args: argparse.Namespace) -> list[dict]:
     s, r = (2.0, args.rank) if lora_mode else (1.0, 0)
     low = tr.lora_products(a1, b1, a2, b2, s, rows, *tr.LORA_PLACEMENT)
     # the backend's own stage functions on one set of inputs, as in a step (fp32 routing weights)
-    h_NG, act = tr.up_projection(x, gate_up, gb, low["up"], plan, tiles, bm, oai)
-    y = tr.down_projection(act, down, db, low["down"], plan, tiles, bm)
+    h_NG, act = tr.up_projection(x, gate_up, gb, low["up"], plan, tiles, oai)
+    y = tr.down_projection(act, down, db, low["down"], plan, tiles)
     weights = routing.weights.reshape(-1).contiguous()
     w_N = weights.index_select(0, plan.order_N).contiguous()
-    dh, _, act_w = tr.down_backward(dout, down, h_NG, w_N, low["bwd_down"], plan, tiles, bm, oai,
+    dh, _, act_w = tr.down_backward(dout, down, h_NG, w_N, low["bwd_down"], plan, tiles, oai,
                                     want_actw=True)  # fmt: skip
-    dxs = tr.up_backward(dh, gate_up, low["bwd_up"], plan, tiles, bm)
+    dxs = tr.up_backward(dh, gate_up, low["bwd_up"], plan, tiles)
 
     products = {
         "up (gather, SwiGLU epilogue)": (
-            lambda lr: tr.up_projection(x, gate_up, gb, lr, plan, tiles, bm, oai),
+            lambda lr: tr.up_projection(x, gate_up, gb, lr, plan, tiles, oai),
             "up",
             2 * rows * h * 2 * i,
         ),
         "down (scatter to slots)": (
-            lambda lr: tr.down_projection(act, down, db, lr, plan, tiles, bm),
+            lambda lr: tr.down_projection(act, down, db, lr, plan, tiles),
             "down",
             2 * rows * i * h,
         ),
         "bwd dY W2 (dSwiGLU, router grad)": (
             lambda lr: tr.down_backward(
-                dout, down, h_NG, w_N, lr, plan, tiles, bm, oai, want_actw=True
+                dout, down, h_NG, w_N, lr, plan, tiles, oai, want_actw=True
             ),
             "bwd_down",
             2 * rows * h * i,
         ),
         "bwd dh W1 (dX to slots)": (
-            lambda lr: tr.up_backward(dh, gate_up, lr, plan, tiles, bm),
+            lambda lr: tr.up_backward(dh, gate_up, lr, plan, tiles),
             "bwd_up",
             2 * rows * 2 * i * h,
         ),
@@ -92,7 +91,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     }
     # the down projection's backward with each main loop (the stage above: the measured one)
     for main in ("triton", "torch"):
-        fn = partial(tr.down_backward, dout, down, h_NG, w_N, low["bwd_down"], plan, tiles, bm,
+        fn = partial(tr.down_backward, dout, down, h_NG, w_N, low["bwd_down"], plan, tiles,
                      oai, want_actw=True, main=main)  # fmt: skip
         stages[f"alt: bwd dY W2 [{main} main loop]"] = (fn, 2 * rows * h * i)
     stages["combine"] = (lambda: tr.combine_rows(y, k, weights), 0)

@@ -115,23 +115,21 @@ def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
 # ---- launchers ------------------------------------------------------------------------------
 
 
-def _block_m(num_rows: int, num_experts: int) -> int:
-    return 64 if num_rows < 128 * num_experts else 128
+def tile_table(offs_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[2, 3, slots]`` int32: for each row-tile height of ``tk.TILE_BLOCKS_M``, the expert
+    (-1 for padding), first row and end row of each row tile, so the tile height is tuned like
+    any other block size.
 
-
-def tile_table(offs_E: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
-    """``[3, tiles]`` int32: expert (-1 for padding), first row, end row of each row tile.
-
-    Sized for the worst case ``ceil(N / BM) + E`` so the grid is known without a host sync;
+    Sized for the worst case ``ceil(N / 64) + E`` so the grid is known without a host sync;
     one small kernel (it was ~20 torch launches, a tenth of the block's host time).
     """
     num_experts = offs_E.numel()
-    slots = triton_cdiv(num_rows, block_m) + num_experts
-    out = torch.empty(3, slots, dtype=torch.int32, device=offs_E.device)
+    slots = triton_cdiv(num_rows, tk.TILE_BLOCKS_M[0]) + num_experts
+    out = torch.empty(2, 3, slots, dtype=torch.int32, device=offs_E.device)
     block_t = 32
     # fmt: off
     tk._tile_table_kernel[(triton_cdiv(slots, block_t),)](
-        offs_E, out, out.stride(0), num_experts, slots, BLOCK_M=block_m,
+        offs_E, out, out.stride(0), out.stride(1), num_experts, num_rows,
         BLOCK_E=max(16, triton_next_pow2(num_experts)), BLOCK_T=block_t)
     # fmt: on
     return out
@@ -141,7 +139,8 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# Hopper-shaped candidates (BLOCK_N, BLOCK_K, warps, stages): wgmma wants 64-row warpgroups
+# Hopper-shaped candidates (BLOCK_N, BLOCK_K, warps, stages), each at both row-tile heights of
+# tk.TILE_BLOCKS_M (pruned by rows per expert): wgmma wants 64-row warpgroups
 # and BLOCK_K 64 keeps 128-byte rows; the dual (gate + up) kernel holds two accumulators, so its
 # column block is half as wide; rank-r launches are memory-bound skinny products.
 _LOW_RANK, _EPILOGUE_ONLY = 3, 4
@@ -161,7 +160,7 @@ _CONFIGS = {
     # the SwiGLU-backward epilogue alone, over a product torch's grouped GEMM made: memory-bound
     _EPILOGUE_ONLY: ((32, 16, 4, 1), (64, 16, 4, 1), (64, 16, 8, 1), (128, 16, 8, 1)),
 }
-_FIXED = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)  # CI, interpreter, repro
+_FIXED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)  # CI, repro
 _GROUP_M = 8
 _DW_COLS = 32  # SWIGLU_BWD writes one router partial per 32 columns (kernel constant)
 # Where z = A la^T is computed for each product: tk.LORA_IN_LOOP, tk.LORA_GIVEN, or None to
@@ -199,7 +198,10 @@ def _kernel(epilogue: int):
             {"EVEN_K": lambda a: _even(a)["EVEN_K"], "EVEN_N": lambda a: _even(a)["EVEN_N"]}
         )(tk._expert_gemm_kernel)
         configs = [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages
+            )
+            for bm in tk.TILE_BLOCKS_M
             for bn, bk, warps, stages in _CONFIGS[epilogue]
         ]
         extra = (
@@ -207,10 +209,22 @@ def _kernel(epilogue: int):
             if "cache_results" in triton.autotune.__code__.co_varnames
             else {}
         )
-        key = ["n_out", "k_dim", "rank", "num_row_tiles", "EPILOGUE", "ACC_IN", "LORA", "GATHER",
-               "SCATTER", "BLOCK_M"]  # fmt: skip
-        _kernels[epilogue] = triton.autotune(configs, key=key, **extra)(kernel)
+        key = ["n_out", "k_dim", "rank", "num_rows", "EPILOGUE", "ACC_IN", "LORA", "GATHER",
+               "SCATTER"]  # fmt: skip
+        prune = {"early_config_prune": _tile_heights_worth_timing}
+        _kernels[epilogue] = triton.autotune(configs, key=key, prune_configs_by=prune, **extra)(
+            kernel
+        )
     return _kernels[epilogue]
+
+
+def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> list:
+    """Both row-tile heights only where either may win: with under 128 rows per expert a
+    128-row tile is mostly padding; past 1024 the 64-row tile's padding saving (half a tile
+    per expert) is under 3% of the rows. Keeps the tuning time of most shapes as it was."""
+    per_expert = named_args["num_rows"] / named_args["num_experts"]
+    heights = (64,) if per_expert < 128 else (128,) if per_expert > 1024 else (64, 128)
+    return [c for c in configs if c.kwargs["BLOCK_M"] in heights]
 
 
 # Configuration chosen per launch key. After the first call of a key, launches go straight to
@@ -263,7 +277,6 @@ def expert_gemm(
     n_out: int,
     k_dim: int,
     tiles: torch.Tensor,
-    block_m: int,
     out: torch.Tensor,
     *,
     gather: torch.Tensor | None = None,
@@ -289,11 +302,11 @@ def expert_gemm(
         low = None if lora is None else lora._replace(placement=placement)
         if low is not None and placement == tk.LORA_GIVEN:
             # fmt: off
-            _launch(a, low.la, low.la_strides, low.z.shape[1], k_dim, tiles, block_m, low.z,
+            _launch(a, low.la, low.la_strides, low.z.shape[1], k_dim, tiles, low.z,
                     gather=gather, tuned_as=_LOW_RANK)
             # fmt: on
         _launch(
-            a, w, w_strides, n_out, k_dim, tiles, block_m, out, gather=gather, scatter=scatter,
+            a, w, w_strides, n_out, k_dim, tiles, out, gather=gather, scatter=scatter,
             lora=low, bias=bias, epilogue=epilogue, h=h, w_rows=w_rows, dw=dw, act_w=act_w,
             oai=oai, act_out=act_out, tuned_as=epilogue,
         )  # fmt: skip
@@ -303,7 +316,7 @@ def expert_gemm(
         if not _measures(a):
             placement = tk.LORA_IN_LOOP
         else:
-            key = (epilogue, n_out, k_dim, lora.z.shape[1], tiles.shape[1], gather is not None,
+            key = (epilogue, n_out, k_dim, lora.z.shape[1], out.shape[0], gather is not None,
                    scatter is not None, str(a.dtype))  # fmt: skip
             placement = _measured_choice(_placements, "LoRA placement", key, run, a.device)
     run(placement)
@@ -356,13 +369,14 @@ def _fastest(run, choices: tuple, reps: int = 5, rounds: int = 3):
 
 
 def _launch(
-    a, w, w_strides, n_out, k_dim, tiles, block_m, out, *, gather=None, scatter=None,
+    a, w, w_strides, n_out, k_dim, tiles, out, *, gather=None, scatter=None,
     lora=None, bias=None, epilogue=tk.STORE, h=None, w_rows=None, dw=None, act_w=None,
     oai=False, acc_in=False, act_out=True, tuned_as: int,
 ) -> None:  # fmt: skip
     dummy = a  # never read: its branch is compiled out
     rank = lora.z.shape[1] if lora is not None else 0
-    num_row_tiles = tiles.shape[1]
+    # every product has one output row per sorted row (scattered or not), and W is [E, ., .]
+    num_rows, num_experts = out.shape[0], w.shape[0]
     args = (
         a,
         gather if gather is not None else dummy,
@@ -378,10 +392,11 @@ def _launch(
         *(lora.lb_strides if lora is not None else (0, 0, 0)),
         bias if bias is not None else dummy,
         *(bias.stride() if bias is not None else (0, 0)),
-        tiles[0],
-        tiles[1],
-        tiles[2],
-        num_row_tiles,
+        tiles,
+        tiles.stride(0),
+        tiles.stride(1),
+        num_rows,
+        num_experts,
         out,
         out.stride(0),
         out.stride(1),
@@ -410,19 +425,19 @@ def _launch(
         ACT_OUT=act_out,
         UPCAST=_interpreting(),
         PRECISION="ieee" if a.dtype == torch.float32 else None,
-        BLOCK_M=block_m,
         BLOCK_R=max(16, triton_next_pow2(rank)),
         GROUP_M=_GROUP_M,
     )
 
     def grid(meta: dict) -> tuple[int]:
-        return (num_row_tiles * triton_cdiv(n_out, meta["BLOCK_N"]),)
+        row_tiles = triton_cdiv(num_rows, meta["BLOCK_M"]) + num_experts
+        return (row_tiles * triton_cdiv(n_out, meta["BLOCK_N"]),)
 
     def even(config: dict) -> dict:
         return _even(dict(config, k_dim=k_dim, n_out=n_out))
 
     if _autotune_enabled():
-        key = (tuned_as, n_out, k_dim, rank, num_row_tiles, str(a.dtype), *flags.values())
+        key = (tuned_as, n_out, k_dim, rank, num_rows, str(a.dtype), *flags.values())
         # fmt: off
         _run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args, flags,
                    even)
@@ -600,14 +615,14 @@ def lora_products(a1, b1, a2, b2, scale: float, rows: int, *names: str) -> dict:
 # The four grouped products of a step, shared by the autograd function and the stage benchmark.
 
 
-def up_projection(x_TH, gate_up, gate_up_bias, lora, plan, tiles, bm, oai, want_act=True):
+def up_projection(x_TH, gate_up, gate_up_bias, lora, plan, tiles, oai, want_act=True):
     """``h [N, 2I], act [N, I]``: act = swiglu(x[token] W1^T + s z1 B1^T + b1), z1 into lora.z;
     act is None (never written) without ``want_act``, as when backward recomputes h."""
     rows, (two_inter, hidden) = plan.token_N.numel(), gate_up.shape[1:]
     h_NG = x_TH.new_empty(rows, two_inter)
     act_NI = x_TH.new_empty(rows, two_inter // 2) if want_act else None
     # fmt: off
-    expert_gemm(x_TH, gate_up, gate_up.stride(), two_inter // 2, hidden, tiles, bm,
+    expert_gemm(x_TH, gate_up, gate_up.stride(), two_inter // 2, hidden, tiles,
                 h_NG if act_NI is None else act_NI, gather=plan.token_N,
                 epilogue=tk.SWIGLU_FWD, h=h_NG, oai=oai, lora=lora, bias=gate_up_bias,
                 act_out=want_act)
@@ -615,19 +630,19 @@ def up_projection(x_TH, gate_up, gate_up_bias, lora, plan, tiles, bm, oai, want_
     return h_NG, act_NI
 
 
-def down_projection(act_NI, down, down_bias, lora, plan, tiles, bm):
+def down_projection(act_NI, down, down_bias, lora, plan, tiles):
     """``y [N, H]`` in (token, slot) order: act W2^T + s z2 B2^T + b2, z2 into lora.z."""
     hidden, inter = down.shape[1:]
     y_slots = act_NI.new_empty(act_NI.shape[0], hidden)
     # fmt: off
-    expert_gemm(act_NI, down, down.stride(), hidden, inter, tiles, bm, y_slots,
+    expert_gemm(act_NI, down, down.stride(), hidden, inter, tiles, y_slots,
                 scatter=plan.order_N, bias=down_bias, lora=lora)
     # fmt: on
     return y_slots
 
 
 def down_backward(
-    dout_TH, down, h_NG, w_N, lora, plan, tiles, bm, oai, want_actw: bool, main: str | None = None
+    dout_TH, down, h_NG, w_N, lora, plan, tiles, oai, want_actw: bool, main: str | None = None
 ):
     """``dh [N, 2I]``, router partials ``[N, I / 32]`` and ``w act [N, I]`` (or None) from
     g = dout W2 + s u2 A2, u2 = dout B2 into lora.z.
@@ -649,7 +664,7 @@ def down_backward(
     def run(main: str) -> None:
         if main == "triton":
             # fmt: off
-            expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, bm, dh_NG,
+            expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, dh_NG,
                         gather=plan.token_N, lora=lora, **epilogue)
             # fmt: on
             return
@@ -658,12 +673,12 @@ def down_backward(
         low = None if lora is None else lora._replace(placement=tk.LORA_GIVEN)
         if low is not None:
             # fmt: off
-            _launch(dout_NH, low.la, low.la_strides, low.z.shape[1], hidden, tiles, bm, low.z,
+            _launch(dout_NH, low.la, low.la_strides, low.z.shape[1], hidden, tiles, low.z,
                     tuned_as=_LOW_RANK)
             # fmt: on
         del dout_NH
         # fmt: off
-        _launch(g_NI, down, _t(down), inter, 0, tiles, bm, dh_NG, lora=low, acc_in=True,
+        _launch(g_NI, down, _t(down), inter, 0, tiles, dh_NG, lora=low, acc_in=True,
                 tuned_as=_EPILOGUE_ONLY, **epilogue)
         # fmt: on
 
@@ -673,7 +688,7 @@ def down_backward(
         if not _measures(dout_TH) or extra > _TORCH_MAIN_LOOP_MAX_BYTES:
             main = "triton"
         else:
-            key = ("down_backward", hidden, inter, tiles.shape[1], lora is not None,
+            key = ("down_backward", hidden, inter, rows, lora is not None,
                    str(dout_TH.dtype))  # fmt: skip
             # fmt: off
             main = _measured_choice(_main_loops, "down-projection backward", key, run,
@@ -683,12 +698,12 @@ def down_backward(
     return dh_NG, dw_parts, act_w
 
 
-def up_backward(dh_NG, gate_up, lora, plan, tiles, bm):
+def up_backward(dh_NG, gate_up, lora, plan, tiles):
     """``dX [N, H]`` in (token, slot) order: dh W1 + s u1 A1, u1 = dh B1 into lora.z."""
     two_inter, hidden = gate_up.shape[1:]
     dx_slots = dh_NG.new_empty(dh_NG.shape[0], hidden)
     # fmt: off
-    expert_gemm(dh_NG, gate_up, _t(gate_up), hidden, two_inter, tiles, bm, dx_slots,
+    expert_gemm(dh_NG, gate_up, _t(gate_up), hidden, two_inter, tiles, dx_slots,
                 scatter=plan.order_N, lora=lora)
     # fmt: on
     return dx_slots
@@ -725,12 +740,11 @@ class _TritonExperts(torch.autograd.Function):
         num_experts, top_k = gate_up.shape[0], experts_TK.shape[1]
         plan = dispatch(experts_TK, num_experts)
         rows = plan.token_N.numel()
-        bm = _block_m(rows, num_experts)
-        tiles = tile_table(plan.offs_E, rows, bm)
+        tiles = tile_table(plan.offs_E, rows)
         oai = activation == "swiglu_oai"
         low = lora_products(a1, b1, a2, b2, scale, rows, "up", "down")
-        h_NG, act_NI = up_projection(x_TH, gate_up, gate_up_bias, low["up"], plan, tiles, bm, oai)
-        y_slots = down_projection(act_NI, down, down_bias, low["down"], plan, tiles, bm)
+        h_NG, act_NI = up_projection(x_TH, gate_up, gate_up_bias, low["up"], plan, tiles, oai)
+        y_slots = down_projection(act_NI, down, down_bias, low["down"], plan, tiles)
         del act_NI
         out_TH = combine_rows(y_slots, top_k, weights_TK.reshape(-1).contiguous())
         # fmt: off
@@ -738,7 +752,7 @@ class _TritonExperts(torch.autograd.Function):
                               down_bias, a1, b1, a2, b2, None if recompute else h_NG,
                               _z(low["up"]), _z(low["down"]), tiles, *plan.tensors())
         # fmt: on
-        ctx.scale, ctx.activation, ctx.block_m = scale, activation, bm
+        ctx.scale, ctx.activation = scale, activation
         return out_TH
 
     @staticmethod
@@ -748,7 +762,7 @@ class _TritonExperts(torch.autograd.Function):
          a1, b1, a2, b2, h_NG, z1, z2, tiles, *plan_tensors) = ctx.saved_tensors
         # fmt: on
         plan = DispatchPlan(*plan_tensors)
-        need, s, bm = ctx.needs_input_grad, ctx.scale, ctx.block_m
+        need, s = ctx.needs_input_grad, ctx.scale
         num_experts, top_k = gate_up.shape[0], experts_TK.shape[1]
         oai = ctx.activation == "swiglu_oai"
         grads = [None] * 14
@@ -758,7 +772,7 @@ class _TritonExperts(torch.autograd.Function):
         if h_NG is None:  # recompute: the forward's up projection again
             up = lora_products(a1, b1, a2, b2, s, rows, "up")["up"]
             # fmt: off
-            h_NG, _ = up_projection(x_TH, gate_up, gate_up_bias, up, plan, tiles, bm, oai,
+            h_NG, _ = up_projection(x_TH, gate_up, gate_up_bias, up, plan, tiles, oai,
                                     want_act=False)
             # fmt: on
         low = lora_products(a1, b1, a2, b2, s, rows, "bwd_down", "bwd_up")
@@ -766,7 +780,7 @@ class _TritonExperts(torch.autograd.Function):
         # down projection backward, fused with dSwiGLU and the router gradient's partials
         # fmt: off
         dh_NG, dw_parts, act_w = down_backward(dout_TH, down, h_NG, w_N, low["bwd_down"], plan,
-                                               tiles, bm, oai, want_actw=a2 is not None or need[4])
+                                               tiles, oai, want_actw=a2 is not None or need[4])
         # fmt: on
         if need[1]:
             grads[1] = gmm.router_grad(dw_parts.sum(1), plan, dout_TH, down_bias, experts_TK)
@@ -784,7 +798,7 @@ class _TritonExperts(torch.autograd.Function):
 
         # up projection backward: dX to slots, summed per token
         if need[0] or a1 is not None:
-            dx_slots = up_backward(dh_NG, gate_up, low["bwd_up"], plan, tiles, bm)
+            dx_slots = up_backward(dh_NG, gate_up, low["bwd_up"], plan, tiles)
             if need[0]:
                 grads[0] = combine_rows(dx_slots, top_k, None)
             del dx_slots

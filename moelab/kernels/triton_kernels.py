@@ -97,10 +97,11 @@ def _expert_gemm_kernel(
     bias_ptr,
     stride_be,
     stride_bn,
-    tile_expert_ptr,
-    tile_start_ptr,
-    tile_end_ptr,
-    num_row_tiles,
+    tiles_ptr,
+    stride_tt,
+    stride_tf,
+    num_rows,
+    num_experts,
     out_ptr,
     stride_om,
     stride_on,
@@ -141,16 +142,19 @@ def _expert_gemm_kernel(
     # together, so their rows and the expert's weight columns are read from HBM about once.
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
+    # the tile table of this BLOCK_M (TILE_BLOCKS_M): worst-case length, padding marked e = -1
+    num_row_tiles = tl.cdiv(num_rows, BLOCK_M) + num_experts
+    table = tiles_ptr + (BLOCK_M // 128) * stride_tt
     group = pid // (GROUP_M * num_pid_n)
     first_m = group * GROUP_M
     group_m = tl.minimum(num_row_tiles - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
-    e = tl.load(tile_expert_ptr + pid_m)
-    if e < 0:  # the tile table is sized for the worst case; the rest is padding
+    e = tl.load(table + pid_m)
+    if e < 0:
         return
-    row_start = tl.load(tile_start_ptr + pid_m)
-    row_end = tl.load(tile_end_ptr + pid_m)
+    row_start = tl.load(table + stride_tf + pid_m)
+    row_end = tl.load(table + 2 * stride_tf + pid_m)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     # rows past the tile's end re-read its last row: loads stay unmasked, stores are masked
@@ -389,39 +393,43 @@ def _rank_grad_kernel(
     )
 
 
+# Row-tile heights the GEMMs are tuned over; one tile table each (``_tile_table_kernel``).
+TILE_BLOCKS_M = (64, 128)
+
+
 @triton.jit
 def _tile_table_kernel(
     offs_ptr,
     out_ptr,
-    stride_o,
+    stride_tt,
+    stride_tf,
     num_experts,
-    num_slots,
-    BLOCK_M: tl.constexpr,
+    num_rows,
     BLOCK_E: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """The GEMMs' tile table from the experts' row ends: each expert's rows cut into BLOCK_M row
-    tiles, listed expert by expert; ``out[0]`` the expert (-1 past the last tile), ``out[1]``
-    the first row, ``out[2]`` the expert's end row. BLOCK_T table slots per program, every
-    program reading all E ends (a few hundred int32): one launch, no host sync."""
+    """The GEMMs' tile tables from the experts' row ends, one per height in ``TILE_BLOCKS_M``:
+    each expert's rows cut into row tiles, listed expert by expert; field 0 the expert (-1 past
+    the last tile), 1 the first row, 2 the expert's end row. BLOCK_T table slots per program,
+    every program reading all E ends (a few hundred int32): one launch, no host sync."""
     es = tl.arange(0, BLOCK_E)
     e_mask = es < num_experts
     ends = tl.load(offs_ptr + es, mask=e_mask, other=0)
     starts = tl.load(offs_ptr + es - 1, mask=e_mask & (es > 0), other=0)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    cum = tl.cumsum(tiles, axis=0)  # inclusive: the first tile of expert e is cum - tiles
     ids = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    # a slot's expert: how many experts' tiles all come before it
-    e = tl.sum(((cum[None, :] <= ids[:, None]) & e_mask[None, :]).to(tl.int32), axis=1)
-    pick = es[None, :] == e[:, None]
-    first_tile = tl.sum(tl.where(pick, cum - tiles, 0), axis=1)
-    start = tl.sum(tl.where(pick, starts, 0), axis=1) + (ids - first_tile) * BLOCK_M
-    valid = e < num_experts
-    slot_mask = ids < num_slots
-    tl.store(out_ptr + ids, tl.where(valid, e, -1), mask=slot_mask)
-    tl.store(out_ptr + stride_o + ids, tl.where(valid, start, 0), mask=slot_mask)
-    tl.store(
-        out_ptr + 2 * stride_o + ids,
-        tl.where(valid, tl.sum(tl.where(pick, ends, 0), axis=1), 0),
-        mask=slot_mask,
-    )
+    for i in tl.static_range(2):
+        block_m = 64 * (i + 1)  # TILE_BLOCKS_M[i]
+        tiles = (ends - starts + block_m - 1) // block_m
+        cum = tl.cumsum(tiles, axis=0)  # inclusive: the first tile of expert e is cum - tiles
+        # a slot's expert: how many experts' tiles all come before it
+        e = tl.sum(((cum[None, :] <= ids[:, None]) & e_mask[None, :]).to(tl.int32), axis=1)
+        pick = es[None, :] == e[:, None]
+        first_tile = tl.sum(tl.where(pick, cum - tiles, 0), axis=1)
+        start = tl.sum(tl.where(pick, starts, 0), axis=1) + (ids - first_tile) * block_m
+        valid = e < num_experts
+        slot_mask = ids < tl.cdiv(num_rows, block_m) + num_experts
+        row = out_ptr + i * stride_tt + ids
+        tl.store(row, tl.where(valid, e, -1), mask=slot_mask)
+        tl.store(row + stride_tf, tl.where(valid, start, 0), mask=slot_mask)
+        end = tl.sum(tl.where(pick, ends, 0), axis=1)
+        tl.store(row + 2 * stride_tf, tl.where(valid, end, 0), mask=slot_mask)
