@@ -75,10 +75,11 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
 
 
 # Average rows per expert from which triton measured faster than grouped_mm on an H200
-# (BENCHMARKS.md, 2026-11-29, Qwen3-30B-A3B and GPT-OSS-20B shapes, 1024..65536 tokens): LoRA
-# crossed over at about 512 at both shapes; full fine-tune by 1024. Below, the host-side launch
-# cost of the Triton path and the smaller per-expert GEMMs favour grouped_mm.
-_AUTO_MIN_ROWS_PER_EXPERT = {"lora": 512, "full": 1024}
+# (BENCHMARKS.md, runs 24-25, Qwen3-30B-A3B and GPT-OSS-20B shapes): LoRA from 128 (2048 and
+# 1024 tokens; at Qwen3's 1024 tokens, 64 rows per expert, the step is bound by the host's
+# launching and grouped_mm's is cheaper); full fine-tune measured at 512 (Qwen3 8192), not
+# re-measured below it since the host-side changes of run 23.
+_AUTO_MIN_ROWS_PER_EXPERT = {"lora": 128, "full": 512}
 
 
 def auto_reason(problem: ExpertProblem) -> str | None:
