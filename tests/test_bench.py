@@ -202,3 +202,17 @@ def test_train_step_benchmark_full_fine_tune(tmp_path):
 def test_experts_benchmark_refuses_graph_replay_without_cuda():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         main(["experts", "--shape", "tiny", "--tokens", "16", "--graph"])
+
+
+def test_median_ms_spreads_each_timing_over_repeated_calls(monkeypatch):
+    """``repeat`` back-to-back calls per timing, the time divided by them (wall clock on CPU)."""
+    from types import SimpleNamespace
+
+    from moelab.bench import timing
+
+    calls = []
+    clock = iter(range(0, 1000, 1))  # each perf_counter() reads one second later
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    ms = timing.median_ms(lambda: calls.append(1), iters=3, warmup=2, cuda=False, repeat=4)
+    assert len(calls) == 2 + 3 * 4
+    assert ms == pytest.approx(1e3 / 4)  # one second per timing, over 4 calls

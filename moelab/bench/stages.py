@@ -3,7 +3,8 @@
 ``python -m moelab.bench stages --shape qwen3-30b-a3b --tokens 8192 --mode lora``
 
 Each stage is one launcher call of :mod:`moelab.kernels.triton` on the same inputs as a full
-step, timed alone (median of ``--iters`` CUDA-event timings after warm-up and autotuning).
+step, timed alone (median of ``--iters`` CUDA-event timings of ``--repeat`` back-to-back calls
+each, after warm-up and autotuning: the kernels' time, not the host's cost of launching them).
 torch's grouped GEMM on pre-sorted rows of the same sizes is timed beside the two forward
 products as the plain grouped GEMM to beat (no gather, no epilogue).
 """
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     }
     out = []
     for name, (fn, flops) in {**stages, **ref}.items():
-        ms = median_ms(fn, args.iters)
+        ms = median_ms(fn, args.iters, repeat=args.repeat)
         row = dict(shape=args.shape, tokens=tokens, mode=args.mode, stage=name, ms=round(ms, 4))
         row["tflops"] = round(flops / ms / 1e9, 1) if flops else None
         out.append(row)
@@ -202,4 +203,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="lora", choices=("lora", "full"))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--iters", type=int, default=20)
+    # fmt: off
+    p.add_argument("--repeat", type=int, default=5,
+                   help="back-to-back calls per timing, so the host's launch cost is hidden")
+    # fmt: on
     p.add_argument("--json", default=None)

@@ -8,9 +8,14 @@ import time
 import torch
 
 
-def median_ms(fn, iters: int, warmup: int = 3, cuda: bool | None = None) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` calls after ``warmup`` ones: CUDA events
-    when ``cuda`` (default: a GPU is present), else wall time (a smoke run, not a timing)."""
+def median_ms(fn, iters: int, warmup: int = 3, cuda: bool | None = None, repeat: int = 1) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` timings after ``warmup`` calls: CUDA events
+    when ``cuda`` (default: a GPU is present), else wall time (a smoke run, not a timing).
+
+    Each timing spans ``repeat`` back-to-back calls, divided by ``repeat``: one launch between
+    two events also counts the host's cost of issuing it while the GPU waits, so a kernel's own
+    time needs the queue kept full (BENCHMARKS.md, run 24: ~0.1 ms per Triton launch).
+    """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     for _ in range(warmup):
         fn()
@@ -18,13 +23,15 @@ def median_ms(fn, iters: int, warmup: int = 3, cuda: bool | None = None) -> floa
     for _ in range(iters):
         if not cuda:
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(repeat):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / repeat)
             continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(repeat):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / repeat)
     return statistics.median(times)
