@@ -11,8 +11,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from moelab.ops.routing import expert_counts
-
 
 @dataclass(frozen=True)
 class DispatchPlan:
@@ -41,14 +39,16 @@ def dispatch(experts_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
     """Sort the T*K routed rows by expert; see :class:`DispatchPlan`."""
     num_tokens, top_k = experts_TK.shape
     flat_N = experts_TK.reshape(-1)
-    order_N = torch.argsort(flat_N, stable=True)
-    offs_E = expert_counts(experts_TK, num_experts).cumsum(0).to(torch.int32)
+    expert_N, order_N = torch.sort(flat_N, stable=True)
+    # each expert's end among the sorted ids (few launches: the block's host issues every op)
+    ids_E = torch.arange(num_experts, device=flat_N.device, dtype=flat_N.dtype)
+    offs_E = torch.searchsorted(expert_N, ids_E, right=True, out_int32=True)
     arange_N = torch.arange(flat_N.numel(), device=flat_N.device)
     slot_N = torch.empty_like(order_N).scatter_(0, order_N, arange_N)
     return DispatchPlan(
         order_N=order_N,
         token_N=order_N.div(top_k, rounding_mode="floor"),
-        expert_N=flat_N.index_select(0, order_N),
+        expert_N=expert_N,
         offs_E=offs_E,
         slot_TK=slot_N.view(num_tokens, top_k),
     )
