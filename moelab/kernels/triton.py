@@ -107,7 +107,8 @@ def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str
 
 def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
     """Activation bytes kept for backward per token (x, h unless recomputed, z1, z2, routing
-    weights, expert ids and the plan's four int64 per slot; the tile table is per expert)."""
+    weights, expert ids and the plan's four int64 per slot; the two tile tables, under one byte
+    per slot, are left out)."""
     k, r = problem.top_k, problem.lora_rank
     h = 0 if problem.recompute else 2 * problem.inter
     return itemsize * (problem.hidden + k * (h + 2 * r)) + k * (4 + 5 * 8)
