@@ -250,3 +250,31 @@ def test_autotuning_times_the_tile_heights_that_may_win(rows, experts, heights):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64}) for bm in tk.TILE_BLOCKS_M]
     kept = tr._tile_heights_worth_timing(configs, dict(num_rows=rows, num_experts=experts))
     assert {c.kwargs["BLOCK_M"] for c in kept} == heights
+
+
+@pytest.mark.parametrize("main", ["triton", "torch"])
+def test_down_backward_hands_back_the_torch_loops_gathered_dout(main):
+    """Full fine-tune's dW2 reuses the torch main loop's gathered dout (one gather, not two);
+    the fused loop gathers nothing, so there is nothing to hand back."""
+    from moelab.ops.dispatch import dispatch
+
+    torch.manual_seed(4)
+    tokens, hidden, inter, experts = 12, 32, 16, 3
+    dout = torch.randn(tokens, hidden)
+    down = torch.randn(experts, hidden, inter) * 0.2
+    experts_TK = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
+    plan = dispatch(experts_TK, experts)
+    rows = plan.token_N.numel()
+    h = torch.randn(rows, 2 * inter)
+    w_N = torch.rand(rows)
+    tiles = tr.tile_table(plan.offs_E, rows)
+    args = (dout, down, h, w_N, None, plan, tiles, False)
+    kept = tr.down_backward(*args, want_actw=True, main=main, keep_gathered=True)
+    plain = tr.down_backward(*args, want_actw=True, main=main)
+    assert plain[3] is None
+    for got, ref in zip(kept[:3], plain[:3]):
+        assert torch.equal(got, ref)
+    if main == "torch":
+        assert torch.equal(kept[3], dout[plan.token_N])
+    else:
+        assert kept[3] is None

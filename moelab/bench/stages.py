@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     y = tr.down_projection(act, down, db, low["down"], plan, tiles)
     weights = routing.weights.reshape(-1).contiguous()
     w_N = weights.index_select(0, plan.order_N).contiguous()
-    dh, _, act_w = tr.down_backward(dout, down, h_NG, w_N, low["bwd_down"], plan, tiles, oai,
-                                    want_actw=True)  # fmt: skip
+    dh, _, act_w, _ = tr.down_backward(dout, down, h_NG, w_N, low["bwd_down"], plan, tiles,
+                                       oai, want_actw=True)  # fmt: skip
     dxs = tr.up_backward(dh, gate_up, low["bwd_up"], plan, tiles)
 
     products = {

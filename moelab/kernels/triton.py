@@ -644,10 +644,11 @@ def down_projection(act_NI, down, down_bias, lora, plan, tiles):
 
 
 def down_backward(
-    dout_TH, down, h_NG, w_N, lora, plan, tiles, oai, want_actw: bool, main: str | None = None
-):
-    """``dh [N, 2I]``, router partials ``[N, I / 32]`` and ``w act [N, I]`` (or None) from
-    g = dout W2 + s u2 A2, u2 = dout B2 into lora.z.
+    dout_TH, down, h_NG, w_N, lora, plan, tiles, oai, want_actw: bool, main: str | None = None,
+    keep_gathered: bool = False,
+):  # fmt: skip
+    """``dh [N, 2I]``, router partials ``[N, I / 32]``, ``w act [N, I]`` (or None) and the
+    gathered ``dout [N, H]`` (or None) from g = dout W2 + s u2 A2, u2 = dout B2 into lora.z.
 
     g comes from the fused kernel's own main loop (``"triton"``) or from torch's grouped GEMM
     over a gathered copy of dout followed by the same epilogue alone (``"torch"``): the
@@ -655,6 +656,8 @@ def down_backward(
     dout I / BLOCK_N times. ``DOWN_BACKWARD_MAIN`` fixes the choice; else it is measured once
     per shape and machine and kept on disk like the LoRA placement (the torch loop only while
     its transient copies stay under ``_TORCH_MAIN_LOOP_MAX_BYTES``); ``main`` overrides both.
+    ``keep_gathered`` returns the torch loop's gathered dout instead of freeing it (dW2 needs
+    the same copy: one gather instead of two in full fine-tune); None from the fused loop.
     """
     hidden, inter = down.shape[1:]
     rows = h_NG.shape[0]
@@ -663,13 +666,13 @@ def down_backward(
     act_w = h_NG.new_empty(rows, inter) if want_actw else None
     epilogue = dict(epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N, dw=dw_parts, act_w=act_w, oai=oai)
 
-    def run(main: str) -> None:
+    def run(main: str) -> torch.Tensor | None:
         if main == "triton":
             # fmt: off
             expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, dh_NG,
                         gather=plan.token_N, lora=lora, **epilogue)
             # fmt: on
-            return
+            return None
         dout_NH = dout_TH.index_select(0, plan.token_N)
         g_NI = gmm._gmm(dout_NH, down, plan.offs_E)
         low = None if lora is None else lora._replace(placement=tk.LORA_GIVEN)
@@ -678,11 +681,14 @@ def down_backward(
             _launch(dout_NH, low.la, low.la_strides, low.z.shape[1], hidden, tiles, low.z,
                     tuned_as=_LOW_RANK)
             # fmt: on
-        del dout_NH
+        if not keep_gathered:
+            del dout_NH
+            dout_NH = None
         # fmt: off
         _launch(g_NI, down, _t(down), inter, 0, tiles, dh_NG, lora=low, acc_in=True,
                 tuned_as=_EPILOGUE_ONLY, **epilogue)
         # fmt: on
+        return dout_NH
 
     main = main or DOWN_BACKWARD_MAIN
     if main is None:
@@ -696,8 +702,7 @@ def down_backward(
             main = _measured_choice(_main_loops, "down-projection backward", key, run,
                                     dout_TH.device)
             # fmt: on
-    run(main)
-    return dh_NG, dw_parts, act_w
+    return dh_NG, dw_parts, act_w, run(main)
 
 
 def up_backward(dh_NG, gate_up, lora, plan, tiles):
@@ -781,8 +786,9 @@ class _TritonExperts(torch.autograd.Function):
 
         # down projection backward, fused with dSwiGLU and the router gradient's partials
         # fmt: off
-        dh_NG, dw_parts, act_w = down_backward(dout_TH, down, h_NG, w_N, low["bwd_down"], plan,
-                                               tiles, oai, want_actw=a2 is not None or need[4])
+        dh_NG, dw_parts, act_w, dout_NH = down_backward(
+            dout_TH, down, h_NG, w_N, low["bwd_down"], plan, tiles, oai,
+            want_actw=a2 is not None or need[4], keep_gathered=need[4])
         # fmt: on
         if need[1]:
             grads[1] = gmm.router_grad(dw_parts.sum(1), plan, dout_TH, down_bias, experts_TK)
@@ -792,7 +798,8 @@ class _TritonExperts(torch.autograd.Function):
         # fmt: off
         lora_down_grads(need, s, plan, dout_TH, w_N, act_w, _z(low["bwd_down"]), z2, a2, b2,
                         grads)
-        dout_NH = dout_TH.index_select(0, plan.token_N) if need[4] else None
+        if need[4] and dout_NH is None:
+            dout_NH = dout_TH.index_select(0, plan.token_N)
         gmm.down_grads(_without_lora(need), s, plan, dout_TH, dout_NH, act_w, None, None,
                        w_N[:, None], weights_TK, experts_TK, down_bias, num_experts, grads)
         # fmt: on
