@@ -227,6 +227,7 @@ def _reference_tile_table(offs_E: torch.Tensor, block_m: int, slots: int) -> tor
         [5, 0, 130, 64, 0, 1],
         [0, 0, 0, 1],  # T = 1, k = 1
         [0, 300, 0],  # all rows on one expert
+        [7],  # a single expert
         [128] * 40,  # exact multiples of both heights
         torch.randint(0, 200, (300,), generator=torch.Generator().manual_seed(3)).tolist(),
     ],
