@@ -236,7 +236,9 @@ def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> lis
 _chosen: dict[tuple, dict] = {}
 
 
-def _run_tuned(plain, tuned, key: tuple, grid, args: tuple, flags: dict, derived) -> None:
+def _run_tuned(
+    plain, tuned, key: tuple, grid, args: tuple, flags: dict, derived=lambda config: {}
+) -> None:
     """Launch ``plain`` with the configuration the autotuned ``tuned()`` chose for ``key``
     (``derived(config)`` adds what its heuristics would); the first call of a key tunes, its
     cost logged once."""
@@ -454,21 +456,19 @@ def _launch(
 _RANK_GRAD_CONFIGS = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3),
                       (64, 128, 4, 4), (128, 128, 4, 4))  # fmt: skip
 _RANK_GRAD_FIXED = dict(BLOCK_M=32, BLOCK_D=32, num_warps=4, num_stages=3)
-_rank_grad_tuned: list = []
 
 
+@functools.cache
 def _rank_grad_kernel():
     """The rank-r gradient kernel autotuned over ``_RANK_GRAD_CONFIGS``."""
-    if not _rank_grad_tuned:
-        import triton
+    import triton
 
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
-            for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
-        ]
-        key = ["d_dim", "rank", "GATHER", "ROW_SCALE"]
-        _rank_grad_tuned.append(triton.autotune(configs, key=key)(tk._rank_grad_kernel))
-    return _rank_grad_tuned[0]
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+        for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
+    ]
+    key = ["d_dim", "rank", "GATHER", "ROW_SCALE"]
+    return triton.autotune(configs, key=key)(tk._rank_grad_kernel)
 
 
 def rank_grad(
@@ -515,10 +515,7 @@ def rank_grad(
 
     if _autotune_enabled():
         key = ("rank_grad", d_dim, rank, str(q_MD.dtype), *flags.values())
-        # fmt: off
-        _run_tuned(tk._rank_grad_kernel, _rank_grad_kernel, key, grid, args, flags,
-                   lambda config: {})
-        # fmt: on
+        _run_tuned(tk._rank_grad_kernel, _rank_grad_kernel, key, grid, args, flags)
     else:
         tk._rank_grad_kernel[grid](*args, **flags, **_RANK_GRAD_FIXED)
     return out
@@ -682,8 +679,7 @@ def down_backward(
                     tuned_as=_LOW_RANK)
             # fmt: on
         if not keep_gathered:
-            del dout_NH
-            dout_NH = None
+            dout_NH = None  # freed before the epilogue runs
         # fmt: off
         _launch(g_NI, down, _t(down), inter, 0, tiles, dh_NG, lora=low, acc_in=True,
                 tuned_as=_EPILOGUE_ONLY, **epilogue)
