@@ -3,7 +3,9 @@
 Run on the GPU machine: ``python3 scripts/host_profile.py --backend triton --tokens 8192``.
 Prints the host milliseconds per step (the GPU idle at each step's start, so nothing waits on
 it), the Python functions that take them (cProfile) and the torch ops and launches per step
-(torch.profiler, CPU side); full tables go to ``--out``.
+(torch.profiler, CPU side), then where the GPU sits idle inside a step: the gaps between its
+kernels, each with the kernel that ended the wait (the host was still issuing it); full tables
+and a Chrome trace go to ``--out``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import statistics
 import time
@@ -77,6 +80,38 @@ def main() -> None:
     table = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
     (out / f"torch_ops_{args.backend}_{args.tokens}.txt").write_text(table)
     print(f"--- torch ops, CPU side (5 steps) ---\n{table}")
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
+        for _ in range(3):
+            step()
+            torch.cuda.synchronize()
+    trace = out / f"trace_{args.backend}_{args.tokens}.json"
+    tp.export_chrome_trace(str(trace))
+    print(gpu_gaps(json.loads(trace.read_text()), steps=3))
+
+
+def gpu_gaps(trace: dict, steps: int, min_us: float = 5.0) -> str:
+    """The GPU's busy and idle time in the last of ``steps`` profiled steps, and its idle gaps
+    over ``min_us`` in order, each named by the kernel that ended it."""
+    kernels = sorted(
+        (e["ts"], e["ts"] + e["dur"], e["name"])
+        for e in trace["traceEvents"]
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e
+    )
+    # steps are separated by a host sync: the largest gaps split them
+    splits = sorted(range(1, len(kernels)), key=lambda i: kernels[i][0] - kernels[i - 1][1])
+    first = max(splits[-(steps - 1) :]) if steps > 1 else 0
+    last = kernels[first:]
+    busy = sum(end - start for start, end, _ in last)
+    span = last[-1][1] - last[0][0]
+    lines = [f"--- GPU in one step: {len(last)} kernels, span {span / 1e3:.3f} ms, "
+             f"busy {busy / 1e3:.3f} ms, idle {(span - busy) / 1e3:.3f} ms ---"]  # fmt: skip
+    for (_, prev_end, prev), (start, _, name) in zip(last, last[1:]):
+        if start - prev_end > min_us:
+            lines.append(f"{start - prev_end:8.1f} us idle before {name[:70]} (after {prev[:40]})")
+    lines.append("--- kernels (us) ---")
+    lines += [f"{end - start:8.1f}  {name[:100]}" for start, end, name in last]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
