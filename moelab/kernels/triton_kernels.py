@@ -6,9 +6,9 @@ a row index when ``GATHER`` (no permuted copy of x or dout), and results can be 
 (token, slot) order through a row index when ``SCATTER``. Epilogues:
 
 - ``STORE``: ``A W_e^T (+ s z B_e^T) (+ b_e)`` as it is.
-- ``SWIGLU_FWD``: gate and up in two accumulators; stores the pre-activation h and (unless
-  ``ACT_OUT`` is off) the activation, computed from the rounded h, exactly what backward
-  recomputes.
+- ``SWIGLU_FWD``: gate and up columns interleaved in one accumulator; stores the
+  pre-activation h and (unless ``ACT_OUT`` is off) the activation, computed from the rounded
+  h, exactly what backward recomputes.
 - ``SWIGLU_BWD``: the accumulator is ``g = dY W2`` before the routing weight; recomputes the
   activation from h, writes the per-row partial ``<g, act>`` (the router gradient, no expert
   outputs kept), ``dh = act'(h, w g)`` and optionally ``w * act`` for weight gradients.
@@ -165,13 +165,22 @@ def _expert_gemm_kernel(
         src = rows_in
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
+    if EPILOGUE == 1:  # SWIGLU_FWD
+        # gate and up columns interleaved in one accumulator (the up half sits n_out rows further
+        # in W): one dot twice as wide, so the MMA reads each A tile once for both halves
+        c2 = tl.arange(0, 2 * BLOCK_N)
+        w_cols = pid_n * BLOCK_N + c2 // 2 + (c2 % 2) * n_out
+        w_col_mask = pid_n * BLOCK_N + c2 // 2 < n_out
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    else:
+        w_cols = cols
+        w_col_mask = col_mask
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + src[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
     w_ptrs = (
-        w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+        w_ptr + e.to(tl.int64) * stride_we + w_cols[None, :] * stride_wn + ks[:, None] * stride_wk
     )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rs = tl.arange(0, BLOCK_R)
     r_mask = rs < rank
     la_ptrs = (
@@ -193,15 +202,9 @@ def _expert_gemm_kernel(
             if EVEN_K and EVEN_N:
                 w = tl.load(w_ptrs)
             else:
-                w_mask = ((k0 + ks)[:, None] < k_dim) & col_mask[None, :]
+                w_mask = ((k0 + ks)[:, None] < k_dim) & w_col_mask[None, :]
                 w = tl.load(w_ptrs, mask=w_mask, other=0.0)
             acc = _dot(a, w, acc, UPCAST, PRECISION)
-            if EPILOGUE == 1:  # SWIGLU_FWD: the up half sits n_out rows further in W
-                if EVEN_K and EVEN_N:
-                    w_up = tl.load(w_ptrs + n_out * stride_wn)
-                else:
-                    w_up = tl.load(w_ptrs + n_out * stride_wn, mask=w_mask, other=0.0)
-                acc_up = _dot(a, w_up, acc_up, UPCAST, PRECISION)
             if LORA == 1:  # LORA_IN_LOOP
                 la = tl.load(
                     la_ptrs, mask=((k0 + ks)[:, None] < k_dim) & r_mask[None, :], other=0.0
@@ -222,28 +225,19 @@ def _expert_gemm_kernel(
         else:  # LORA_GIVEN: z came from a rank-r launch
             z = tl.load(z_ptrs, mask=z_mask, other=0.0)
         # s z (one rounding of the rank-r term) accumulates into the main accumulator: a second
-        # BLOCK_M x BLOCK_N fp32 tile for it would double the epilogue's registers
+        # fp32 tile for it would double the epilogue's registers
         z = _cast(z.to(tl.float32) * lora_scale, out_dtype, UPCAST)
         lb_ptrs = (
             lb_ptr
             + e.to(tl.int64) * stride_lbe
-            + cols[None, :] * stride_lbn
+            + w_cols[None, :] * stride_lbn
             + rs[:, None] * stride_lbr
         )
-        lb = tl.load(lb_ptrs, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        lb = tl.load(lb_ptrs, mask=r_mask[:, None] & w_col_mask[None, :], other=0.0)
         acc = _dot(z, lb, acc, UPCAST, PRECISION)
-        if EPILOGUE == 1:  # SWIGLU_FWD
-            lb_up = tl.load(
-                lb_ptrs + n_out * stride_lbn, mask=r_mask[:, None] & col_mask[None, :], other=0.0
-            )
-            acc_up = _dot(z, lb_up, acc_up, UPCAST, PRECISION)
     if BIAS:
-        b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn
-        acc += tl.load(b_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if EPILOGUE == 1:  # SWIGLU_FWD
-            acc_up += tl.load(b_ptrs + n_out * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[
-                None, :
-            ]
+        b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + w_cols * stride_bn
+        acc += tl.load(b_ptrs, mask=w_col_mask, other=0.0).to(tl.float32)[None, :]
 
     mask = row_mask[:, None] & col_mask[None, :]
     if EPILOGUE == 0:  # STORE
@@ -258,8 +252,9 @@ def _expert_gemm_kernel(
         )
     elif EPILOGUE == 1:  # SWIGLU_FWD
         h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
-        gate = _cast(acc, out_dtype, UPCAST)
-        up = _cast(acc_up, out_dtype, UPCAST)
+        gate_acc, up_acc = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        gate = _cast(gate_acc, out_dtype, UPCAST)
+        up = _cast(up_acc, out_dtype, UPCAST)
         tl.store(h_ptrs, gate, mask=mask)
         tl.store(h_ptrs + n_out * stride_hn, up, mask=mask)
         if ACT_OUT:  # off when backward recomputes h: it reads the activation from h itself
