@@ -85,23 +85,23 @@ def main() -> None:
         for _ in range(3):
             step()
             torch.cuda.synchronize()
+            time.sleep(0.01)  # marks the step boundary in the trace: no gap inside is as long
     trace = out / f"trace_{args.backend}_{args.tokens}.json"
     tp.export_chrome_trace(str(trace))
-    print(gpu_gaps(json.loads(trace.read_text()), steps=3))
+    print(gpu_gaps(json.loads(trace.read_text())))
 
 
-def gpu_gaps(trace: dict, steps: int, min_us: float = 5.0) -> str:
-    """The GPU's busy and idle time in the last of ``steps`` profiled steps, and its idle gaps
-    over ``min_us`` in order, each named by the kernel that ended it."""
+def gpu_gaps(trace: dict, min_us: float = 5.0) -> str:
+    """The GPU's busy and idle time in the last profiled step, and its idle gaps over
+    ``min_us`` in order, each named by the kernel that ended it."""
     kernels = sorted(
         (e["ts"], e["ts"] + e["dur"], e["name"])
         for e in trace["traceEvents"]
         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e
     )
-    # steps are separated by a host sync: the largest gaps split them
-    splits = sorted(range(1, len(kernels)), key=lambda i: kernels[i][0] - kernels[i - 1][1])
-    first = max(splits[-(steps - 1) :]) if steps > 1 else 0
-    last = kernels[first:]
+    # steps are 10 ms apart (see above); the last step starts after the last such gap
+    gaps = [i for i in range(1, len(kernels)) if kernels[i][0] - kernels[i - 1][1] > 5000]
+    last = kernels[gaps[-1] if gaps else 0 :]
     busy = sum(end - start for start, end, _ in last)
     span = last[-1][1] - last[0][0]
     lines = [f"--- GPU in one step: {len(last)} kernels, span {span / 1e3:.3f} ms, "
