@@ -201,7 +201,10 @@ def _kernel(epilogue: int):
         )(tk._expert_gemm_kernel)
         configs = [
             triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                num_warps=warps,
+                num_stages=stages,
+                pre_hook=_fit_w_box,
             )
             for bm in tk.TILE_BLOCKS_M
             for bn, bk, warps, stages in _CONFIGS[epilogue]
@@ -218,6 +221,45 @@ def _kernel(epilogue: int):
             kernel
         )
     return _kernels[epilogue]
+
+
+def _tma_enabled() -> bool:
+    return os.environ.get("MOELAB_TRITON_TMA", "1") != "0"
+
+
+def _w_descriptor(w: torch.Tensor, w_strides, n_out: int, k_dim: int, epilogue: int):
+    """``(W_DESC, descriptor)``: W read by the tensor-memory accelerator through a host
+    descriptor over ``[E, N, K]`` (1: K contiguous; the SwiGLU product as ``[E, 2, I, K]``, so
+    one box holds the gate and up tiles) or ``[E, K, N]`` (2: N contiguous); one box per
+    expert, so reads past an expert's edge are zeros. ``(0, w)`` where TMA cannot read W
+    (alignment, layout) or is switched off (``MOELAB_TRITON_TMA=0``). The box is sized per
+    configuration by ``_fit_w_box``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    item = w.element_size()
+    s_e, s_n, s_k = w_strides
+    aligned = w.data_ptr() % 16 == 0 and (s_e * item) % 16 == 0
+    if not (_tma_enabled() and aligned and w.dtype in _DTYPES):
+        return 0, w
+    if s_k == 1 and (s_n * item) % 16 == 0:
+        if epilogue == tk.SWIGLU_FWD:
+            shape, strides = [w.shape[0], 2, n_out, k_dim], [s_e, n_out * s_n, s_n, 1]
+        else:
+            shape, strides = [w.shape[0], n_out, k_dim], [s_e, s_n, 1]
+        return 1, TensorDescriptor(w, shape, strides, [1] * len(shape))
+    if s_n == 1 and (s_k * item) % 16 == 0 and epilogue != tk.SWIGLU_FWD:
+        return 2, TensorDescriptor(w, [w.shape[0], k_dim, n_out], [s_e, s_k, 1], [1, 1, 1])
+    return 0, w
+
+
+def _fit_w_box(nargs: dict) -> None:
+    """Size W's descriptor box for a configuration (a pre-hook of every tuned config)."""
+    mode, bn, bk = nargs["W_DESC"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    if mode == 1:
+        box = [1, 2, bn, bk] if nargs["EPILOGUE"] == tk.SWIGLU_FWD else [1, bn, bk]
+        nargs["w_desc"].block_shape = box
+    elif mode == 2:
+        nargs["w_desc"].block_shape = [1, bk, bn]
 
 
 def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> list:
@@ -240,8 +282,8 @@ def _run_tuned(
     plain, tuned, key: tuple, grid, args: tuple, flags: dict, derived=lambda config: {}
 ) -> None:
     """Launch ``plain`` with the configuration the autotuned ``tuned()`` chose for ``key``
-    (``derived(config)`` adds what its heuristics would); the first call of a key tunes, its
-    cost logged once."""
+    (``derived(config)`` does what its heuristics and pre-hooks would); the first call of a key
+    tunes, its cost logged once."""
     config = _chosen.get(key)
     if config is None:
         t0 = time.perf_counter()
@@ -381,6 +423,7 @@ def _launch(
     rank = lora.z.shape[1] if lora is not None else 0
     # every product has one output row per sorted row (scattered or not), and W is [E, ., .]
     num_rows, num_experts = out.shape[0], w.shape[0]
+    w_mode, w_desc = (0, w) if acc_in else _w_descriptor(w, w_strides, n_out, k_dim, epilogue)
     args = (
         a,
         gather if gather is not None else dummy,
@@ -388,6 +431,7 @@ def _launch(
         a.stride(1),
         w,
         *w_strides,
+        w_desc,
         lora.la if lora is not None else dummy,
         *(lora.la_strides if lora is not None else (0, 0, 0)),
         lora.z if lora is not None else dummy,
@@ -427,6 +471,7 @@ def _launch(
         OAI=oai,
         STORE_ACTW=act_w is not None,
         ACT_OUT=act_out,
+        W_DESC=w_mode,
         UPCAST=_interpreting(),
         PRECISION="ieee" if a.dtype == torch.float32 else None,
         BLOCK_R=max(16, triton_next_pow2(rank)),
@@ -437,18 +482,20 @@ def _launch(
         row_tiles = triton_cdiv(num_rows, meta["BLOCK_M"]) + num_experts
         return (row_tiles * triton_cdiv(n_out, meta["BLOCK_N"]),)
 
-    def even(config: dict) -> dict:
+    def derived(config: dict) -> dict:
+        """What the tuned kernel's heuristics and pre-hook set: EVEN_*, W's box."""
+        _fit_w_box(dict(flags, **config, w_desc=w_desc))
         return _even(dict(config, k_dim=k_dim, n_out=n_out))
 
     if _autotune_enabled():
         key = (tuned_as, n_out, k_dim, rank, num_rows, str(a.dtype), *flags.values())
         # fmt: off
         _run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args, flags,
-                   even)
+                   derived)
         # fmt: on
         return
     fixed = dict(_FIXED, BLOCK_N=16) if tuned_as == _LOW_RANK else _FIXED
-    tk._expert_gemm_kernel[grid](*args, **flags, **fixed, **even(fixed))
+    tk._expert_gemm_kernel[grid](*args, **flags, **fixed, **derived(fixed))
 
 
 # (BLOCK_M, BLOCK_D, warps, stages) of the rank-r weight gradients: memory-bound reductions over

@@ -83,6 +83,7 @@ def _expert_gemm_kernel(
     stride_we,
     stride_wn,
     stride_wk,
+    w_desc,
     la_ptr,
     stride_lae,
     stride_lar,
@@ -132,6 +133,7 @@ def _expert_gemm_kernel(
     PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    W_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -169,8 +171,8 @@ def _expert_gemm_kernel(
         # gate and up columns interleaved in one accumulator (the up half sits n_out rows further
         # in W): one dot twice as wide, so the MMA reads each A tile once for both halves
         c2 = tl.arange(0, 2 * BLOCK_N)
-        w_cols = pid_n * BLOCK_N + c2 // 2 + (c2 % 2) * n_out
-        w_col_mask = pid_n * BLOCK_N + c2 // 2 < n_out
+        w_cols = pid_n * BLOCK_N + c2 % BLOCK_N + (c2 // BLOCK_N) * n_out
+        w_col_mask = pid_n * BLOCK_N + c2 % BLOCK_N < n_out
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     else:
         w_cols = cols
@@ -199,7 +201,13 @@ def _expert_gemm_kernel(
                 a = tl.load(a_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < k_dim, other=0.0)
-            if EVEN_K and EVEN_N:
+            if W_DESC == 1 and EPILOGUE == 1:  # [E, 2, I, K] boxes: gate and up tiles at once
+                w = tl.reshape(w_desc.load([e, 0, pid_n * BLOCK_N, k0]), (2 * BLOCK_N, BLOCK_K)).T
+            elif W_DESC == 1:  # [E, N, K]
+                w = tl.reshape(w_desc.load([e, pid_n * BLOCK_N, k0]), (BLOCK_N, BLOCK_K)).T
+            elif W_DESC == 2:  # [E, K, N]
+                w = tl.reshape(w_desc.load([e, k0, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
+            elif EVEN_K and EVEN_N:
                 w = tl.load(w_ptrs)
             else:
                 w_mask = ((k0 + ks)[:, None] < k_dim) & w_col_mask[None, :]
@@ -252,7 +260,7 @@ def _expert_gemm_kernel(
         )
     elif EPILOGUE == 1:  # SWIGLU_FWD
         h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
-        gate_acc, up_acc = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        gate_acc, up_acc = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
         gate = _cast(gate_acc, out_dtype, UPCAST)
         up = _cast(up_acc, out_dtype, UPCAST)
         tl.store(h_ptrs, gate, mask=mask)
