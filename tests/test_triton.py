@@ -217,16 +217,13 @@ def test_rank_grad_kernel_against_float64(dtype, is_a):
 
 def test_up_projection_without_the_activation_writes_the_same_h():
     """Backward's recompute asks the up projection for h alone: same h bits, no act buffer."""
-    from moelab.ops.dispatch import dispatch
-
     torch.manual_seed(9)
     tokens, hidden, inter, experts = 20, 32, 24, 4
     x = torch.randn(tokens, hidden)
     gate_up = torch.randn(experts, 2 * inter, hidden) * 0.2
     experts_TK = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
-    plan = dispatch(experts_TK, experts)
+    plan, tiles = tr.dispatch_tiles(experts_TK, experts)
     rows = plan.token_N.numel()
-    tiles = tr.tile_table(plan.offs_E, rows)
     h, act = tr.up_projection(x, gate_up, None, None, plan, tiles, oai=False)
     h_only, none = tr.up_projection(x, gate_up, None, None, plan, tiles, False, False)
     assert none is None and act.shape == (rows, inter)
@@ -247,20 +244,46 @@ def _reference_tile_table(offs_E: torch.Tensor, block_m: int, slots: int) -> tor
     "counts",
     [
         [5, 0, 130, 64, 0, 1],
-        [0, 0, 0, 1],  # T = 1, k = 1
+        [0, 0, 0, 1],  # T = 1
+        [2500, 1, 3000],  # several programs of 1024 rows
         [0, 300, 0],  # all rows on one expert
         [7],  # a single expert
         [128] * 40,  # exact multiples of both heights
         torch.randint(0, 200, (300,), generator=torch.Generator().manual_seed(3)).tolist(),
     ],
 )
-def test_tile_table_lists_every_experts_row_tiles(counts):
-    offs_E = torch.tensor(counts).cumsum(0).to(torch.int32)
-    rows = int(offs_E[-1])
-    got = tr.tile_table(offs_E, rows)
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_dispatch_kernels_give_the_sorted_plan_and_every_experts_row_tiles(counts, top_k):
+    """The three dispatch launches against torch's stable sort (moelab.ops.dispatch, bit for
+    bit) and the tile tables against a Python listing. The routed rows come in a random order,
+    so each block of rows (1024 per program, placed 128 at a time) mixes experts."""
+    from moelab.ops.dispatch import dispatch
+
+    counts_E = torch.tensor(counts)
+    rows = int(counts_E.sum())
+    rows += -rows % top_k  # whole tokens: the remainder goes to the last expert
+    counts_E[-1] += rows - int(counts_E.sum())
+    ids = torch.repeat_interleave(torch.arange(len(counts)), counts_E)
+    ids = ids[torch.randperm(rows, generator=torch.Generator().manual_seed(5))]
+    experts_TK = ids.view(-1, top_k)
+    plan, got = tr.dispatch_tiles(experts_TK, len(counts))
+    for field, ref in zip(plan.tensors(), dispatch(experts_TK, len(counts)).tensors()):
+        assert field.dtype == ref.dtype and torch.equal(field, ref)
+    offs_E = plan.offs_E
     for i, block_m in enumerate(tk.TILE_BLOCKS_M):
         slots = -(-rows // block_m) + offs_E.numel()  # the GEMM grid's row tiles
         assert torch.equal(got[i, :, :slots], _reference_tile_table(offs_E, block_m, slots))
+
+
+def test_dispatch_places_ids_out_of_range_after_every_expert():
+    """Bad ids (unchecked on the GPU) must not make the kernels write out of bounds: they sort
+    after all experts, in their order, and no tile covers them."""
+    experts_TK = torch.tensor([[0, 7], [-1, 2], [2, 0], [5, 1]])
+    plan, tiles = tr.dispatch_tiles(experts_TK, 3)
+    assert plan.offs_E.tolist() == [2, 3, 5]
+    assert plan.order_N.tolist() == [0, 5, 7, 3, 4, 1, 2, 6]
+    assert torch.equal(plan.slot_TK.reshape(-1)[plan.order_N], torch.arange(8))
+    assert int(tiles[:, 2].max()) == 5
 
 
 @pytest.mark.parametrize(
@@ -279,18 +302,15 @@ def test_autotuning_times_the_tile_heights_that_may_win(rows, experts, heights):
 def test_down_backward_hands_back_the_torch_loops_gathered_dout(main):
     """Full fine-tune's dW2 reuses the torch main loop's gathered dout (one gather, not two);
     the fused loop gathers nothing, so there is nothing to hand back."""
-    from moelab.ops.dispatch import dispatch
-
     torch.manual_seed(4)
     tokens, hidden, inter, experts = 12, 32, 16, 3
     dout = torch.randn(tokens, hidden)
     down = torch.randn(experts, hidden, inter) * 0.2
     experts_TK = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
-    plan = dispatch(experts_TK, experts)
+    plan, tiles = tr.dispatch_tiles(experts_TK, experts)
     rows = plan.token_N.numel()
     h = torch.randn(rows, 2 * inter)
     w_N = torch.rand(rows)
-    tiles = tr.tile_table(plan.offs_E, rows)
     args = (dout, down, h, w_N, None, plan, tiles, False)
     kept = tr.down_backward(*args, want_actw=True, main=main, keep_gathered=True)
     plain = tr.down_backward(*args, want_actw=True, main=main)

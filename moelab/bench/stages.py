@@ -24,7 +24,6 @@ from moelab.kernels import grouped_mm as gmm
 from moelab.kernels import triton as tr
 from moelab.kernels import triton_kernels as tk
 from moelab.ops import route
-from moelab.ops.dispatch import dispatch
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -41,9 +40,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     dout = torch.randn_like(x)
     logits = x.float() @ params["router"]["weight"].detach().float().t()
     routing = route(logits, shape.router, k)
-    plan = dispatch(routing.experts, e)
+    plan, tiles = tr.dispatch_tiles(routing.experts, e)
     rows = plan.token_N.numel()
-    tiles = tr.tile_table(plan.offs_E, rows)
     oai = shape.activation == "swiglu_oai"
     gb, db = ex.get("gate_up_bias"), ex.get("down_bias")
     gb = None if gb is None else gb.detach()

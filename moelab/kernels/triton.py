@@ -42,7 +42,7 @@ from moelab.kernels import grouped_mm as gmm
 from moelab.kernels import triton_kernels as tk
 from moelab.kernels.measured import MeasuredChoices
 from moelab.kernels.problem import ExpertProblem
-from moelab.ops.dispatch import DispatchPlan, dispatch
+from moelab.ops.dispatch import DispatchPlan
 from moelab.ops.lora import ExpertLoRA
 
 NAME = "triton"
@@ -117,24 +117,44 @@ def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
 # ---- launchers ------------------------------------------------------------------------------
 
 
-def tile_table(offs_E: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``[2, 3, slots]`` int32: for each row-tile height of ``tk.TILE_BLOCKS_M``, the expert
-    (-1 for padding), first row and end row of each row tile, so the tile height is tuned like
-    any other block size.
+# Dispatch launches: BLOCK routed rows per program, placed SUB at a time (a SUB x SUB
+# comparison gives each row's rank among its expert's rows of the sub-block)
+_DISPATCH_BLOCK, _DISPATCH_SUB, _TILE_SLOTS_BLOCK = 1024, 128, 32
 
-    Sized for the worst case ``ceil(N / 64) + E`` so the grid is known without a host sync;
-    one small kernel (it was ~20 torch launches, a tenth of the block's host time).
+
+def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[DispatchPlan, torch.Tensor]:
+    """The plan of :func:`moelab.ops.dispatch.dispatch` (a stable sort of the routed rows by
+    expert, the same bits) and the GEMMs' tile tables, in three small launches without a host
+    sync: counts per block of rows, one program's scan of them, then each row's place.
+
+    The tile tables are ``[2, 3, slots]`` int32: for each row-tile height of
+    ``tk.TILE_BLOCKS_M``, the expert (-1 for padding), first row and end row of each row tile,
+    so the tile height is tuned like any other block size; ``slots = ceil(N / 64) + E``, the
+    worst case. torch's stable sort alone was 22 kernels here, launched while the GPU waited.
     """
-    num_experts = offs_E.numel()
-    slots = triton_cdiv(num_rows, tk.TILE_BLOCKS_M[0]) + num_experts
-    out = torch.empty(2, 3, slots, dtype=torch.int32, device=offs_E.device)
-    block_t = 32
+    num_tokens, top_k = experts_TK.shape
+    ids_N = experts_TK.reshape(-1)
+    rows = ids_N.numel()
+    blocks = triton_cdiv(rows, _DISPATCH_BLOCK)
+    bins = triton_next_pow2(num_experts + 1)  # bin E: ids out of range, placed last
+    device = ids_N.device
+    hist = torch.empty(blocks, bins, dtype=torch.int32, device=device)
+    offs_E = torch.empty(num_experts, dtype=torch.int32, device=device)
+    order, token, expert, slot = torch.empty(4, rows, dtype=torch.int64, device=device)
+    slots = triton_cdiv(rows, tk.TILE_BLOCKS_M[0]) + num_experts
+    tiles = torch.empty(2, 3, slots, dtype=torch.int32, device=device)
+    per_program = triton_cdiv(triton_cdiv(slots, blocks), _TILE_SLOTS_BLOCK) * _TILE_SLOTS_BLOCK
     # fmt: off
-    tk._tile_table_kernel[(triton_cdiv(slots, block_t),)](
-        offs_E, out, out.stride(0), out.stride(1), num_experts, num_rows,
-        BLOCK_E=max(16, triton_next_pow2(num_experts)), BLOCK_T=block_t)
+    tk._dispatch_count_kernel[(blocks,)](ids_N, hist, rows, num_experts,
+                                         BLOCK=_DISPATCH_BLOCK, BINS=bins)
+    tk._dispatch_scan_kernel[(1,)](hist, offs_E, blocks, num_experts, BINS=bins, CHUNK=16)
+    tk._dispatch_place_kernel[(blocks,)](
+        ids_N, hist, offs_E, order, token, expert, slot, tiles, tiles.stride(0), tiles.stride(1),
+        rows, num_experts, top_k, per_program, BLOCK=_DISPATCH_BLOCK, SUB=_DISPATCH_SUB,
+        BINS=bins, BLOCK_E=max(16, triton_next_pow2(num_experts)), BLOCK_T=_TILE_SLOTS_BLOCK)
     # fmt: on
-    return out
+    plan = DispatchPlan(order, token, expert, offs_E, slot.view(num_tokens, top_k))
+    return plan, tiles
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -788,9 +808,8 @@ class _TritonExperts(torch.autograd.Function):
         recompute,
     ):
         num_experts, top_k = gate_up.shape[0], experts_TK.shape[1]
-        plan = dispatch(experts_TK, num_experts)
+        plan, tiles = dispatch_tiles(experts_TK, num_experts)
         rows = plan.token_N.numel()
-        tiles = tile_table(plan.offs_E, rows)
         oai = activation == "swiglu_oai"
         low = lora_products(a1, b1, a2, b2, scale, rows, "up", "down")
         h_NG, act_NI = up_projection(x_TH, gate_up, gate_up_bias, low["up"], plan, tiles, oai)

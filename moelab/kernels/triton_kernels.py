@@ -396,43 +396,125 @@ def _rank_grad_kernel(
     )
 
 
-# Row-tile heights the GEMMs are tuned over; one tile table each (``_tile_table_kernel``).
+# Row-tile heights the GEMMs are tuned over; one tile table each (``_dispatch_place_kernel``).
 TILE_BLOCKS_M = (64, 128)
 
 
 @triton.jit
-def _tile_table_kernel(
+def _dispatch_count_kernel(
+    ids_ptr, hist_ptr, num_rows, num_experts, BLOCK: tl.constexpr, BINS: tl.constexpr
+):
+    """Dispatch, step 1: how many of each BLOCK routed rows go to each expert. Bin E takes
+    ids outside ``[0, E)`` (they are placed after every expert's rows)."""
+    b = tl.program_id(0)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    mask = i < num_rows
+    bins = _dispatch_bins(ids_ptr, i, mask, num_experts)
+    hist = tl.histogram(bins, BINS)
+    # the rows past the end went to bin E as well
+    es = tl.arange(0, BINS)
+    hist -= tl.where(es == num_experts, BLOCK - tl.sum(mask.to(tl.int32), axis=0), 0)
+    tl.store(hist_ptr + b * BINS + es, hist)
+
+
+@triton.jit
+def _dispatch_bins(ids_ptr, i, mask, num_experts):
+    ids = tl.load(ids_ptr + i, mask=mask, other=0)
+    valid = mask & (ids >= 0) & (ids < num_experts)
+    return tl.where(valid, ids, num_experts).to(tl.int32)
+
+
+@triton.jit
+def _dispatch_scan_kernel(
+    hist_ptr, offs_ptr, num_blocks, num_experts, BINS: tl.constexpr, CHUNK: tl.constexpr
+):
+    """Dispatch, step 2 (one program): each expert's end among the sorted rows (``offs``),
+    and in place of each block's counts the sorted position of its first row per expert."""
+    es = tl.arange(0, BINS)
+    total = tl.zeros((BINS,), dtype=tl.int32)
+    for b0 in range(0, num_blocks, CHUNK):
+        bs = b0 + tl.arange(0, CHUNK)
+        ptrs = hist_ptr + bs[:, None] * BINS + es[None, :]
+        total += tl.sum(tl.load(ptrs, mask=(bs < num_blocks)[:, None], other=0), axis=0)
+    ends = tl.cumsum(total, axis=0)
+    tl.store(offs_ptr + es, ends, mask=es < num_experts)
+    first = ends - total
+    for b0 in range(0, num_blocks, CHUNK):
+        bs = b0 + tl.arange(0, CHUNK)
+        ptrs = hist_ptr + bs[:, None] * BINS + es[None, :]
+        counts = tl.load(ptrs, mask=(bs < num_blocks)[:, None], other=0)
+        tl.store(
+            ptrs,
+            first[None, :] + tl.cumsum(counts, axis=0) - counts,
+            mask=(bs < num_blocks)[:, None],
+        )
+        first += tl.sum(counts, axis=0)
+
+
+@triton.jit
+def _dispatch_place_kernel(
+    ids_ptr,
+    first_ptr,
     offs_ptr,
-    out_ptr,
+    order_ptr,
+    token_ptr,
+    expert_ptr,
+    slot_ptr,
+    tiles_ptr,
     stride_tt,
     stride_tf,
-    num_experts,
     num_rows,
+    num_experts,
+    top_k,
+    slots_per_program,
+    BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
+    BINS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """The GEMMs' tile tables from the experts' row ends, one per height in ``TILE_BLOCKS_M``:
-    each expert's rows cut into row tiles, listed expert by expert; field 0 the expert (-1 past
-    the last tile), 1 the first row, 2 the expert's end row. BLOCK_T table slots per program,
-    every program reading all E ends (a few hundred int32): one launch, no host sync."""
-    es = tl.arange(0, BLOCK_E)
-    e_mask = es < num_experts
-    ends = tl.load(offs_ptr + es, mask=e_mask, other=0)
-    starts = tl.load(offs_ptr + es - 1, mask=e_mask & (es > 0), other=0)
-    ids = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    for i in tl.static_range(2):
-        block_m = 64 * (i + 1)  # TILE_BLOCKS_M[i]
-        tiles = (ends - starts + block_m - 1) // block_m
-        cum = tl.cumsum(tiles, axis=0)  # inclusive: the first tile of expert e is cum - tiles
-        # a slot's expert: how many experts' tiles all come before it
-        e = tl.sum(((cum[None, :] <= ids[:, None]) & e_mask[None, :]).to(tl.int32), axis=1)
-        pick = es[None, :] == e[:, None]
-        first_tile = tl.sum(tl.where(pick, cum - tiles, 0), axis=1)
-        start = tl.sum(tl.where(pick, starts, 0), axis=1) + (ids - first_tile) * block_m
-        valid = e < num_experts
-        slot_mask = ids < tl.cdiv(num_rows, block_m) + num_experts
-        row = out_ptr + i * stride_tt + ids
-        tl.store(row, tl.where(valid, e, -1), mask=slot_mask)
-        tl.store(row + stride_tf, tl.where(valid, start, 0), mask=slot_mask)
-        end = tl.sum(tl.where(pick, ends, 0), axis=1)
-        tl.store(row + 2 * stride_tf, tl.where(valid, end, 0), mask=slot_mask)
+    """Dispatch, step 3: every routed row to its sorted position (a stable counting sort: a
+    row's position is its expert's first position in this block plus the rows of that expert
+    before it), then this program's share of the tile tables."""
+    b = tl.program_id(0)
+    es = tl.arange(0, BINS)
+    first = tl.load(first_ptr + b * BINS + es)
+    js = tl.arange(0, SUB)
+    for s0 in range(0, BLOCK, SUB):
+        i = b * BLOCK + s0 + js
+        mask = i < num_rows
+        bins = _dispatch_bins(ids_ptr, i, mask, num_experts)
+        earlier = (bins[:, None] == bins[None, :]) & (js[None, :] < js[:, None])
+        pos = tl.sum(earlier.to(tl.int32), axis=1)
+        pos += tl.sum(tl.where(es[None, :] == bins[:, None], first[None, :], 0), axis=1)
+        tl.store(order_ptr + pos, i, mask=mask)
+        tl.store(token_ptr + pos, i // top_k, mask=mask)
+        tl.store(expert_ptr + pos, tl.load(ids_ptr + i, mask=mask, other=0), mask=mask)
+        tl.store(slot_ptr + i, pos, mask=mask)
+        first += tl.histogram(bins, BINS)
+
+    # tile tables, one per height in TILE_BLOCKS_M: each expert's rows cut into row tiles,
+    # listed expert by expert; field 0 the expert (-1 past the last tile), 1 the first row,
+    # 2 the expert's end row; ceil(N / 64) + E slots (the grid is known without a host sync)
+    ee = tl.arange(0, BLOCK_E)
+    e_mask = ee < num_experts
+    ends = tl.load(offs_ptr + ee, mask=e_mask, other=0)
+    starts = tl.load(offs_ptr + ee - 1, mask=e_mask & (ee > 0), other=0)
+    for t0 in range(b * slots_per_program, (b + 1) * slots_per_program, BLOCK_T):
+        ids = t0 + tl.arange(0, BLOCK_T)
+        for h in tl.static_range(2):
+            block_m = 64 * (h + 1)  # TILE_BLOCKS_M[h]
+            tiles = (ends - starts + block_m - 1) // block_m
+            cum = tl.cumsum(tiles, axis=0)  # inclusive: expert e's first tile is cum - tiles
+            # a slot's expert: how many experts' tiles all come before it
+            e = tl.sum(((cum[None, :] <= ids[:, None]) & e_mask[None, :]).to(tl.int32), axis=1)
+            pick = ee[None, :] == e[:, None]
+            first_tile = tl.sum(tl.where(pick, cum - tiles, 0), axis=1)
+            start = tl.sum(tl.where(pick, starts, 0), axis=1) + (ids - first_tile) * block_m
+            valid = e < num_experts
+            slot_mask = ids < tl.cdiv(num_rows, block_m) + num_experts
+            row = tiles_ptr + h * stride_tt + ids
+            tl.store(row, tl.where(valid, e, -1), mask=slot_mask)
+            tl.store(row + stride_tf, tl.where(valid, start, 0), mask=slot_mask)
+            end = tl.sum(tl.where(pick, ends, 0), axis=1)
+            tl.store(row + 2 * stride_tf, tl.where(valid, end, 0), mask=slot_mask)
