@@ -119,7 +119,7 @@ def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
 
 # Dispatch launches: BLOCK routed rows per program, placed SUB at a time (a SUB x SUB
 # comparison gives each row's rank among its expert's rows of the sub-block)
-_DISPATCH_BLOCK, _DISPATCH_SUB, _TILE_SLOTS_BLOCK = 1024, 128, 32
+_DISPATCH_BLOCK, _DISPATCH_SUB, _TILE_SLOTS_BLOCK = 1024, 64, 32
 
 
 def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[DispatchPlan, torch.Tensor]:

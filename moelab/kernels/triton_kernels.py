@@ -485,8 +485,7 @@ def _dispatch_place_kernel(
         mask = i < num_rows
         bins = _dispatch_bins(ids_ptr, i, mask, num_experts)
         earlier = (bins[:, None] == bins[None, :]) & (js[None, :] < js[:, None])
-        pos = tl.sum(earlier.to(tl.int32), axis=1)
-        pos += tl.sum(tl.where(es[None, :] == bins[:, None], first[None, :], 0), axis=1)
+        pos = tl.sum(earlier.to(tl.int32), axis=1) + tl.gather(first, bins, axis=0)
         tl.store(order_ptr + pos, i, mask=mask)
         tl.store(token_ptr + pos, i // top_k, mask=mask)
         tl.store(expert_ptr + pos, tl.load(ids_ptr + i, mask=mask, other=0), mask=mask)
