@@ -133,3 +133,55 @@ def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(monkeypatch)
     assert kwargs["F"] is True and kwargs["BLOCK_N"] == 128 and kwargs["EVEN"] is True
     assert kwargs["num_warps"] == 8 and kwargs["num_stages"] == 3
     assert calls[0][3] == {"F": True}  # the tuner itself picks the configuration
+
+
+class _FakeCompiled:
+    """A compiled kernel's launch surface: ``[grid](*all_args)`` (recorded "direct")."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("direct", grid, args))
+
+
+class _FakeJit:
+    """A JIT function's launch surface: ``kernel[grid](*args, **kwargs)`` binds, specialises
+    and launches (recorded "jit"), returning the compiled kernel."""
+
+    arg_names = ["t", "n", "BLOCK"]
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(("jit", grid, args, kwargs))
+            return _FakeCompiled(self.calls)
+
+        return launch
+
+
+def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch):
+    """The same key with arguments Triton would specialise alike launches the compiled kernel
+    (all arguments in order, the grid evaluated); an int that changes its divisibility by 16 or
+    its equality to 1, a misaligned tensor or another key goes through the JIT again."""
+    monkeypatch.setattr(tr, "_interpreting", lambda: False)
+    monkeypatch.setattr(tr, "_compiled", {})
+    calls = []
+    kernel = _FakeJit(calls)
+    t = torch.zeros(16)
+
+    def launch(t, n, key=("k",)):
+        tr._launch_kernel(kernel, lambda meta: (meta["BLOCK"] * 2,), (t, n), {"BLOCK": 4}, key)
+
+    launch(t, 32)
+    launch(t, 48)  # still divisible by 16: the same specialisation
+    launch(t, 33)
+    launch(t[1:], 32)
+    launch(t, 1)
+    launch(t, 32, key=("other",))
+    launch(t, 64)
+    assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit", "jit", "jit", "direct"]
+    assert calls[0][2:] == ((t, 32), {"BLOCK": 4})
+    assert calls[1][1] == (8, 1, 1) and calls[1][2] == (t, 48, 4)

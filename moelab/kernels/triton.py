@@ -144,14 +144,19 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     slots = triton_cdiv(rows, tk.TILE_BLOCKS_M[0]) + num_experts
     tiles = torch.empty(2, 3, slots, dtype=torch.int32, device=device)
     per_program = triton_cdiv(triton_cdiv(slots, blocks), _TILE_SLOTS_BLOCK) * _TILE_SLOTS_BLOCK
+    sizes = dict(BLOCK=_DISPATCH_BLOCK, BINS=bins)
     # fmt: off
-    tk._dispatch_count_kernel[(blocks,)](ids_N, hist, rows, num_experts,
-                                         BLOCK=_DISPATCH_BLOCK, BINS=bins)
-    tk._dispatch_scan_kernel[(1,)](hist, offs_E, blocks, num_experts, BINS=bins, CHUNK=16)
-    tk._dispatch_place_kernel[(blocks,)](
-        ids_N, hist, offs_E, order, token, expert, slot, tiles, tiles.stride(0), tiles.stride(1),
-        rows, num_experts, top_k, per_program, BLOCK=_DISPATCH_BLOCK, SUB=_DISPATCH_SUB,
-        BINS=bins, BLOCK_E=max(16, triton_next_pow2(num_experts)), BLOCK_T=_TILE_SLOTS_BLOCK)
+    _launch_kernel(tk._dispatch_count_kernel, (blocks,), (ids_N, hist, rows, num_experts), sizes,
+                   ("count", bins))
+    _launch_kernel(tk._dispatch_scan_kernel, (1,), (hist, offs_E, blocks, num_experts),
+                   dict(BINS=bins, CHUNK=16), ("scan", bins))
+    block_e = max(16, triton_next_pow2(num_experts))
+    _launch_kernel(
+        tk._dispatch_place_kernel, (blocks,),
+        (ids_N, hist, offs_E, order, token, expert, slot, tiles, tiles.stride(0),
+         tiles.stride(1), rows, num_experts, top_k, per_program),
+        dict(sizes, SUB=_DISPATCH_SUB, BLOCK_E=block_e, BLOCK_T=_TILE_SLOTS_BLOCK),
+        ("place", bins, block_e))
     # fmt: on
     plan = DispatchPlan(order, token, expert, offs_E, slot.view(num_tokens, top_k))
     return plan, tiles
@@ -291,6 +296,37 @@ def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> lis
     return [c for c in configs if c.kwargs["BLOCK_M"] in heights]
 
 
+# Compiled kernels by launch key and by how Triton specialises the arguments (dtype and 16-byte
+# alignment of tensors, ints equal to 1 or divisible by 16, their width): after a key's first
+# launch through the JIT, launches go straight to the compiled kernel's launcher, without the
+# JIT's binding and specialisation of every argument on every call.
+_compiled: dict[tuple, object] = {}
+
+
+def _arg_class(a) -> object:
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool) or not isinstance(a, int):
+        return (a.base.dtype, *a.block_shape) if hasattr(a, "block_shape") else type(a)
+    return a == 1, a % 16 == 0, -(2**31) <= a < 2**31
+
+
+def _launch_kernel(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
+    """``kernel[grid](*args, **kwargs)``; on the GPU, after the first call of ``key`` with
+    arguments specialised alike, by the compiled kernel directly (``MOELAB_TRITON_DIRECT=0``:
+    always through the JIT). ``key`` must hold every constexpr in ``kwargs``."""
+    if _interpreting() or os.environ.get("MOELAB_TRITON_DIRECT") == "0":
+        kernel[grid](*args, **kwargs)
+        return
+    spec = (key, *map(_arg_class, args))
+    compiled = _compiled.get(spec)
+    if compiled is None:
+        _compiled[spec] = kernel[grid](*args, **kwargs)
+        return
+    size = grid(kwargs) if callable(grid) else grid
+    compiled[(*size, 1, 1)[:3]](*args, *(kwargs[name] for name in kernel.arg_names[len(args) :]))
+
+
 # Configuration chosen per launch key. After the first call of a key, launches go straight to
 # the plain kernel with it: Triton's autotuner and heuristics wrappers rebuild their keys from
 # all ~60 arguments on every call, about 100 of the ~175 us the host spent per launch (run 22),
@@ -316,7 +352,7 @@ def _run_tuned(
             time.perf_counter() - t0,
         )
         return
-    plain[grid](*args, **flags, **config, **derived(config))
+    _launch_kernel(plain, grid, args, dict(flags, **config, **derived(config)), key)
 
 
 class LowRank(NamedTuple):
@@ -634,18 +670,12 @@ def combine_rows(y_NH: torch.Tensor, top_k: int, weights_N: torch.Tensor | None)
     out = y_NH.new_empty(rows // top_k, hidden)
     block = min(1024, max(16, triton_next_pow2(hidden)))
     grid = (rows // top_k, triton_cdiv(hidden, block))
-    tk._combine_kernel[grid](
-        y_NH,
-        weights_N if weights_N is not None else y_NH,
-        out,
-        hidden,
-        y_NH.stride(0),
-        out.stride(0),
-        TOP_K=top_k,
-        HAS_W=weights_N is not None,
-        UPCAST=_interpreting(),
-        BLOCK_H=block,
-    )
+    w = weights_N if weights_N is not None else y_NH
+    flags = dict(TOP_K=top_k, HAS_W=weights_N is not None, UPCAST=_interpreting(), BLOCK_H=block)
+    # fmt: off
+    _launch_kernel(tk._combine_kernel, grid, (y_NH, w, out, hidden, y_NH.stride(0), out.stride(0)),
+                   flags, ("combine", *flags.values()))
+    # fmt: on
     return out
 
 
