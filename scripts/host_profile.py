@@ -58,6 +58,7 @@ def main() -> None:
         torch.cuda.synchronize()
     tag = f"{args.shape} {args.tokens} {args.mode} {args.backend}"
     print(f"host ms per step, {tag}: median {statistics.median(host):.3f} min {min(host):.3f}")
+    print(host_timeline(step))
 
     prof = cProfile.Profile()
     for _ in range(10):
@@ -89,6 +90,66 @@ def main() -> None:
     trace = out / f"trace_{args.backend}_{args.tokens}.json"
     tp.export_chrome_trace(str(trace))
     print(gpu_gaps(json.loads(trace.read_text())))
+
+
+# the stages whose host entry and exit times the timeline reports (module, attribute)
+_MARKED = [
+    ("moelab.ops.moe", "route"),
+    ("moelab.ops.moe", "moe_experts"),
+    ("moelab.kernels.triton", "dispatch_tiles"),
+    ("moelab.kernels.triton", "up_projection"),
+    ("moelab.kernels.triton", "down_projection"),
+    ("moelab.kernels.triton", "combine_rows"),
+    ("moelab.kernels.triton", "down_backward"),
+    ("moelab.kernels.triton", "up_backward"),
+]
+
+
+def host_timeline(step, steps: int = 20) -> str:
+    """When the host enters and leaves each marked stage, in ms from the step's start (median
+    over ``steps`` unprofiled steps, the GPU idle at each start): how long the GPU waits for
+    its first large kernel, without a profiler's own cost."""
+    import importlib
+
+    marks: dict[str, list[float]] = {}
+    seen: dict[str, int] = {}  # calls of each stage in the current step
+    originals = []
+    t0 = [0.0]
+
+    def mark(event: str) -> None:
+        seen[event] = seen.get(event, 0) + 1
+        key = event if seen[event] == 1 else f"{event} #{seen[event]}"
+        marks.setdefault(key, []).append(time.perf_counter() - t0[0])
+
+    def wrap(name, fn):
+        def timed(*a, **k):
+            mark(f"{name} enter")
+            try:
+                return fn(*a, **k)
+            finally:
+                mark(f"{name} exit")
+
+        return timed
+
+    for module_name, attr in _MARKED:
+        module = importlib.import_module(module_name)
+        originals.append((module, attr, getattr(module, attr)))
+        setattr(module, attr, wrap(attr, getattr(module, attr)))
+    try:
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            seen.clear()
+            t0[0] = time.perf_counter()
+            step()
+            mark("step end")
+        torch.cuda.synchronize()
+    finally:
+        for module, attr, fn in originals:
+            setattr(module, attr, fn)
+    rows = sorted((statistics.median(v), k) for k, v in marks.items())
+    lines = ["--- host timeline, ms from the step's start (median of unprofiled steps) ---"]
+    lines += [f"{ms * 1e3:8.3f}  {name}" for ms, name in rows]
+    return "\n".join(lines)
 
 
 def gpu_gaps(trace: dict, min_us: float = 5.0) -> str:

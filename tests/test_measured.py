@@ -163,9 +163,9 @@ class _FakeJit:
 
 
 def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch):
-    """The same key with arguments Triton would specialise alike launches the compiled kernel
-    (all arguments in order, the grid evaluated); an int that changes its divisibility by 16 or
-    its equality to 1, a misaligned tensor or another key goes through the JIT again."""
+    """The same key with the same argument specialisation launches the compiled kernel (all
+    arguments in order, the grid evaluated); another int value, a misaligned tensor, another
+    dtype or another key goes through the JIT again."""
     monkeypatch.setattr(tr, "_interpreting", lambda: False)
     monkeypatch.setattr(tr, "_compiled", {})
     calls = []
@@ -176,12 +176,12 @@ def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch
         tr._launch_kernel(kernel, lambda meta: (meta["BLOCK"] * 2,), (t, n), {"BLOCK": 4}, key)
 
     launch(t, 32)
-    launch(t, 48)  # still divisible by 16: the same specialisation
+    launch(torch.ones(16), 32)  # another tensor of the same dtype and alignment
     launch(t, 33)
     launch(t[1:], 32)
-    launch(t, 1)
+    launch(t.double(), 32)
     launch(t, 32, key=("other",))
-    launch(t, 64)
+    launch(t, 33)
     assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit", "jit", "jit", "direct"]
     assert calls[0][2:] == ((t, 32), {"BLOCK": 4})
-    assert calls[1][1] == (8, 1, 1) and calls[1][2] == (t, 48, 4)
+    assert calls[1][1] == (8, 1, 1) and calls[1][2][1:] == (32, 4)

@@ -84,7 +84,7 @@ def test_weights_read_by_descriptor_or_pointer_give_the_same_bits(monkeypatch, v
     monkeypatch.setattr(tr, "_w_descriptor", lambda *a: modes.append(real(*a)[0]) or real(*a))
     out_tma, grads_tma = run_backend(p, "triton")
     assert set(modes) == {1, 2}  # every product read W by descriptor
-    monkeypatch.setenv("MOELAB_TRITON_TMA", "0")
+    monkeypatch.setattr(tr, "_tma_enabled", lambda: False)
     modes.clear()
     out, grads = run_backend(p, "triton")
     assert set(modes) == {0}

@@ -51,8 +51,15 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_RANK = 128
 
 
+@functools.cache
+def _setting(name: str, default: str) -> str:
+    """An environment setting, read once per process (``_setting.cache_clear()`` re-reads):
+    the launchers ask on every launch, and ``os.environ`` costs about a microsecond a call."""
+    return os.environ.get(name, default)
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _setting("TRITON_INTERPRET", "0") == "1"
 
 
 def machine_reason() -> str | None:
@@ -204,7 +211,7 @@ _main_loops = MeasuredChoices("triton_main_loop.json", ("triton", "torch"))
 
 
 def _autotune_enabled() -> bool:
-    return not _interpreting() and os.environ.get("MOELAB_TRITON_AUTOTUNE", "1") != "0"
+    return not _interpreting() and _setting("MOELAB_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _even(args: dict) -> dict:
@@ -249,7 +256,7 @@ def _kernel(epilogue: int):
 
 
 def _tma_enabled() -> bool:
-    return os.environ.get("MOELAB_TRITON_TMA", "1") != "0"
+    return _setting("MOELAB_TRITON_TMA", "1") != "0"
 
 
 def _w_descriptor(w: torch.Tensor, w_strides, n_out: int, k_dim: int, epilogue: int):
@@ -310,29 +317,33 @@ def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> lis
     return [c for c in configs if c.kwargs["BLOCK_M"] in heights]
 
 
-# Compiled kernels by launch key and by how Triton specialises the arguments (dtype and 16-byte
-# alignment of tensors, ints equal to 1 or divisible by 16, their width): after a key's first
-# launch through the JIT, launches go straight to the compiled kernel's launcher, without the
-# JIT's binding and specialisation of every argument on every call.
+# Compiled kernels by launch key and argument specialisation (``_arg_spec``): after the first
+# launch of a key through the JIT, launches go straight to the compiled kernel's launcher,
+# without the JIT's binding and specialisation of every argument on every call.
 _compiled: dict[tuple, object] = {}
 
 
-def _arg_class(a) -> object:
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, bool) or not isinstance(a, int):
-        return (a.base.dtype, *a.block_shape) if hasattr(a, "block_shape") else type(a)
-    return a == 1, a % 16 == 0, -(2**31) <= a < 2**31
+def _arg_spec(args: tuple) -> tuple:
+    """At least as fine as Triton's specialisation of ``args``: tensors by dtype and 16-byte
+    alignment, ints and floats by value, descriptors by dtype and box."""
+    return tuple(
+        (a.dtype, a.data_ptr() & 15)
+        if isinstance(a, torch.Tensor)
+        else a
+        if isinstance(a, (int, float))
+        else (a.base.dtype, *a.block_shape)
+        for a in args
+    )
 
 
 def _launch_kernel(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
     """``kernel[grid](*args, **kwargs)``; on the GPU, after the first call of ``key`` with
     arguments specialised alike, by the compiled kernel directly (``MOELAB_TRITON_DIRECT=0``:
     always through the JIT). ``key`` must hold every constexpr in ``kwargs``."""
-    if _interpreting() or os.environ.get("MOELAB_TRITON_DIRECT") == "0":
+    if _interpreting() or _setting("MOELAB_TRITON_DIRECT", "1") == "0":
         kernel[grid](*args, **kwargs)
         return
-    spec = (key, *map(_arg_class, args))
+    spec = (key, _arg_spec(args))
     compiled = _compiled.get(spec)
     if compiled is None:
         _compiled[spec] = kernel[grid](*args, **kwargs)
