@@ -71,7 +71,7 @@ def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
         monkeypatch.setattr(
             tr, "_placements", MeasuredChoices("triton_lora_placement.json", tr._placements.allowed)
         )
-        monkeypatch.setattr(tr, "_main_loops", MeasuredChoices("triton_main_loop.json",
+        monkeypatch.setattr(tr, "_main_loops", MeasuredChoices("triton_down_backward.json",
                                                                tr._main_loops.allowed))  # fmt: skip
 
     fresh_process()
@@ -79,7 +79,7 @@ def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
     p = make_problem(case, "lora", torch.float32, seed=15)
     run_backend(p, "triton")
     placements = json.loads((cache / "triton_lora_placement.json").read_text())["test machine"]
-    mains = json.loads((cache / "triton_main_loop.json").read_text())["test machine"]
+    mains = json.loads((cache / "triton_down_backward.json").read_text())["test machine"]
     # up, down, bwd_up; bwd_down's z comes with the torch main loop (a rank-r launch)
     assert set(placements.values()) == {tk.LORA_GIVEN} and len(placements) == 3
     assert list(mains.values()) == ["torch"]
@@ -90,8 +90,8 @@ def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
 
 
 def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeypatch):
-    """Where the torch main loop's transient copies would exceed the bound, the fused path
-    runs without measuring (long sequences keep the fused path's memory)."""
+    """Where the torch main loop's transient copies would exceed the bound, it is not among
+    the candidates timed (long sequences keep the other paths' memory)."""
     timed = []
     monkeypatch.setattr(tr, "_measures", lambda a: True)
     monkeypatch.setattr(tr, "_scope", lambda device: "test machine")
@@ -100,7 +100,9 @@ def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeyp
     monkeypatch.setattr(tr, "_TORCH_MAIN_LOOP_MAX_BYTES", 0)
     case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
     run_backend(make_problem(case, "lora", torch.float32, seed=15), "triton")
-    assert ("triton", "torch") not in timed and not (cache / "main.json").exists()
+    assert ("triton", "gathered") in timed
+    assert not any("torch" in choices for choices in timed)
+    assert "gathered" in (cache / "main.json").read_text()
 
 
 class _FakeKernel:

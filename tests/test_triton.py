@@ -48,11 +48,15 @@ EDGE_CASES = [c for c in CASES if c.name in ("T=1", "empty experts", "all tokens
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: c.name)
-def test_down_backward_on_torch_main_loop_matches_reference(monkeypatch, case, variant, dtype):
-    """The down projection's backward with g from torch's grouped GEMM and the SwiGLU epilogue
-    run alone (``DOWN_BACKWARD_MAIN = "torch"``): every output and gradient as the float64
-    reference, at the edge cases of the backend matrix."""
-    monkeypatch.setattr(tr, "DOWN_BACKWARD_MAIN", "torch")
+@pytest.mark.parametrize("main", ["gathered", "torch"])
+def test_down_backward_on_a_separate_main_loop_matches_reference(
+    monkeypatch, main, case, variant, dtype
+):
+    """The down projection's backward with g stored by its own product (ours gathering dout's
+    rows, or torch's grouped GEMM on a gathered copy) and the SwiGLU epilogue run alone
+    (``DOWN_BACKWARD_MAIN``): every output and gradient as the float64 reference, at the edge
+    cases of the backend matrix."""
+    monkeypatch.setattr(tr, "DOWN_BACKWARD_MAIN", main)
     _check_against_reference(make_problem(case, variant, dtype, seed=17))
 
 
@@ -298,7 +302,7 @@ def test_autotuning_times_the_tile_heights_that_may_win(rows, experts, heights):
     assert {c.kwargs["BLOCK_M"] for c in kept} == heights
 
 
-@pytest.mark.parametrize("main", ["triton", "torch"])
+@pytest.mark.parametrize("main", ["triton", "gathered", "torch"])
 def test_down_backward_hands_back_the_torch_loops_gathered_dout(main):
     """Full fine-tune's dW2 reuses the torch main loop's gathered dout (one gather, not two);
     the fused loop gathers nothing, so there is nothing to hand back."""

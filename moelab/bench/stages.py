@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for name, (stage, product, flops) in products.items()
     }
     # the down projection's backward with each main loop (the stage above: the measured one)
-    for main in ("triton", "torch"):
+    for main in tr._main_loops.allowed:
         fn = partial(tr.down_backward, dout, down, h_NG, w_N, low["bwd_down"], plan, tiles,
                      oai, want_actw=True, main=main)  # fmt: skip
         stages[f"alt: bwd dY W2 [{main} main loop]"] = (fn, 2 * rows * h * i)

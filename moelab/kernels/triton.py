@@ -207,7 +207,7 @@ DOWN_BACKWARD_MAIN: str | None = None  # see down_backward
 # The torch main loop holds a gathered copy of dout and g, (H + I) elements per row, while it
 # runs; above this it is not considered, so long sequences keep the fused path's memory.
 _TORCH_MAIN_LOOP_MAX_BYTES = 1 << 30
-_main_loops = MeasuredChoices("triton_main_loop.json", ("triton", "torch"))
+_main_loops = MeasuredChoices("triton_down_backward.json", ("triton", "gathered", "torch"))
 
 
 def _autotune_enabled() -> bool:
@@ -455,12 +455,14 @@ def _measures(a: torch.Tensor) -> bool:
     return _autotune_enabled() and a.is_cuda
 
 
-def _measured_choice(store: MeasuredChoices, what: str, key: tuple, run, device):
-    """``store``'s choice for ``key`` on this machine; on first use the fastest of its allowed
-    candidates by ``run(candidate)``, logged once and kept on disk."""
+def _measured_choice(
+    store: MeasuredChoices, what: str, key: tuple, run, device, candidates: tuple = ()
+):
+    """``store``'s choice for ``key`` on this machine; on first use the fastest of
+    ``candidates`` (default: all it allows) by ``run(candidate)``, logged once, kept on disk."""
 
     def measure():
-        choice = _fastest(run, store.allowed)
+        choice = _fastest(run, candidates or store.allowed)
         log.info("moelab: triton %s for %s measured: %s", what, key, choice)
         return choice
 
@@ -772,14 +774,16 @@ def down_backward(
     """``dh [N, 2I]``, router partials ``[N, I / 32]``, ``w act [N, I]`` (or None) and the
     gathered ``dout [N, H]`` (or None) from g = dout W2 + s u2 A2, u2 = dout B2 into lora.z.
 
-    g comes from the fused kernel's own main loop (``"triton"``) or from torch's grouped GEMM
-    over a gathered copy of dout followed by the same epilogue alone (``"torch"``): the
-    epilogue's registers keep the fused kernel's column block narrow, so it re-reads each row of
-    dout I / BLOCK_N times. ``DOWN_BACKWARD_MAIN`` fixes the choice; else it is measured once
-    per shape and machine and kept on disk like the LoRA placement (the torch loop only while
-    its transient copies stay under ``_TORCH_MAIN_LOOP_MAX_BYTES``); ``main`` overrides both.
+    g comes from the fused kernel's own main loop (``"triton"``), or is stored by a product of
+    its own and then read by the same epilogue alone: our grouped GEMM gathering dout's rows in
+    its loads, LoRA included (``"gathered"``), or torch's over a gathered copy of dout
+    (``"torch"``). The epilogue's registers keep the fused kernel's column block narrow, so it
+    re-reads each row of dout I / BLOCK_N times. ``DOWN_BACKWARD_MAIN`` fixes the choice; else
+    it is measured once per shape and machine and kept on disk like the LoRA placement (the
+    torch loop only while its transient copies stay under ``_TORCH_MAIN_LOOP_MAX_BYTES``);
+    ``main`` overrides both.
     ``keep_gathered`` returns the torch loop's gathered dout instead of freeing it (dW2 needs
-    the same copy: one gather instead of two in full fine-tune); None from the fused loop.
+    the same copy: one gather instead of two in full fine-tune); None from the other loops.
     """
     hidden, inter = down.shape[1:]
     rows = h_NG.shape[0]
@@ -793,6 +797,15 @@ def down_backward(
             # fmt: off
             expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, dh_NG,
                         gather=plan.token_N, lora=lora, **epilogue)
+            # fmt: on
+            return None
+        if main == "gathered":
+            g_NI = h_NG.new_empty(rows, inter)
+            # fmt: off
+            expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, g_NI,
+                        gather=plan.token_N, lora=lora)
+            _launch(g_NI, down, _t(down), inter, 0, tiles, dh_NG, acc_in=True,
+                    tuned_as=_EPILOGUE_ONLY, **epilogue)
             # fmt: on
             return None
         dout_NH = dout_TH.index_select(0, plan.token_N)
@@ -814,14 +827,15 @@ def down_backward(
     main = main or DOWN_BACKWARD_MAIN
     if main is None:
         extra = rows * (hidden + inter) * dout_TH.element_size()
-        if not _measures(dout_TH) or extra > _TORCH_MAIN_LOOP_MAX_BYTES:
+        if not _measures(dout_TH):
             main = "triton"
         else:
-            key = ("down_backward", hidden, inter, rows, lora is not None,
-                   str(dout_TH.dtype))  # fmt: skip
+            torch_ok = extra <= _TORCH_MAIN_LOOP_MAX_BYTES
+            key = ("down_backward", hidden, inter, rows, lora is not None, str(dout_TH.dtype),
+                   torch_ok)  # fmt: skip
             # fmt: off
             main = _measured_choice(_main_loops, "down-projection backward", key, run,
-                                    dout_TH.device)
+                                    dout_TH.device, ("triton", "gathered", "torch")[:2 + torch_ok])
             # fmt: on
     return dh_NG, dw_parts, act_w, run(main)
 
