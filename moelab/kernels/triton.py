@@ -236,7 +236,7 @@ def _kernel(epilogue: int):
                 {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
                 num_warps=warps,
                 num_stages=stages,
-                pre_hook=_fit_boxes,
+                pre_hook=_fit_w_box,
             )
             for bm in tk.TILE_BLOCKS_M
             for bn, bk, warps, stages in _CONFIGS[epilogue]
@@ -265,7 +265,7 @@ def _w_descriptor(w: torch.Tensor, w_strides, n_out: int, k_dim: int, epilogue: 
     one box holds the gate and up tiles) or ``[E, K, N]`` (2: N contiguous); one box per
     expert, so reads past an expert's edge are zeros. ``(0, w)`` where TMA cannot read W
     (alignment, layout) or is switched off (``MOELAB_TRITON_TMA=0``). The box is sized per
-    configuration by ``_fit_boxes``."""
+    configuration by ``_fit_w_box``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     item = w.element_size()
@@ -284,22 +284,8 @@ def _w_descriptor(w: torch.Tensor, w_strides, n_out: int, k_dim: int, epilogue: 
     return 0, w
 
 
-def _a_descriptor(a: torch.Tensor, k_dim: int):
-    """``(A_DESC, descriptor)``: A's sorted rows by TMA over ``[rows, K]`` (zeros past the
-    last row and K), or ``(False, a)`` where TMA cannot read it or is switched off."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    item = a.element_size()
-    aligned = a.data_ptr() % 16 == 0 and (a.stride(0) * item) % 16 == 0 and a.stride(1) == 1
-    if not (_tma_enabled() and aligned and a.dtype in _DTYPES):
-        return False, a
-    return True, TensorDescriptor(a, [a.shape[0], k_dim], [a.stride(0), 1], [1, 1])
-
-
-def _fit_boxes(nargs: dict) -> None:
-    """Size the descriptors' boxes for a configuration (a pre-hook of every tuned config)."""
-    if nargs["A_DESC"]:
-        nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+def _fit_w_box(nargs: dict) -> None:
+    """Size W's descriptor box for a configuration (a pre-hook of every tuned config)."""
     mode, bn, bk = nargs["W_DESC"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     if mode == 1:
         box = [1, 2, bn, bk] if nargs["EPILOGUE"] == tk.SWIGLU_FWD else [1, bn, bk]
@@ -507,13 +493,11 @@ def _launch(
     # every product has one output row per sorted row (scattered or not), and W is [E, ., .]
     num_rows, num_experts = out.shape[0], w.shape[0]
     w_mode, w_desc = (0, w) if acc_in else _w_descriptor(w, w_strides, n_out, k_dim, epilogue)
-    a_mode, a_desc = (False, a) if acc_in or gather is not None else _a_descriptor(a, k_dim)
     args = (
         a,
         gather if gather is not None else dummy,
         a.stride(0),
         a.stride(1),
-        a_desc,
         w,
         *w_strides,
         w_desc,
@@ -556,7 +540,6 @@ def _launch(
         OAI=oai,
         STORE_ACTW=act_w is not None,
         ACT_OUT=act_out,
-        A_DESC=a_mode,
         W_DESC=w_mode,
         UPCAST=_interpreting(),
         PRECISION="ieee" if a.dtype == torch.float32 else None,
@@ -570,7 +553,7 @@ def _launch(
 
     def derived(config: dict) -> dict:
         """What the tuned kernel's heuristics and pre-hook set: EVEN_*, W's box."""
-        _fit_boxes(dict(flags, **config, a_desc=a_desc, w_desc=w_desc))
+        _fit_w_box(dict(flags, **config, w_desc=w_desc))
         return _even(dict(config, k_dim=k_dim, n_out=n_out))
 
     if _autotune_enabled():

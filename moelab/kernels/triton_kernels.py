@@ -79,7 +79,6 @@ def _expert_gemm_kernel(
     a_rows_ptr,
     stride_am,
     stride_ak,
-    a_desc,
     w_ptr,
     stride_we,
     stride_wn,
@@ -134,7 +133,6 @@ def _expert_gemm_kernel(
     PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
-    A_DESC: tl.constexpr,
     W_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -199,9 +197,7 @@ def _expert_gemm_kernel(
         ).to(tl.float32)
     else:
         for k0 in range(0, k_dim, BLOCK_K):
-            if A_DESC:  # sorted rows by TMA: rows past the tile's end are computed, not stored
-                a = a_desc.load([row_start, k0])
-            elif EVEN_K:
+            if EVEN_K:
                 a = tl.load(a_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < k_dim, other=0.0)
