@@ -131,8 +131,8 @@ _DISPATCH_BLOCK, _DISPATCH_SUB, _TILE_SLOTS_BLOCK = 1024, 64, 32
 
 def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[DispatchPlan, torch.Tensor]:
     """The plan of :func:`moelab.ops.dispatch.dispatch` (a stable sort of the routed rows by
-    expert, the same bits) and the GEMMs' tile tables, in three small launches without a host
-    sync: counts per block of rows, one program's scan of them, then each row's place.
+    expert, the same bits) and the GEMMs' tile tables, in two small launches without a host
+    sync: counts per block of rows, then each row's place.
 
     The tile tables are ``[2, 3, slots]`` int32: for each row-tile height of
     ``tk.TILE_BLOCKS_M``, the expert (-1 for padding), first row and end row of each row tile,
@@ -155,15 +155,11 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     # fmt: off
     _launch_kernel(tk._dispatch_count_kernel, (blocks,), (ids_N, hist, rows, num_experts), sizes,
                    ("count", bins))
-    _launch_kernel(tk._dispatch_scan_kernel, (1,), (hist, offs_E, blocks, num_experts),
-                   dict(BINS=bins, CHUNK=16), ("scan", bins))
-    block_e = max(16, triton_next_pow2(num_experts))
     _launch_kernel(
         tk._dispatch_place_kernel, (blocks,),
-        (ids_N, hist, offs_E, order, token, expert, slot, tiles, tiles.stride(0),
+        (ids_N, hist, blocks, offs_E, order, token, expert, slot, tiles, tiles.stride(0),
          tiles.stride(1), rows, num_experts, top_k, per_program),
-        dict(sizes, SUB=_DISPATCH_SUB, BLOCK_E=block_e, BLOCK_T=_TILE_SLOTS_BLOCK),
-        ("place", bins, block_e))
+        dict(sizes, SUB=_DISPATCH_SUB, CHUNK=16, BLOCK_T=_TILE_SLOTS_BLOCK), ("place", bins))
     # fmt: on
     plan = DispatchPlan(order, token, expert, offs_E, slot.view(num_tokens, top_k))
     return plan, tiles
@@ -492,7 +488,9 @@ def _launch(
     rank = lora.z.shape[1] if lora is not None else 0
     # every product has one output row per sorted row (scattered or not), and W is [E, ., .]
     num_rows, num_experts = out.shape[0], w.shape[0]
-    w_mode, w_desc = (0, w) if acc_in else _w_descriptor(w, w_strides, n_out, k_dim, epilogue)
+    # rank-r products read a few KB of W: a descriptor would only cost the launch host time
+    no_desc = acc_in or tuned_as == _LOW_RANK
+    w_mode, w_desc = (0, w) if no_desc else _w_descriptor(w, w_strides, n_out, k_dim, epilogue)
     args = (
         a,
         gather if gather is not None else dummy,

@@ -425,36 +425,10 @@ def _dispatch_bins(ids_ptr, i, mask, num_experts):
 
 
 @triton.jit
-def _dispatch_scan_kernel(
-    hist_ptr, offs_ptr, num_blocks, num_experts, BINS: tl.constexpr, CHUNK: tl.constexpr
-):
-    """Dispatch, step 2 (one program): each expert's end among the sorted rows (``offs``),
-    and in place of each block's counts the sorted position of its first row per expert."""
-    es = tl.arange(0, BINS)
-    total = tl.zeros((BINS,), dtype=tl.int32)
-    for b0 in range(0, num_blocks, CHUNK):
-        bs = b0 + tl.arange(0, CHUNK)
-        ptrs = hist_ptr + bs[:, None] * BINS + es[None, :]
-        total += tl.sum(tl.load(ptrs, mask=(bs < num_blocks)[:, None], other=0), axis=0)
-    ends = tl.cumsum(total, axis=0)
-    tl.store(offs_ptr + es, ends, mask=es < num_experts)
-    first = ends - total
-    for b0 in range(0, num_blocks, CHUNK):
-        bs = b0 + tl.arange(0, CHUNK)
-        ptrs = hist_ptr + bs[:, None] * BINS + es[None, :]
-        counts = tl.load(ptrs, mask=(bs < num_blocks)[:, None], other=0)
-        tl.store(
-            ptrs,
-            first[None, :] + tl.cumsum(counts, axis=0) - counts,
-            mask=(bs < num_blocks)[:, None],
-        )
-        first += tl.sum(counts, axis=0)
-
-
-@triton.jit
 def _dispatch_place_kernel(
     ids_ptr,
-    first_ptr,
+    hist_ptr,
+    num_blocks,
     offs_ptr,
     order_ptr,
     token_ptr,
@@ -470,15 +444,29 @@ def _dispatch_place_kernel(
     BLOCK: tl.constexpr,
     SUB: tl.constexpr,
     BINS: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Dispatch, step 3: every routed row to its sorted position (a stable counting sort: a
-    row's position is its expert's first position in this block plus the rows of that expert
-    before it), then this program's share of the tile tables."""
+    """Dispatch, step 2: every routed row to its sorted position (a stable counting sort: a
+    row's position is its expert's first position, plus that expert's rows in earlier blocks,
+    plus those before it in this block), then this program's share of the tile tables. Every
+    program sums all blocks' counts (a few KB to a few hundred KB, from L2): no scan launch."""
     b = tl.program_id(0)
     es = tl.arange(0, BINS)
-    first = tl.load(first_ptr + b * BINS + es)
+    total = tl.zeros((BINS,), dtype=tl.int32)
+    before = tl.zeros((BINS,), dtype=tl.int32)
+    for b0 in range(0, num_blocks, CHUNK):
+        bs = b0 + tl.arange(0, CHUNK)
+        ptrs = hist_ptr + bs[:, None] * BINS + es[None, :]
+        counts = tl.load(ptrs, mask=(bs < num_blocks)[:, None], other=0)
+        total += tl.sum(counts, axis=0)
+        before += tl.sum(tl.where((bs < b)[:, None], counts, 0), axis=0)
+    ends = tl.cumsum(total, axis=0)
+    starts = ends - total
+    e_mask = es < num_experts
+    if b == 0:
+        tl.store(offs_ptr + es, ends, mask=e_mask)
+    first = starts + before
     js = tl.arange(0, SUB)
     for s0 in range(0, BLOCK, SUB):
         i = b * BLOCK + s0 + js
@@ -495,10 +483,6 @@ def _dispatch_place_kernel(
     # tile tables, one per height in TILE_BLOCKS_M: each expert's rows cut into row tiles,
     # listed expert by expert; field 0 the expert (-1 past the last tile), 1 the first row,
     # 2 the expert's end row; ceil(N / 64) + E slots (the grid is known without a host sync)
-    ee = tl.arange(0, BLOCK_E)
-    e_mask = ee < num_experts
-    ends = tl.load(offs_ptr + ee, mask=e_mask, other=0)
-    starts = tl.load(offs_ptr + ee - 1, mask=e_mask & (ee > 0), other=0)
     for t0 in range(b * slots_per_program, (b + 1) * slots_per_program, BLOCK_T):
         ids = t0 + tl.arange(0, BLOCK_T)
         for h in tl.static_range(2):
@@ -507,7 +491,7 @@ def _dispatch_place_kernel(
             cum = tl.cumsum(tiles, axis=0)  # inclusive: expert e's first tile is cum - tiles
             # a slot's expert: how many experts' tiles all come before it
             e = tl.sum(((cum[None, :] <= ids[:, None]) & e_mask[None, :]).to(tl.int32), axis=1)
-            pick = ee[None, :] == e[:, None]
+            pick = es[None, :] == e[:, None]
             first_tile = tl.sum(tl.where(pick, cum - tiles, 0), axis=1)
             start = tl.sum(tl.where(pick, starts, 0), axis=1) + (ids - first_tile) * block_m
             valid = e < num_experts
