@@ -12,8 +12,9 @@ Backward::
 
     g = dout[token] W2 + s u2 A2                         u2 = dout B2 in the K loop; epilogue:
                                                          dw = <g, act>, dh = act'(h, w g), w act
-                                                         (or g from torch's grouped GEMM and
-                                                         the epilogue alone: down_backward)
+                                                         (or g stored by a product of its
+                                                         own, ours or torch's, and the
+                                                         epilogue alone: down_backward)
     LoRA dA2/dB2                                         rank-r reduction kernel per factor
     dW2                                                  varlen-K grouped product (torch)
     dxs[slot] = dh W1 + s u1 A1;  dx[t] = sum_j dxs      u1 = dh B1 in the K loop
@@ -201,7 +202,7 @@ LORA_PLACEMENT: dict[str, int | None] = dict.fromkeys(("up", "down", "bwd_down",
 _placements = MeasuredChoices("triton_lora_placement.json", (tk.LORA_IN_LOOP, tk.LORA_GIVEN))
 DOWN_BACKWARD_MAIN: str | None = None  # see down_backward
 # The torch main loop holds a gathered copy of dout and g, (H + I) elements per row, while it
-# runs; above this it is not considered, so long sequences keep the fused path's memory.
+# runs; above this it is not considered, so long sequences keep the other loops' memory.
 _TORCH_MAIN_LOOP_MAX_BYTES = 1 << 30
 _main_loops = MeasuredChoices("triton_down_backward.json", ("triton", "gathered", "torch"))
 
@@ -815,8 +816,9 @@ def down_backward(
             key = ("down_backward", hidden, inter, rows, lora is not None, str(dout_TH.dtype),
                    torch_ok)  # fmt: skip
             # fmt: off
+            candidates = _main_loops.allowed if torch_ok else ("triton", "gathered")
             main = _measured_choice(_main_loops, "down-projection backward", key, run,
-                                    dout_TH.device, ("triton", "gathered", "torch")[:2 + torch_ok])
+                                    dout_TH.device, candidates)
             # fmt: on
     return dh_NG, dw_parts, act_w, run(main)
 
