@@ -306,17 +306,25 @@ def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> lis
 _compiled: dict[tuple, object] = {}
 
 
+_SCALARS = (int, float, bool)
+
+
 def _arg_spec(args: tuple) -> tuple:
     """At least as fine as Triton's specialisation of ``args``: tensors by dtype and 16-byte
-    alignment, ints and floats by value, descriptors by dtype and box."""
-    return tuple(
-        (a.dtype, a.data_ptr() & 15)
-        if isinstance(a, torch.Tensor)
-        else a
-        if isinstance(a, (int, float))
-        else (a.base.dtype, *a.block_shape)
-        for a in args
-    )
+    alignment, ints and floats by value, descriptors by dtype and box (a plain loop: this runs
+    on every launch, and a generator costs a third more)."""
+    spec = []
+    add = spec.append
+    for a in args:
+        if a.__class__ in _SCALARS:
+            add(a)
+        elif isinstance(a, torch.Tensor):
+            add(a.dtype)
+            add(a.data_ptr() & 15)
+        else:
+            add(a.base.dtype)
+            add(tuple(a.block_shape))
+    return tuple(spec)
 
 
 def _launch_kernel(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
