@@ -484,21 +484,23 @@ def _dispatch_place_kernel(
     # tile tables, one per height in TILE_BLOCKS_M: each expert's rows cut into row tiles,
     # listed expert by expert; field 0 the expert (-1 past the last tile), 1 the first row,
     # 2 the expert's end row; ceil(N / 64) + E slots (the grid is known without a host sync)
-    for t0 in range(b * slots_per_program, (b + 1) * slots_per_program, BLOCK_T):
-        ids = t0 + tl.arange(0, BLOCK_T)
-        for h in tl.static_range(2):
-            block_m = 64 * (h + 1)  # TILE_BLOCKS_M[h]
-            tiles = (ends - starts + block_m - 1) // block_m
-            cum = tl.cumsum(tiles, axis=0)  # inclusive: expert e's first tile is cum - tiles
+    for h in tl.static_range(2):
+        block_m = 64 * (h + 1)  # TILE_BLOCKS_M[h]
+        tiles = (total + block_m - 1) // block_m
+        first_tiles = tl.cumsum(tiles, axis=0) - tiles
+        for t0 in range(b * slots_per_program, (b + 1) * slots_per_program, BLOCK_T):
+            ids = t0 + tl.arange(0, BLOCK_T)
             # a slot's expert: how many experts' tiles all come before it
-            e = tl.sum(((cum[None, :] <= ids[:, None]) & e_mask[None, :]).to(tl.int32), axis=1)
-            pick = es[None, :] == e[:, None]
-            first_tile = tl.sum(tl.where(pick, cum - tiles, 0), axis=1)
-            start = tl.sum(tl.where(pick, starts, 0), axis=1) + (ids - first_tile) * block_m
+            ahead = (first_tiles + tiles)[None, :] <= ids[:, None]
+            e = tl.sum((ahead & e_mask[None, :]).to(tl.int32), axis=1)
+            start = (
+                tl.gather(starts, e, axis=0) + (ids - tl.gather(first_tiles, e, axis=0)) * block_m
+            )
             valid = e < num_experts
             slot_mask = ids < tl.cdiv(num_rows, block_m) + num_experts
             row = tiles_ptr + h * stride_tt + ids
             tl.store(row, tl.where(valid, e, -1), mask=slot_mask)
             tl.store(row + stride_tf, tl.where(valid, start, 0), mask=slot_mask)
-            end = tl.sum(tl.where(pick, ends, 0), axis=1)
-            tl.store(row + 2 * stride_tf, tl.where(valid, end, 0), mask=slot_mask)
+            tl.store(
+                row + 2 * stride_tf, tl.where(valid, tl.gather(ends, e, axis=0), 0), mask=slot_mask
+            )
