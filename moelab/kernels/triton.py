@@ -172,8 +172,8 @@ def triton_cdiv(a: int, b: int) -> int:
 
 # Hopper-shaped candidates (BLOCK_N, BLOCK_K, warps, stages), each at both row-tile heights of
 # tk.TILE_BLOCKS_M (pruned by rows per expert): wgmma wants 64-row warpgroups
-# and BLOCK_K 64 keeps 128-byte rows; the dual (gate + up) kernel holds two accumulators, so its
-# column block is half as wide; rank-r launches are memory-bound skinny products.
+# and BLOCK_K 64 keeps 128-byte rows; the SwiGLU kernel holds the gate and up tiles side by
+# side, so its column block is half as wide; rank-r launches are memory-bound skinny products.
 _LOW_RANK, _EPILOGUE_ONLY = 3, 4
 _CONFIGS = {
     tk.STORE: ((128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)),
@@ -782,6 +782,12 @@ def down_backward(
     act_w = h_NG.new_empty(rows, inter) if want_actw else None
     epilogue = dict(epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N, dw=dw_parts, act_w=act_w, oai=oai)
 
+    def epilogue_alone(g_NI: torch.Tensor, low: LowRank | None = None) -> None:
+        # fmt: off
+        _launch(g_NI, down, _t(down), inter, 0, tiles, dh_NG, lora=low, acc_in=True,
+                tuned_as=_EPILOGUE_ONLY, **epilogue)
+        # fmt: on
+
     def run(main: str) -> torch.Tensor | None:
         if main == "triton":
             # fmt: off
@@ -794,9 +800,8 @@ def down_backward(
             # fmt: off
             expert_gemm(dout_TH, down, _t(down), inter, hidden, tiles, g_NI,
                         gather=plan.token_N, lora=lora)
-            _launch(g_NI, down, _t(down), inter, 0, tiles, dh_NG, acc_in=True,
-                    tuned_as=_EPILOGUE_ONLY, **epilogue)
             # fmt: on
+            epilogue_alone(g_NI)
             return None
         dout_NH = dout_TH.index_select(0, plan.token_N)
         g_NI = gmm._gmm(dout_NH, down, plan.offs_E)
@@ -808,18 +813,15 @@ def down_backward(
             # fmt: on
         if not keep_gathered:
             dout_NH = None  # freed before the epilogue runs
-        # fmt: off
-        _launch(g_NI, down, _t(down), inter, 0, tiles, dh_NG, lora=low, acc_in=True,
-                tuned_as=_EPILOGUE_ONLY, **epilogue)
-        # fmt: on
+        epilogue_alone(g_NI, low)
         return dout_NH
 
     main = main or DOWN_BACKWARD_MAIN
     if main is None:
-        extra = rows * (hidden + inter) * dout_TH.element_size()
         if not _measures(dout_TH):
             main = "triton"
         else:
+            extra = rows * (hidden + inter) * dout_TH.element_size()
             torch_ok = extra <= _TORCH_MAIN_LOOP_MAX_BYTES
             key = ("down_backward", hidden, inter, rows, lora is not None, str(dout_TH.dtype),
                    torch_ok)  # fmt: skip
