@@ -95,6 +95,18 @@ def run(args: argparse.Namespace) -> list[dict]:
         stages[f"alt: bwd dY W2 [{main} main loop]"] = (fn, 2 * rows * h * i)
     stages["combine"] = (lambda: tr.combine_rows(y, k, weights), 0)
     stages["dX combine"] = (lambda: tr.combine_rows(dxs, k, None), 0)
+
+    def torch_grads(need: tuple[bool, ...]) -> None:
+        """The parameter gradients ``need`` asks for, on torch's grouped GEMM."""
+        grads = [None] * 13
+        dout_NH = dout.index_select(0, plan.token_N)
+        # fmt: off
+        gmm.down_grads(need, s, plan, dout, dout_NH, act_w, tr._z(low["bwd_down"]),
+                       tr._z(low["down"]), w_N[:, None], routing.weights, routing.experts, db, e,
+                       grads)
+        gmm.up_grads(need, s, plan, x, dh, tr._z(low["bwd_up"]), tr._z(low["up"]), grads)
+        # fmt: on
+
     if lora_mode:
         # both placements of z for each product (the stage above uses the measured choice)
         label = {tk.LORA_IN_LOOP: "z in loop", tk.LORA_GIVEN: "z by rank-r launch"}
@@ -103,10 +115,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 alt = low[product]._replace(placement=placement)
                 stages[f"alt: {name} [{text}]"] = (partial(stage, alt), flops)
         grads_name, grads_flops = "LoRA dA, dB (rank-r kernels)", 2 * rows * r * (4 * h + 6 * i)
+        need = (False,) * 7 + (True,) * 4 + (False,) * 2  # dA1, dB1, dA2, dB2
 
         def param_grads():
             grads = [None] * 13
-            need = (False,) * 7 + (True,) * 4 + (False,) * 2
             # fmt: off
             tr.lora_down_grads(need, s, plan, dout, w_N, act_w, tr._z(low["bwd_down"]),
                                tr._z(low["down"]), a2, b2, grads)
@@ -114,30 +126,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                              b1, grads)
             # fmt: on
 
-        def torch_lora_grads():
-            grads = [None] * 13
-            need = (False,) * 7 + (True,) * 4 + (False,) * 2
-            dout_NH = dout.index_select(0, plan.token_N)
-            # fmt: off
-            gmm.down_grads(need, s, plan, dout, dout_NH, act_w, tr._z(low["bwd_down"]),
-                           tr._z(low["down"]), w_N[:, None], routing.weights, routing.experts,
-                           db, e, grads)
-            gmm.up_grads(need, s, plan, x, dh, tr._z(low["bwd_up"]), tr._z(low["up"]), grads)
-            # fmt: on
-
-        stages["alt: LoRA dA, dB (torch grouped_mm)"] = (torch_lora_grads, grads_flops)
+        stages["alt: LoRA dA, dB (torch grouped_mm)"] = (partial(torch_grads, need), grads_flops)
     else:
         grads_name, grads_flops = "dW1, dW2 (torch grouped_mm)", 2 * rows * h * i * 3
-
-        def param_grads():
-            grads = [None] * 13
-            need = (False,) * 3 + (True, True) + (False,) * 8
-            dout_NH = dout.index_select(0, plan.token_N)
-            # fmt: off
-            gmm.down_grads(need, s, plan, dout, dout_NH, act_w, None, None, w_N[:, None],
-                           routing.weights, routing.experts, db, e, grads)
-            # fmt: on
-            gmm.up_grads(need, s, plan, x, dh, None, None, grads)
+        param_grads = partial(torch_grads, (False,) * 3 + (True, True) + (False,) * 8)
 
     stages[grads_name] = (param_grads, grads_flops)
     xs, douts = x.index_select(0, plan.token_N), dout.index_select(0, plan.token_N)
