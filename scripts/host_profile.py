@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import io
 import json
 import pstats
@@ -109,8 +110,6 @@ def host_timeline(step, steps: int = 20) -> str:
     """When the host enters and leaves each marked stage, in ms from the step's start (median
     over ``steps`` unprofiled steps, the GPU idle at each start): how long the GPU waits for
     its first large kernel, without a profiler's own cost."""
-    import importlib
-
     marks: dict[str, list[float]] = {}
     seen: dict[str, int] = {}  # calls of each stage in the current step
     originals = []
@@ -133,8 +132,9 @@ def host_timeline(step, steps: int = 20) -> str:
 
     for module_name, attr in _MARKED:
         module = importlib.import_module(module_name)
-        originals.append((module, attr, getattr(module, attr)))
-        setattr(module, attr, wrap(attr, getattr(module, attr)))
+        fn = getattr(module, attr)
+        originals.append((module, attr, fn))
+        setattr(module, attr, wrap(attr, fn))
     try:
         for _ in range(steps):
             torch.cuda.synchronize()
