@@ -60,6 +60,8 @@ def main() -> None:
     tag = f"{args.shape} {args.tokens} {args.mode} {args.backend}"
     print(f"host ms per step, {tag}: median {statistics.median(host):.3f} min {min(host):.3f}")
     print(host_timeline(step))
+    if args.backend == "triton":
+        print(launch_costs(step))
 
     prof = cProfile.Profile()
     for _ in range(10):
@@ -149,6 +151,50 @@ def host_timeline(step, steps: int = 20) -> str:
     rows = sorted((statistics.median(v), k) for k, v in marks.items())
     lines = ["--- host timeline, ms from the step's start (median of unprofiled steps) ---"]
     lines += [f"{ms * 1e3:8.3f}  {name}" for ms, name in rows]
+    return "\n".join(lines)
+
+
+def launch_costs(step, repeats: int = 100) -> str:
+    """Host microseconds per launch of each Triton launch of one step, three ways: through
+    the JIT (``kernel[grid](...)``), through the compiled kernel's runner
+    (``compiled[grid](...)``) and as the backend launches (``launch.launch``: the argument
+    specialisation, then the compiled kernel's launcher directly). Each launch is repeated
+    ``repeats`` times back to back (same arguments: same results) and the queue drained
+    between kinds."""
+    from moelab.kernels import launch as kl
+
+    recorded = []
+    launch = kl.launch
+
+    def record(kernel, grid, args, kwargs, key):
+        recorded.append((kernel, grid, args, kwargs, key))
+        launch(kernel, grid, args, kwargs, key)
+
+    kl.launch = record
+    try:
+        step()
+    finally:
+        kl.launch = launch
+    torch.cuda.synchronize()
+
+    def per_launch(fn, *a, **kw) -> float:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn(*a, **kw)
+        us = (time.perf_counter() - t0) * 1e6 / repeats
+        torch.cuda.synchronize()
+        return us
+
+    lines = ["--- host us per launch: JIT / compiled runner / as launched (specialisation + "
+             "launcher) ---"]  # fmt: skip
+    for kernel, grid, args, kwargs, key in recorded:
+        direct = kl.direct_launch(key, args)
+        size = grid(kwargs) if callable(grid) else grid
+        size = (*size, 1, 1)[:3]
+        jit = per_launch(kernel[grid], *args, **kwargs)
+        run = per_launch(direct.compiled[size], *args, *direct.constexprs)
+        ours = per_launch(kl.launch, kernel, grid, args, kwargs, key)
+        lines.append(f"{jit:7.1f} {run:7.1f} {ours:7.1f}  {kernel.__name__} {str(key[:2])[:40]}")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_experts import Case, make_problem, run_backend
 
+from moelab.kernels import launch as kl
 from moelab.kernels import triton as tr
 from moelab.kernels import triton_kernels as tk
 from moelab.kernels.measured import MeasuredChoices
@@ -138,13 +139,17 @@ def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(monkeypatch)
 
 
 class _FakeCompiled:
-    """A compiled kernel's launch surface: ``[grid](*all_args)`` (recorded "direct")."""
+    """A compiled kernel's launch surface: its launcher ``run`` (recorded "direct") and
+    ``[grid](*all_args)`` (recorded "runner", the path taken under a profiler's hooks)."""
+
+    function, packed_metadata = 7, "meta"
 
     def __init__(self, calls: list):
         self.calls = calls
+        self.run = lambda *a: self.calls.append(("direct", a[:3], a[3:9], a[9:]))
 
     def __getitem__(self, grid):
-        return lambda *args: self.calls.append(("direct", grid, args))
+        return lambda *args: self.calls.append(("runner", grid, args))
 
 
 class _FakeJit:
@@ -165,17 +170,19 @@ class _FakeJit:
 
 
 def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch):
-    """The same key with the same argument specialisation launches the compiled kernel (all
-    arguments in order, the grid evaluated); another int value, a misaligned tensor, another
-    dtype or another key goes through the JIT again."""
-    monkeypatch.setattr(tr, "_interpreting", lambda: False)
-    monkeypatch.setattr(tr, "_compiled", {})
+    """The same key with the same argument specialisation launches the compiled kernel's
+    launcher (grid evaluated, current stream, no hooks, all arguments in order); another int
+    value, a misaligned tensor, another dtype or another key goes through the JIT again; with a
+    profiler's launch hook set, the compiled kernel's own runner launches."""
+    monkeypatch.setattr(kl, "interpreting", lambda: False)
+    monkeypatch.setattr(kl, "_compiled", {})
+    monkeypatch.setattr(kl, "_current_stream", lambda: 1234)
     calls = []
     kernel = _FakeJit(calls)
     t = torch.zeros(16)
 
     def launch(t, n, key=("k",)):
-        tr._launch_kernel(kernel, lambda meta: (meta["BLOCK"] * 2,), (t, n), {"BLOCK": 4}, key)
+        kl.launch(kernel, lambda meta: (meta["BLOCK"] * 2,), (t, n), {"BLOCK": 4}, key)
 
     launch(t, 32)
     launch(torch.ones(16), 32)  # another tensor of the same dtype and alignment
@@ -186,4 +193,9 @@ def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch
     launch(t, 33)
     assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit", "jit", "jit", "direct"]
     assert calls[0][2:] == ((t, 32), {"BLOCK": 4})
-    assert calls[1][1] == (8, 1, 1) and calls[1][2][1:] == (32, 4)
+    grid, fixed, args = calls[1][1:]
+    assert grid == (8, 1, 1) and fixed == (1234, 7, "meta", None, None, None)
+    assert args[1:] == (32, 4) and torch.equal(args[0], torch.ones(16))
+    monkeypatch.setattr(kl.triton_knobs.runtime, "launch_exit_hook", lambda *a: None)
+    launch(t, 33)
+    assert calls[-1][0] == "runner" and calls[-1][1] == (8, 1, 1) and calls[-1][2] == (t, 33, 4)

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from typing import NamedTuple
 
 import torch
 
 from moelab.kernels import grouped_mm as gmm
+from moelab.kernels import launch as kl
 from moelab.kernels import triton_kernels as tk
 from moelab.kernels.measured import MeasuredChoices
 from moelab.kernels.problem import ExpertProblem
@@ -52,25 +52,14 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_RANK = 128
 
 
-@functools.cache
-def _setting(name: str, default: str) -> str:
-    """An environment setting, read once per process (``_setting.cache_clear()`` re-reads):
-    the launchers ask on every launch, and ``os.environ`` costs about a microsecond a call."""
-    return os.environ.get(name, default)
-
-
-def _interpreting() -> bool:
-    return _setting("TRITON_INTERPRET", "0") == "1"
-
-
 def machine_reason() -> str | None:
-    if not (torch.cuda.is_available() or _interpreting()):
+    if not (torch.cuda.is_available() or kl.interpreting()):
         return "needs a CUDA GPU (or TRITON_INTERPRET=1, Triton's CPU interpreter)"
     return None
 
 
 def unsupported_reason(problem: ExpertProblem) -> str | None:
-    if problem.device.type == "cpu" and not _interpreting():
+    if problem.device.type == "cpu" and not kl.interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
     if problem.device.type not in ("cpu", "cuda"):
         return f"runs on CUDA (or the CPU interpreter), not {problem.device.type}"
@@ -154,9 +143,9 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     per_program = triton_cdiv(triton_cdiv(slots, blocks), _TILE_SLOTS_BLOCK) * _TILE_SLOTS_BLOCK
     sizes = dict(BLOCK=_DISPATCH_BLOCK, BINS=bins)
     # fmt: off
-    _launch_kernel(tk._dispatch_count_kernel, (blocks,), (ids_N, hist, rows, num_experts), sizes,
+    kl.launch(tk._dispatch_count_kernel, (blocks,), (ids_N, hist, rows, num_experts), sizes,
                    ("count", bins))
-    _launch_kernel(
+    kl.launch(
         tk._dispatch_place_kernel, (blocks,),
         (ids_N, hist, blocks, offs_E, order, token, expert, slot, tiles, tiles.stride(0),
          tiles.stride(1), rows, num_experts, top_k, per_program),
@@ -208,7 +197,7 @@ _main_loops = MeasuredChoices("triton_down_backward.json", ("triton", "gathered"
 
 
 def _autotune_enabled() -> bool:
-    return not _interpreting() and _setting("MOELAB_TRITON_AUTOTUNE", "1") != "0"
+    return not kl.interpreting() and kl.setting("MOELAB_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _even(args: dict) -> dict:
@@ -253,7 +242,7 @@ def _kernel(epilogue: int):
 
 
 def _tma_enabled() -> bool:
-    return _setting("MOELAB_TRITON_TMA", "1") != "0"
+    return kl.setting("MOELAB_TRITON_TMA", "1") != "0"
 
 
 def _w_descriptor(w: torch.Tensor, w_strides, n_out: int, k_dim: int, epilogue: int):
@@ -300,49 +289,6 @@ def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> lis
     return [c for c in configs if c.kwargs["BLOCK_M"] in heights]
 
 
-# Compiled kernels by launch key and argument specialisation (``_arg_spec``): after the first
-# launch of a key through the JIT, launches go straight to the compiled kernel's launcher,
-# without the JIT's binding and specialisation of every argument on every call.
-_compiled: dict[tuple, object] = {}
-
-
-_SCALARS = (int, float, bool)
-
-
-def _arg_spec(args: tuple) -> tuple:
-    """At least as fine as Triton's specialisation of ``args``: tensors by dtype and 16-byte
-    alignment, ints and floats by value, descriptors by dtype and box (a plain loop: this runs
-    on every launch, and a generator costs a third more)."""
-    spec = []
-    add = spec.append
-    for a in args:
-        if a.__class__ in _SCALARS:
-            add(a)
-        elif isinstance(a, torch.Tensor):
-            add(a.dtype)
-            add(a.data_ptr() & 15)
-        else:
-            add(a.base.dtype)
-            add(tuple(a.block_shape))
-    return tuple(spec)
-
-
-def _launch_kernel(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
-    """``kernel[grid](*args, **kwargs)``; on the GPU, after the first call of ``key`` with
-    arguments specialised alike, by the compiled kernel directly (``MOELAB_TRITON_DIRECT=0``:
-    always through the JIT). ``key`` must hold every constexpr in ``kwargs``."""
-    if _interpreting() or _setting("MOELAB_TRITON_DIRECT", "1") == "0":
-        kernel[grid](*args, **kwargs)
-        return
-    spec = (key, _arg_spec(args))
-    compiled = _compiled.get(spec)
-    if compiled is None:
-        _compiled[spec] = kernel[grid](*args, **kwargs)
-        return
-    size = grid(kwargs) if callable(grid) else grid
-    compiled[(*size, 1, 1)[:3]](*args, *(kwargs[name] for name in kernel.arg_names[len(args) :]))
-
-
 # Configuration chosen per launch key. After the first call of a key, launches go straight to
 # the plain kernel with it: Triton's autotuner and heuristics wrappers rebuild their keys from
 # all ~60 arguments on every call, about 100 of the ~175 us the host spent per launch (run 22),
@@ -368,7 +314,7 @@ def _run_tuned(
             time.perf_counter() - t0,
         )
         return
-    _launch_kernel(plain, grid, args, dict(flags, **config, **derived(config)), key)
+    kl.launch(plain, grid, args, dict(flags, **config, **derived(config)), key)
 
 
 class LowRank(NamedTuple):
@@ -548,7 +494,7 @@ def _launch(
         STORE_ACTW=act_w is not None,
         ACT_OUT=act_out,
         W_DESC=w_mode,
-        UPCAST=_interpreting(),
+        UPCAST=kl.interpreting(),
         PRECISION="ieee" if a.dtype == torch.float32 else None,
         BLOCK_R=max(16, triton_next_pow2(rank)),
         GROUP_M=_GROUP_M,
@@ -628,7 +574,7 @@ def rank_grad(
     flags = dict(
         GATHER=gather is not None,
         ROW_SCALE=row_scale is not None,
-        UPCAST=_interpreting(),
+        UPCAST=kl.interpreting(),
         PRECISION="ieee" if q_MD.dtype == torch.float32 else None,
         BLOCK_R=max(16, triton_next_pow2(rank)),
     )
@@ -691,9 +637,9 @@ def combine_rows(y_NH: torch.Tensor, top_k: int, weights_N: torch.Tensor | None)
     block = min(1024, max(16, triton_next_pow2(hidden)))
     grid = (rows // top_k, triton_cdiv(hidden, block))
     w = weights_N if weights_N is not None else y_NH
-    flags = dict(TOP_K=top_k, HAS_W=weights_N is not None, UPCAST=_interpreting(), BLOCK_H=block)
+    flags = dict(TOP_K=top_k, HAS_W=weights_N is not None, UPCAST=kl.interpreting(), BLOCK_H=block)
     # fmt: off
-    _launch_kernel(tk._combine_kernel, grid, (y_NH, w, out, hidden, y_NH.stride(0), out.stride(0)),
+    kl.launch(tk._combine_kernel, grid, (y_NH, w, out, hidden, y_NH.stride(0), out.stride(0)),
                    flags, ("combine", *flags.values()))
     # fmt: on
     return out

@@ -1,0 +1,111 @@
+"""Launching Triton kernels with little host time: after a kernel's first launch for a key
+(through the JIT), later launches go to the compiled kernel's launcher directly.
+
+The JIT binds and specialises every argument on every call, and the compiled kernel's runner
+builds launch metadata and calls the (empty by default) launch hooks; on the GPU machine's host
+that was tens of microseconds per launch, and an eager MoE block step issues about 17 launches
+while the GPU waits for the first large one (BENCHMARKS.md, runs 22-29).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+from triton import knobs as triton_knobs
+
+
+@functools.cache
+def setting(name: str, default: str) -> str:
+    """An environment setting, read once per process (``setting.cache_clear()`` re-reads): the
+    launchers ask on every launch, and ``os.environ`` costs about a microsecond a call."""
+    return os.environ.get(name, default)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return setting("TRITON_INTERPRET", "0") == "1"
+
+
+class _Direct(NamedTuple):
+    """What a compiled kernel's launcher takes besides the grid, stream and arguments."""
+
+    compiled: object  # triton's CompiledKernel
+    run: object  # its launcher: (grid x, y, z, stream, function, metadata, hooks..., *args)
+    function: int
+    metadata: object
+    constexprs: tuple  # the launch's constexpr values, in argument order (fixed by the key)
+
+
+# by launch key and argument specialisation (``arg_spec``)
+_compiled: dict[tuple, _Direct] = {}
+_SCALARS = (int, float, bool)
+
+
+def arg_spec(args: tuple) -> tuple:
+    """At least as fine as Triton's specialisation of ``args``: tensors by dtype and 16-byte
+    alignment, ints and floats by value, descriptors by dtype and box (a plain loop: this runs
+    on every launch, and a generator costs a third more)."""
+    spec = []
+    add = spec.append
+    for a in args:
+        if a.__class__ in _SCALARS:
+            add(a)
+        elif isinstance(a, torch.Tensor):
+            add(a.dtype)
+            add(a.data_ptr() & 15)
+        else:
+            add(a.base.dtype)
+            add(tuple(a.block_shape))
+    return tuple(spec)
+
+
+def launch(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
+    """``kernel[grid](*args, **kwargs)``; on the GPU, after the first call of ``key`` with
+    arguments specialised alike, by the compiled kernel's launcher directly
+    (``MOELAB_TRITON_DIRECT=0``: always through the JIT). ``key`` must hold every constexpr in
+    ``kwargs``; ``grid`` is a tuple or a function of the constexprs."""
+    if interpreting() or setting("MOELAB_TRITON_DIRECT", "1") == "0":
+        kernel[grid](*args, **kwargs)
+        return
+    spec = (key, arg_spec(args))
+    direct = _compiled.get(spec)
+    if direct is None:
+        compiled = kernel[grid](*args, **kwargs)
+        tail = tuple(kwargs[name] for name in kernel.arg_names[len(args) :])
+        # fmt: off
+        _compiled[spec] = _Direct(compiled, compiled.run, compiled.function,
+                                  compiled.packed_metadata, tail)
+        # fmt: on
+        return
+    size = grid(kwargs) if callable(grid) else grid
+    size = (*size, 1, 1)[:3]
+    if _launch_hooks_set():  # e.g. a profiler's: Triton's own path calls them
+        direct.compiled[size](*args, *direct.constexprs)
+        return
+    # fmt: off
+    direct.run(*size, _current_stream(), direct.function, direct.metadata, None, None, None,
+               *args, *direct.constexprs)
+    # fmt: on
+
+
+def direct_launch(key: tuple, args: tuple) -> _Direct | None:
+    """The compiled kernel ``launch`` goes to for ``key`` and ``args`` (None before the first
+    launch), for benchmarks of the launch paths."""
+    return _compiled.get((key, arg_spec(args)))
+
+
+def _launch_hooks_set() -> bool:
+    """Whether launch hooks are registered (Triton keeps them in chains, empty by default)."""
+    runtime = triton_knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True) != []:
+            return True
+    return False
+
+
+def _current_stream() -> int:
+    """The raw CUDA stream Triton's own launches use: the current device's current stream."""
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
