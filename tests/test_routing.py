@@ -150,3 +150,89 @@ def test_bad_input_raises(logits, kind, k, options, message):
 def test_non_finite_check_can_be_skipped():
     logits = torch.tensor([[0.0, float("nan"), 1.0]])
     route(logits, "softmax_topk", 1, validate=False)  # the accelerator default: no host sync
+
+
+# ---- the fused top-k softmax router (moelab.kernels.router), under the CPU interpreter --------
+
+FUSED_KINDS = [("softmax_topk", True), ("softmax_topk", False), ("topk_softmax", True)]
+
+
+def _distinct_logits(tokens: int, experts: int, dtype, seed: int) -> torch.Tensor:
+    """Logits without ties within a token (a tie's pick is the lowest id; tested apart)."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.stack([torch.randperm(experts, generator=g) for _ in range(tokens)])
+    return (ranks.double() / 8 - experts / 16).to(dtype)  # exact in bf16 up to 128 experts
+
+
+def _reference_route(logits: torch.Tensor, kind: str, k: int, renormalize: bool) -> Routing:
+    """The torch path's math in float64."""
+    options = {"renormalize": renormalize} if kind == "softmax_topk" else {}
+    return route(logits.double(), kind, k, fused=False, **options)
+
+
+@pytest.mark.parametrize("kind, renormalize", FUSED_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, experts, k", [(1, 6, 1), (37, 6, 3), (70, 128, 8)])
+def test_fused_router_matches_float64(kind, renormalize, dtype, tokens, experts, k):
+    """Same picks in the same order as the torch path; weights and the logits' gradient as
+    float64 evaluates the same math (the gradient zero off the picks when renormalised)."""
+    pytest.importorskip("triton")
+    from moelab.kernels.router import topk_route
+
+    base = _distinct_logits(tokens, experts, dtype, seed=tokens + k)
+    logits = base.clone().requires_grad_(True)
+    weights, ids = topk_route(logits, k, renormalize)
+    ref_logits = base.double().requires_grad_(True)
+    ref = _reference_route(ref_logits, kind, k, renormalize)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids, ref.experts)
+    torch.testing.assert_close(weights.double(), ref.weights, rtol=2e-6, atol=1e-7)
+
+    coeff = torch.randn(tokens, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (weights.double() * coeff).sum().backward()
+    (ref.weights * coeff).sum().backward()
+    assert logits.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=tol, atol=tol * 1e-2)
+    if renormalize:
+        off = torch.ones_like(logits, dtype=torch.bool).scatter_(1, ids, False)
+        assert (logits.grad[off] == 0).all()
+
+
+def test_fused_router_ties_pick_the_lowest_id():
+    pytest.importorskip("triton")
+    from moelab.kernels.router import topk_route
+
+    logits = torch.tensor([[1.0, 3.0, 0.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    weights, ids = topk_route(logits, 2)
+    assert ids.tolist() == [[1, 3], [0, 1]]
+    torch.testing.assert_close(weights, torch.full((2, 2), 0.5))
+
+
+def test_fused_router_reads_strided_rows_and_empty_input():
+    """Rows of a wider buffer (stride over tokens > E) give the same routing as a copy; no
+    tokens give empty outputs and gradients."""
+    pytest.importorskip("triton")
+    from moelab.kernels.router import topk_route
+
+    wide = _distinct_logits(9, 16, torch.float32, seed=3)
+    view = wide[:, :8]
+    w_view, ids_view = topk_route(view, 2)
+    w_copy, ids_copy = topk_route(view.contiguous(), 2)
+    assert torch.equal(ids_view, ids_copy) and torch.equal(w_view, w_copy)
+    empty = torch.zeros(0, 8, requires_grad=True)
+    weights, ids = topk_route(empty, 2)
+    assert weights.shape == ids.shape == (0, 2)
+    weights.sum().backward()
+    assert empty.grad.shape == (0, 8)
+
+
+def test_route_keeps_torch_ops_off_the_gpu():
+    """On CPU tensors ``route`` runs torch's ops whatever ``fused`` says (the kernel is for
+    CUDA tensors), so the reference models' roundings hold there bit for bit."""
+    from moelab.kernels.router import runs
+
+    logits = _distinct_logits(4, 8, torch.bfloat16, seed=5)
+    assert not runs(logits, 2)
+    a, b = route(logits, "softmax_topk", 2), route(logits, "softmax_topk", 2, fused=False)
+    assert torch.equal(a.weights, b.weights) and torch.equal(a.experts, b.experts)

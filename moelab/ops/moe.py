@@ -81,7 +81,8 @@ def moe_block(
     options = dict(cfg.router_options)
     if router.get("correction_bias") is not None:
         options["correction_bias"] = router["correction_bias"]
-    routing = route(logits_TE, cfg.router, cfg.top_k, **options)
+    # "input" accumulation reproduces the reference models' eager numerics: torch's router ops
+    routing = route(logits_TE, cfg.router, cfg.top_k, fused=cfg.accumulate == "fp32", **options)
 
     if cfg.accumulate == "input":
         # the reference models weigh expert outputs in the router logits' dtype

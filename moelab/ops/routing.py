@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from moelab.kernels import router as fused_router
+
 ROUTER_KINDS = ("softmax_topk", "sigmoid_group_topk", "topk_softmax")
 
 
@@ -40,6 +42,7 @@ def route(
     top_k: int,
     *,
     validate: bool | None = None,
+    fused: bool = True,
     **options,
 ) -> Routing:
     """Pick ``top_k`` experts per token and their combine weights.
@@ -52,18 +55,22 @@ def route(
             ``renormalize=True``) or ``"topk_softmax"`` (GPT-OSS; no options).
         top_k: experts per token, ``1 <= top_k <= E``.
         validate: check that the logits are finite (default: only on CPU tensors).
+        fused: on CUDA, run ``softmax_topk`` and ``topk_softmax`` as one Triton pass each way
+            (:mod:`moelab.kernels.router`: the same picks, weights within float32 rounding);
+            False keeps torch's ops, the reference models' roundings bit for bit.
 
     Returns:
         :class:`Routing` with ``weights [T, K]`` float32 and ``experts [T, K]`` int64.
     """
     _check_logits(router_logits, top_k, validate)
-    logits_TE = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
+    compute = torch.promote_types(router_logits.dtype, torch.float32)
+    fused = fused and fused_router.runs(router_logits, top_k)
     if kind == "softmax_topk":
-        return _softmax_topk(logits_TE, top_k, **options)
+        return _softmax_topk(router_logits, top_k, compute, fused, **options)
     if kind == "sigmoid_group_topk":
-        return _sigmoid_group_topk(logits_TE, top_k, **options)
+        return _sigmoid_group_topk(router_logits.to(compute), top_k, **options)
     if kind == "topk_softmax":
-        return _topk_softmax(logits_TE, top_k, **options)
+        return _topk_softmax(router_logits, top_k, compute, fused, **options)
     raise ValueError(f"unknown router kind {kind!r}; expected one of {ROUTER_KINDS}")
 
 
@@ -80,8 +87,12 @@ def _check_logits(logits: torch.Tensor, top_k: int, validate: bool | None) -> No
         raise ValueError("router_logits contain NaN or Inf")
 
 
-def _softmax_topk(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
-    probs_TE = logits_TE.softmax(dim=-1)
+def _softmax_topk(
+    logits_TE: torch.Tensor, top_k: int, compute: torch.dtype, fused: bool, renormalize: bool = True
+) -> Routing:
+    if fused:
+        return Routing(*fused_router.topk_route(logits_TE, top_k, renormalize))
+    probs_TE = logits_TE.softmax(dim=-1, dtype=compute)
     weights_TK, experts_TK = probs_TE.topk(top_k, dim=-1)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
@@ -132,9 +143,13 @@ def _sigmoid_group_topk(
     return Routing(weights_TK * routed_scaling_factor, experts_TK)
 
 
-def _topk_softmax(logits_TE: torch.Tensor, top_k: int) -> Routing:
+def _topk_softmax(
+    logits_TE: torch.Tensor, top_k: int, compute: torch.dtype, fused: bool
+) -> Routing:
+    if fused:
+        return Routing(*fused_router.topk_route(logits_TE, top_k, renormalize=True))
     top_logits_TK, experts_TK = logits_TE.topk(top_k, dim=-1)
-    return Routing(top_logits_TK.softmax(dim=-1), experts_TK)
+    return Routing(top_logits_TK.softmax(dim=-1, dtype=compute), experts_TK)
 
 
 def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
