@@ -155,13 +155,15 @@ def test_non_finite_check_can_be_skipped():
 # ---- the fused top-k softmax router (moelab.kernels.router), under the CPU interpreter --------
 
 FUSED_KINDS = [("softmax_topk", True), ("softmax_topk", False), ("topk_softmax", True)]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
 
 
 def _distinct_logits(tokens: int, experts: int, dtype, seed: int) -> torch.Tensor:
     """Logits without ties within a token (a tie's pick is the lowest id; tested apart)."""
     g = torch.Generator().manual_seed(seed)
     ranks = torch.stack([torch.randperm(experts, generator=g) for _ in range(tokens)])
-    return (ranks.double() / 8 - experts / 16).to(dtype)  # exact in bf16 up to 128 experts
+    # exact in bf16 up to 128 experts
+    return (ranks.double() / 8 - experts / 16).to(DEVICE, dtype)
 
 
 def _reference_route(logits: torch.Tensor, kind: str, k: int, renormalize: bool) -> Routing:
@@ -189,6 +191,7 @@ def test_fused_router_matches_float64(kind, renormalize, dtype, tokens, experts,
     torch.testing.assert_close(weights.double(), ref.weights, rtol=2e-6, atol=1e-7)
 
     coeff = torch.randn(tokens, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    coeff = coeff.to(DEVICE)
     (weights.double() * coeff).sum().backward()
     (ref.weights * coeff).sum().backward()
     assert logits.grad.dtype == dtype
@@ -203,10 +206,10 @@ def test_fused_router_ties_pick_the_lowest_id():
     pytest.importorskip("triton")
     from moelab.kernels.router import topk_route
 
-    logits = torch.tensor([[1.0, 3.0, 0.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    logits = torch.tensor([[1.0, 3.0, 0.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]], device=DEVICE)
     weights, ids = topk_route(logits, 2)
     assert ids.tolist() == [[1, 3], [0, 1]]
-    torch.testing.assert_close(weights, torch.full((2, 2), 0.5))
+    torch.testing.assert_close(weights.cpu(), torch.full((2, 2), 0.5))
 
 
 def test_fused_router_reads_strided_rows_and_empty_input():
@@ -220,7 +223,7 @@ def test_fused_router_reads_strided_rows_and_empty_input():
     w_view, ids_view = topk_route(view, 2)
     w_copy, ids_copy = topk_route(view.contiguous(), 2)
     assert torch.equal(ids_view, ids_copy) and torch.equal(w_view, w_copy)
-    empty = torch.zeros(0, 8, requires_grad=True)
+    empty = torch.zeros(0, 8, device=DEVICE, requires_grad=True)
     weights, ids = topk_route(empty, 2)
     assert weights.shape == ids.shape == (0, 2)
     weights.sum().backward()
@@ -232,7 +235,7 @@ def test_route_keeps_torch_ops_off_the_gpu():
     CUDA tensors), so the reference models' roundings hold there bit for bit."""
     from moelab.kernels.router import runs
 
-    logits = _distinct_logits(4, 8, torch.bfloat16, seed=5)
+    logits = _distinct_logits(4, 8, torch.bfloat16, seed=5).cpu()
     assert not runs(logits, 2)
     a, b = route(logits, "softmax_topk", 2), route(logits, "softmax_topk", 2, fused=False)
     assert torch.equal(a.weights, b.weights) and torch.equal(a.experts, b.experts)

@@ -1,11 +1,10 @@
 """Triton kernels of the ``triton`` expert backend (launchers and autograd: ``triton.py``).
 
 One grouped GEMM serves every expert product. Programs walk a tile table (expert, first row,
-end row) over the expert-sorted rows; the A operand is read straight from token order through
-a row index when ``GATHER`` (no permuted copy of x or dout), W through a TMA descriptor with
-one box per expert where it can be (``W_DESC``), and results can be written to (token, slot)
-order through a row index when ``SCATTER``. Epilogues:
-
+end row) over the expert-sorted rows; A is read from token order through a row index when
+``GATHER`` (no permuted copy of x or dout), W by TMA, one box per expert, where it can
+(``W_DESC``), and results can go to (token, slot) order through a row index when ``SCATTER``.
+Epilogues:
 - ``STORE``: ``A W_e^T (+ s z B_e^T) (+ b_e)`` as it is.
 - ``SWIGLU_FWD``: the gate and up tiles side by side in one accumulator; stores the
   pre-activation h and (unless ``ACT_OUT`` is off) the activation, computed from the rounded
@@ -169,8 +168,8 @@ def _expert_gemm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_out
     if EPILOGUE == 1:  # SWIGLU_FWD
-        # the gate tile and the up tile (n_out rows further in W) side by side in one accumulator:
-        # one dot twice as wide, so the MMA reads each A tile once for both halves
+        # gate and up columns interleaved in one accumulator (the up half sits n_out rows further
+        # in W): one dot twice as wide, so the MMA reads each A tile once for both halves
         c2 = tl.arange(0, 2 * BLOCK_N)
         w_cols = pid_n * BLOCK_N + c2 % BLOCK_N + (c2 // BLOCK_N) * n_out
         w_col_mask = pid_n * BLOCK_N + c2 % BLOCK_N < n_out
