@@ -12,7 +12,7 @@ from moelab.bench import compiled
 from moelab.bench.__main__ import main
 from moelab.bench.experts import block_config, build_block
 from moelab.bench.shapes import SHAPES, BlockShape, moe_flops
-from moelab.ops import moe_block
+from moelab.ops import moe_block, route
 
 
 def test_flop_convention_matches_performance_md():
@@ -156,6 +156,21 @@ def test_compiled_baseline_computes_the_same_block(shape, mode):
     g_theirs = torch.autograd.grad(theirs, trainable, dout)
     for a, b in zip(g_theirs, g_ours):
         assert rel_err(a, b) < 1e-5
+
+
+def test_compiled_baseline_routes_with_torch_ops(monkeypatch):
+    """The compiled baseline is plain PyTorch for torch.compile: it must not route through
+    moelab's Triton router (which run 30's compiled rows did on the GPU)."""
+    seen = []
+
+    def recording_route(logits, kind, top_k, **options):
+        seen.append(options.get("fused", True))
+        return route(logits, kind, top_k, **options)
+
+    monkeypatch.setattr(compiled, "route", recording_route)
+    params, _ = build_block(SHAPES["tiny"], "lora", 4, torch.float32, "cpu", seed=3)
+    compiled.block(torch.randn(8, SHAPES["tiny"].hidden), params, SHAPES["tiny"], 2.0)
+    assert seen == [False]
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

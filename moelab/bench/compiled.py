@@ -34,7 +34,8 @@ def block(x_TH: torch.Tensor, params: dict, shape: BlockShape, scale: float) -> 
     router, ex = params["router"], params["experts"]
     lora = ex.get("lora", {})
     logits = F.linear(x_TH, router["weight"], router.get("bias"))
-    routing = route(logits, shape.router, shape.top_k)
+    # torch's router ops (not moelab's Triton router), all of it for torch.compile to fuse
+    routing = route(logits, shape.router, shape.top_k, fused=False)
     experts_N = routing.experts.reshape(-1)
     order_N = experts_N.argsort(stable=True)
     counts_E = torch.zeros(shape.num_experts, device=x_TH.device, dtype=torch.int32)
