@@ -72,11 +72,11 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
 
 
 # Average rows per expert from which triton measured faster than grouped_mm on an H200
-# (BENCHMARKS.md, runs 24-25, Qwen3-30B-A3B and GPT-OSS-20B shapes): LoRA from 128 (2048 and
-# 1024 tokens; at Qwen3's 1024 tokens, 64 rows per expert, the step is bound by the host's
-# launching and grouped_mm's is cheaper); full fine-tune measured at 512 (Qwen3 8192), not
-# re-measured below it since the host-side changes of run 23.
-_AUTO_MIN_ROWS_PER_EXPERT = {"lora": 128, "full": 512}
+# (BENCHMARKS.md): LoRA from 128 (runs 24-25, 30-31; at Qwen3's 1024 tokens, 64 rows per expert,
+# the step is bound by the host's launching and the two trade places between calls), full
+# fine-tune from 128 too (run 31's sweep: faster at every point but Qwen3 1024 tokens, 3.60 vs
+# 3.53 ms).
+_AUTO_MIN_ROWS_PER_EXPERT = {"lora": 128, "full": 128}
 
 
 def auto_reason(problem: ExpertProblem) -> str | None:
