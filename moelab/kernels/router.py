@@ -1,10 +1,4 @@
-"""The softmax routers on CUDA: the router's logits and the top-k routing as Triton kernels,
-each with its autograd.
-
-The logits ``x W^T (+ b)`` are a small GEMM (E columns), but cuBLAS spent ~160 us of host time
-choosing its kernel on every call on the GPU machine, while the GPU waited for the experts' first
-product (BENCHMARKS.md, run 30); our launch costs ~15 us. They accumulate in fp32 and round to
-the weight's dtype, as cuBLAS does (not necessarily in the same order).
+"""Top-k softmax routing as one Triton pass each way, with its autograd.
 
 torch spells the softmax router as a cast, a softmax, a top-k (two kernels), a sum and a
 division, and its backward as twice as many; each is a launch the host issues while the GPU
@@ -29,37 +23,9 @@ import triton
 import triton.language as tl
 
 from moelab.kernels import launch as kl
-from moelab.kernels.triton_kernels import _cast, _dot
 
 _BLOCK_ELEMENTS = 4096  # logits per program
 MAX_EXPERTS, MAX_TOP_K = 1024, 32  # beyond these the torch path runs
-
-
-@triton.jit
-def _matmul_kernel(
-    a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-    stride_cm, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """``C = A B (+ bias)`` through strides (``x W^T`` and ``dlogits W`` without copies), fp32
-    accumulation, rounded once to C's dtype."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=(rm < M)[:, None] & (k0 + rk < K)[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=(k0 + rk < K)[:, None] & (rn < N)[None, :], other=0.0)
-        acc = _dot(a, b, acc, UPCAST, PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    c = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(c, _cast(acc, c_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -137,76 +103,6 @@ def _topk_route_bwd_kernel(
     tl.store(out, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
-def _matmul(a, a_strides, b, b_strides, out, k_dim: int, bias=None) -> torch.Tensor:
-    """``out [M, N] = A B (+ bias)``, A read as ``[M, K]`` and B as ``[K, N]`` through the given
-    (row, column) strides. Fixed 64 x 64 x 32 blocks: these products are small next to the
-    experts' (no register spills at sm_90)."""
-    m, n = out.shape
-    if out.numel():
-        sizes = dict(
-            HAS_BIAS=bias is not None,
-            UPCAST=kl.interpreting(),
-            PRECISION="ieee" if a.dtype == torch.float32 else None,
-            BLOCK_M=64,
-            BLOCK_N=min(64, max(16, triton.next_power_of_2(n))),
-            BLOCK_K=32,
-        )
-        grid = (triton.cdiv(m, 64), triton.cdiv(n, sizes["BLOCK_N"]))
-        # fmt: off
-        args = (a, b, bias if bias is not None else out, out, m, n, k_dim, *a_strides,
-                *b_strides, out.stride(0))
-        # fmt: on
-        kl.launch(_matmul_kernel, grid, args, sizes, ("matmul", *sizes.values()))
-    return out
-
-
-class _RouterLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TH, weight_EH, bias_E):
-        logits_TE = x_TH.new_empty(x_TH.shape[0], weight_EH.shape[0])
-        # fmt: off
-        _matmul(x_TH, x_TH.stride(), weight_EH, weight_EH.stride()[::-1], logits_TE,
-                x_TH.shape[1], bias_E)
-        # fmt: on
-        ctx.save_for_backward(x_TH, weight_EH)
-        ctx.bias_dtype = None if bias_E is None else bias_E.dtype
-        return logits_TE
-
-    @staticmethod
-    def backward(ctx, dlogits_TE):
-        x_TH, weight_EH = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        dl = dlogits_TE.contiguous()
-        dx = dw = db = None
-        if need_x:
-            dx = _matmul(dl, dl.stride(), weight_EH, weight_EH.stride(), x_TH.new_empty(x_TH.shape),
-                         dl.shape[1])  # fmt: skip
-        if need_w:  # a long reduction over tokens on few programs: cuBLAS's (it is not launched
-            # in the forward's prefix, where the GPU waits for the host)
-            dw = torch.mm(dl.t(), x_TH)
-        if need_b and ctx.bias_dtype is not None:
-            db = dl.float().sum(0).to(ctx.bias_dtype)
-        return dx, dw, db
-
-
-def logits_run(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> bool:
-    """Whether :func:`router_logits` runs for these on the GPU: CUDA tensors, both in the same
-    half-precision dtype (fp32 routers keep torch's fp32 GEMM), E <= 1024."""
-    return (
-        x_TH.is_cuda
-        and x_TH.dtype in (torch.bfloat16, torch.float16)
-        and weight_EH.dtype == x_TH.dtype
-        and weight_EH.shape[0] <= MAX_EXPERTS
-    )
-
-
-def router_logits(
-    x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``x W^T (+ b)`` in the weight's dtype, ``[T, E]``; differentiable in x, W and b."""
-    return _RouterLogits.apply(x_TH, weight_EH, bias_E)
-
-
 def _blocks(num_experts: int, top_k: int) -> dict:
     block_e = triton.next_power_of_2(num_experts)
     return dict(
@@ -236,7 +132,7 @@ class _TopKRoute(torch.autograd.Function):
     def backward(ctx, dw_TK, _):
         logits_TE, weights_TK, experts_TK = ctx.saved_tensors
         rows, num_experts = logits_TE.shape
-        dlogits_TE = logits_TE.new_empty(logits_TE.shape)
+        dlogits_TE = torch.empty_like(logits_TE)
         if rows:
             sizes = ctx.sizes
             grid = (triton.cdiv(rows, sizes["BLOCK_T"]),)

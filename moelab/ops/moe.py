@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moelab.kernels import router as fused_router
 from moelab.ops.experts import moe_experts
 from moelab.ops.linear import linear, swiglu_mlp
 from moelab.ops.lora import expert_lora_from_params
@@ -77,13 +76,13 @@ def moe_block(
     (None unless ``cfg.router_stats``)."""
     x_TH = x.reshape(-1, x.shape[-1])
     router = params["router"]
-    # "input" accumulation reproduces the reference models' eager numerics: torch's router ops
-    fused = cfg.accumulate == "fp32"
-    logits_TE = _router_logits(x_TH, router, fused)
+    weight_EH = router["weight"]
+    logits_TE = F.linear(x_TH.to(weight_EH.dtype), weight_EH, router.get("bias"))
     options = dict(cfg.router_options)
     if router.get("correction_bias") is not None:
         options["correction_bias"] = router["correction_bias"]
-    routing = route(logits_TE, cfg.router, cfg.top_k, fused=fused, **options)
+    # "input" accumulation reproduces the reference models' eager numerics: torch's router ops
+    routing = route(logits_TE, cfg.router, cfg.top_k, fused=cfg.accumulate == "fp32", **options)
 
     if cfg.accumulate == "input":
         # the reference models weigh expert outputs in the router logits' dtype
@@ -121,17 +120,6 @@ def moe_block(
         entropy=router_entropy(probs_TE.detach()),
     )
     return out_TH.view(x.shape), stats
-
-
-def _router_logits(x_TH: torch.Tensor, router: dict, fused: bool) -> torch.Tensor:
-    """``x W^T (+ b)`` in the router weight's dtype: with ``fused``, half-precision routers on
-    CUDA use moelab's Triton GEMM (:mod:`moelab.kernels.router`; cuBLAS chose its kernel on the
-    host for longer than the product takes), otherwise torch's."""
-    weight_EH = router["weight"]
-    x_TH = x_TH.to(weight_EH.dtype)
-    if fused and fused_router.logits_run(x_TH, weight_EH):
-        return fused_router.router_logits(x_TH, weight_EH, router.get("bias"))
-    return F.linear(x_TH, weight_EH, router.get("bias"))
 
 
 def _router_probs(logits_TE: torch.Tensor, kind: str) -> torch.Tensor:
