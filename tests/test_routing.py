@@ -112,6 +112,18 @@ def test_expert_counts_and_losses_hand_case():
     assert router_entropy(torch.full((2, 4), 0.25)).item() == pytest.approx(math.log(4))
 
 
+def test_balance_loss_takes_precomputed_counts():
+    """The block passes the counts it reports, so they are computed once: same loss."""
+    g = torch.Generator().manual_seed(2)
+    probs = torch.rand(9, 5, generator=g).softmax(-1)
+    experts = torch.randint(0, 5, (9, 2), generator=g)
+    own = load_balancing_loss(probs, experts)
+    given = load_balancing_loss(probs, experts, expert_counts(experts, 5))
+    assert torch.equal(own, given)
+    wrong = load_balancing_loss(probs, experts, torch.zeros(5, dtype=torch.int64))
+    assert wrong.item() == 0.0  # the given counts are the ones used
+
+
 def test_balance_loss_gradient_reaches_probs():
     logits = torch.randn(6, 4, requires_grad=True)
     r = route(logits, "softmax_topk", 2)

@@ -113,10 +113,11 @@ def moe_block(
     if not cfg.router_stats:
         return out_TH.view(x.shape), None
     probs_TE = _router_probs(logits_TE, cfg.router)
+    counts_E = expert_counts(routing.experts, cfg.num_experts)
     stats = RouterStats(
-        aux_loss=load_balancing_loss(probs_TE, routing.experts),
+        aux_loss=load_balancing_loss(probs_TE, routing.experts, counts_E),
         z_loss=router_z_loss(logits_TE),
-        counts=expert_counts(routing.experts, cfg.num_experts),
+        counts=counts_E,
         entropy=router_entropy(probs_TE.detach()),
     )
     return out_TH.view(x.shape), stats

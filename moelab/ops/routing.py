@@ -160,15 +160,20 @@ def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     )
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(
+    probs_TE: torch.Tensor, experts_TK: torch.Tensor, counts_E: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch-Transformer auxiliary loss in the Qwen/Mixtral form, fp32.
 
     ``E * sum_e f_e * P_e`` with ``f_e`` the routed rows of expert e per token (summed over the
     k slots, so a perfectly balanced router scores ``k``) and ``P_e`` the mean router
     probability of expert e. Gradients reach the logits through ``probs_TE`` only.
+    ``counts_E``: :func:`expert_counts` of ``experts_TK`` when the caller has them already.
     """
     num_tokens, num_experts = probs_TE.shape
-    f_E = expert_counts(experts_TK, num_experts).float() / num_tokens
+    if counts_E is None:
+        counts_E = expert_counts(experts_TK, num_experts)
+    f_E = counts_E.float() / num_tokens
     return num_experts * (f_E * probs_TE.float().mean(dim=0)).sum()
 
 
