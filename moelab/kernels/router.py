@@ -18,6 +18,8 @@ picks) with the probabilities p recomputed from the logits otherwise. Used by
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -103,6 +105,7 @@ def _topk_route_bwd_kernel(
     tl.store(out, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.cache  # per call otherwise: a few microseconds of host time in the step's prefix
 def _blocks(num_experts: int, top_k: int) -> dict:
     block_e = triton.next_power_of_2(num_experts)
     return dict(
