@@ -242,7 +242,7 @@ def test_fused_router_reads_strided_rows_and_empty_input():
     assert empty.grad.shape == (0, 8)
 
 
-def test_route_keeps_torch_ops_off_the_gpu():
+def test_route_on_cpu_runs_torch_ops_whatever_fused_says():
     """On CPU tensors ``route`` runs torch's ops whatever ``fused`` says (the kernel is for
     CUDA tensors), so the reference models' roundings hold there bit for bit."""
     from moelab.kernels.router import runs

@@ -135,7 +135,7 @@ class _TopKRoute(torch.autograd.Function):
     def backward(ctx, dw_TK, _):
         logits_TE, weights_TK, experts_TK = ctx.saved_tensors
         rows, num_experts = logits_TE.shape
-        dlogits_TE = torch.empty_like(logits_TE)
+        dlogits_TE = logits_TE.new_empty(logits_TE.shape)
         if rows:
             sizes = ctx.sizes
             grid = (triton.cdiv(rows, sizes["BLOCK_T"]),)
