@@ -172,11 +172,14 @@ class _FakeJit:
 def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch):
     """The same key with the same argument specialisation launches the compiled kernel's
     launcher (grid evaluated, current stream, no hooks, all arguments in order); another int
-    value, a misaligned tensor, another dtype or another key goes through the JIT again; with a
-    profiler's launch hook set, the compiled kernel's own runner launches."""
+    value, a misaligned tensor, another dtype, another key or another current device goes
+    through the JIT again; with a profiler's launch hook set, the compiled kernel's own runner
+    launches."""
     monkeypatch.setattr(kl, "interpreting", lambda: False)
     monkeypatch.setattr(kl, "_compiled", {})
-    monkeypatch.setattr(kl, "_current_stream", lambda: 1234)
+    device = [0]
+    monkeypatch.setattr(kl, "_current_device", lambda: device[0])
+    monkeypatch.setattr(kl, "_raw_stream", lambda d: 1234 + d)
     calls = []
     kernel = _FakeJit(calls)
     t = torch.zeros(16)
@@ -196,6 +199,11 @@ def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch
     grid, fixed, args = calls[1][1:]
     assert grid == (8, 1, 1) and fixed == (1234, 7, "meta", None, None, None)
     assert args[1:] == (32, 4) and torch.equal(args[0], torch.ones(16))
+    device[0] = 1  # another device: its own compiled kernel, its own stream
+    launch(t, 33)
+    launch(t, 33)
+    assert [c[0] for c in calls[-2:]] == ["jit", "direct"] and calls[-1][2][0] == 1235
+    device[0] = 0
     monkeypatch.setattr(kl.triton_knobs.runtime, "launch_exit_hook", lambda *a: None)
     launch(t, 33)
     assert calls[-1][0] == "runner" and calls[-1][1] == (8, 1, 1) and calls[-1][2] == (t, 33, 4)

@@ -39,7 +39,7 @@ class _Direct(NamedTuple):
     constexprs: tuple  # the launch's constexpr values, in argument order (fixed by the key)
 
 
-# by launch key and argument specialisation (``arg_spec``)
+# by launch key, device and argument specialisation (``arg_spec``)
 _compiled: dict[tuple, _Direct] = {}
 _SCALARS = (int, float, bool)
 
@@ -70,7 +70,8 @@ def launch(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
     if interpreting() or setting("MOELAB_TRITON_DIRECT", "1") == "0":
         kernel[grid](*args, **kwargs)
         return
-    spec = (key, arg_spec(args))
+    device = _current_device()  # Triton compiles and loads kernels per device
+    spec = (key, device, arg_spec(args))
     direct = _compiled.get(spec)
     if direct is None:
         compiled = kernel[grid](*args, **kwargs)
@@ -86,7 +87,7 @@ def launch(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
         direct.compiled[size](*args, *direct.constexprs)
         return
     # fmt: off
-    direct.run(*size, _current_stream(), direct.function, direct.metadata, None, None, None,
+    direct.run(*size, _raw_stream(device), direct.function, direct.metadata, None, None, None,
                *args, *direct.constexprs)
     # fmt: on
 
@@ -94,7 +95,7 @@ def launch(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
 def direct_launch(key: tuple, args: tuple) -> _Direct | None:
     """The compiled kernel ``launch`` goes to for ``key`` and ``args`` (None before the first
     launch), for benchmarks of the launch paths."""
-    return _compiled.get((key, arg_spec(args)))
+    return _compiled.get((key, _current_device(), arg_spec(args)))
 
 
 def _launch_hooks_set() -> bool:
@@ -106,6 +107,11 @@ def _launch_hooks_set() -> bool:
     return False
 
 
-def _current_stream() -> int:
-    """The raw CUDA stream Triton's own launches use: the current device's current stream."""
-    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+def _current_device() -> int:
+    """The device Triton's own launches use: the current one."""
+    return torch.cuda.current_device()
+
+
+def _raw_stream(device: int) -> int:
+    """The raw handle of ``device``'s current CUDA stream (what Triton's launches use)."""
+    return torch._C._cuda_getCurrentRawStream(device)
