@@ -144,7 +144,7 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     sizes = dict(BLOCK=_DISPATCH_BLOCK, BINS=bins)
     # fmt: off
     kl.launch(tk._dispatch_count_kernel, (blocks,), (ids_N, hist, rows, num_experts), sizes,
-                   ("count", bins))
+              ("count", bins))
     kl.launch(
         tk._dispatch_place_kernel, (blocks,),
         (ids_N, hist, blocks, offs_E, order, token, expert, slot, tiles, tiles.stride(0),
@@ -640,7 +640,7 @@ def combine_rows(y_NH: torch.Tensor, top_k: int, weights_N: torch.Tensor | None)
     flags = dict(TOP_K=top_k, HAS_W=weights_N is not None, UPCAST=kl.interpreting(), BLOCK_H=block)
     # fmt: off
     kl.launch(tk._combine_kernel, grid, (y_NH, w, out, hidden, y_NH.stride(0), out.stride(0)),
-                   flags, ("combine", *flags.values()))
+              flags, ("combine", *flags.values()))
     # fmt: on
     return out
 
