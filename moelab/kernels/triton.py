@@ -124,10 +124,11 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     expert, the same bits) and the GEMMs' tile tables, in two small launches without a host
     sync: counts per block of rows, then each row's place.
 
-    The tile tables are ``[2, 3, slots]`` int32: for each row-tile height of
+    The tile tables are ``[2, 4, slots]`` int32: for each row-tile height of
     ``tk.TILE_BLOCKS_M``, the expert (-1 for padding), first row and end row of each row tile,
-    so the tile height is tuned like any other block size; ``slots = ceil(N / 64) + E``, the
-    worst case. torch's stable sort alone was 22 kernels here, launched while the GPU waited.
+    so the tile height is tuned like any other block size, and in field 3's first slot how many
+    row tiles are listed; ``slots = ceil(N / 64) + E``, the worst case. torch's stable sort
+    alone was 22 kernels here, launched while the GPU waited.
     """
     num_tokens, top_k = experts_TK.shape
     ids_N = experts_TK.reshape(-1)
@@ -139,7 +140,7 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     offs_E = torch.empty(num_experts, dtype=torch.int32, device=device)
     order, token, expert, slot = torch.empty(4, rows, dtype=torch.int64, device=device)
     slots = triton_cdiv(rows, tk.TILE_BLOCKS_M[0]) + num_experts
-    tiles = torch.empty(2, 3, slots, dtype=torch.int32, device=device)
+    tiles = torch.empty(2, 4, slots, dtype=torch.int32, device=device)
     per_program = triton_cdiv(triton_cdiv(slots, blocks), _TILE_SLOTS_BLOCK) * _TILE_SLOTS_BLOCK
     sizes = dict(BLOCK=_DISPATCH_BLOCK, BINS=bins)
     # fmt: off
@@ -222,7 +223,7 @@ def _kernel(epilogue: int):
                 {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
                 num_warps=warps,
                 num_stages=stages,
-                pre_hook=_fit_w_box,
+                pre_hook=_fit_boxes,
             )
             for bm in tk.TILE_BLOCKS_M
             for bn, bk, warps, stages in _CONFIGS[epilogue]
@@ -251,7 +252,7 @@ def _w_descriptor(w: torch.Tensor, w_strides, n_out: int, k_dim: int, epilogue: 
     one box holds the gate and up tiles) or ``[E, K, N]`` (2: N contiguous); one box per
     expert, so reads past an expert's edge are zeros. ``(0, w)`` where TMA cannot read W
     (alignment, layout) or is switched off (``MOELAB_TRITON_TMA=0``). The box is sized per
-    configuration by ``_fit_w_box``."""
+    configuration by ``_fit_boxes``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     item = w.element_size()
@@ -270,14 +271,48 @@ def _w_descriptor(w: torch.Tensor, w_strides, n_out: int, k_dim: int, epilogue: 
     return 0, w
 
 
-def _fit_w_box(nargs: dict) -> None:
-    """Size W's descriptor box for a configuration (a pre-hook of every tuned config)."""
-    mode, bn, bk = nargs["W_DESC"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    if mode == 1:
-        box = [1, 2, bn, bk] if nargs["EPILOGUE"] == tk.SWIGLU_FWD else [1, bn, bk]
-        nargs["w_desc"].block_shape = box
-    elif mode == 2:
+def _a_descriptor(a: torch.Tensor, k_dim: int):
+    """A descriptor over ``a [N, K]`` (sorted rows, K contiguous) for the tensor-memory
+    accelerator, or None where TMA cannot read it; the box is sized per configuration."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    item = a.element_size()
+    aligned = a.data_ptr() % 16 == 0 and (a.stride(0) * item) % 16 == 0
+    if not (_tma_enabled() and aligned and a.stride(1) == 1 and a.dtype in _DTYPES):
+        return None
+    return TensorDescriptor(a, [a.shape[0], k_dim], [a.stride(0), 1], [1, 1])
+
+
+def _fit_boxes(nargs: dict) -> None:
+    """Size the descriptors' boxes for a configuration (a pre-hook of every tuned config;
+    ``nargs`` holds the launch's constexprs, ``w_desc`` and ``a_desc``)."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    if nargs["W_DESC"] == 1:
+        two = nargs["EPILOGUE"] == tk.SWIGLU_FWD
+        nargs["w_desc"].block_shape = [1, 2, bn, bk] if two else [1, bn, bk]
+    elif nargs["W_DESC"] == 2:
         nargs["w_desc"].block_shape = [1, bk, bn]
+    if nargs["A_DESC"]:
+        nargs["a_desc"].block_shape = [bm, bk]
+
+
+# The register file's fp32 words per SM: with one accumulator tile per program, an upper bound
+# on the programs of a configuration an SM holds at once (too many only queue, too few idle it).
+_SM_REGISTERS = 65536
+
+
+def _programs(device: torch.device, tiles_at_most: int, acc_elements: int) -> int:
+    """The persistent grid: programs enough to fill every SM, at most one per tile. The CPU
+    interpreter gets 3, so that its tests give programs several tiles each, as on the GPU."""
+    if device.type != "cuda":
+        return min(tiles_at_most, 3)
+    per_sm = max(1, _SM_REGISTERS // acc_elements)
+    return min(tiles_at_most, _multiprocessors(device) * per_sm)
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> list:
@@ -289,10 +324,11 @@ def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> lis
     return [c for c in configs if c.kwargs["BLOCK_M"] in heights]
 
 
-# Configuration chosen per launch key. After the first call of a key, launches go straight to
-# the plain kernel with it: Triton's autotuner and heuristics wrappers rebuild their keys from
-# all ~60 arguments on every call, about 100 of the ~175 us the host spent per launch (run 22),
-# and the eager block step was bound by the host, not the GPU.
+# The plain kernel's keyword arguments per launch key: the flags, the configuration the
+# autotuner chose and what its heuristics derive from it, merged once. After the first call of a
+# key, launches go straight to the plain kernel with them: Triton's autotuner and heuristics
+# wrappers rebuild their keys from all ~60 arguments on every call, about 100 of the ~175 us the
+# host spent per launch (run 22), and the eager block step was bound by the host, not the GPU.
 _chosen: dict[tuple, dict] = {}
 
 
@@ -300,21 +336,22 @@ def _run_tuned(
     plain, tuned, key: tuple, grid, args: tuple, flags: dict, derived=lambda config: {}
 ) -> None:
     """Launch ``plain`` with the configuration the autotuned ``tuned()`` chose for ``key``
-    (``derived(config)`` does what its heuristics and pre-hooks would); the first call of a key
-    tunes, its cost logged once."""
-    config = _chosen.get(key)
-    if config is None:
+    (``derived(config)``: the constexprs its heuristics would add); the first call of a key
+    tunes, its cost logged once. ``key`` must determine ``flags``."""
+    kwargs = _chosen.get(key)
+    if kwargs is None:
         t0 = time.perf_counter()
         kernel = tuned()
         kernel[grid](*args, **flags)
-        _chosen[key] = kernel.best_config.all_kwargs()
+        config = kernel.best_config.all_kwargs()
+        _chosen[key] = dict(flags, **config, **derived(config))
         log.info(
             "moelab: triton tuning for %s took %.1f s (then cached on disk)",
             key[:4],
             time.perf_counter() - t0,
         )
         return
-    kl.launch(plain, grid, args, dict(flags, **config, **derived(config)), key)
+    kl.launch(plain, grid, args, kwargs, key)
 
 
 class LowRank(NamedTuple):
@@ -408,11 +445,13 @@ def _measured_choice(
 
 @functools.lru_cache(maxsize=8)
 def _scope(device: torch.device) -> str:
-    """What a measured choice depends on besides the problem: the GPU and the compilers."""
+    """What a measured choice depends on besides the problem: the GPU, the compilers and the
+    GEMM kernel's source (Triton's hash of it and the functions it calls)."""
     import triton
 
     name = torch.cuda.get_device_name(device)
-    return f"{name} | triton {triton.__version__} | torch {torch.__version__}"
+    kernel = tk._expert_gemm_kernel.cache_key[:16]
+    return f"{name} | triton {triton.__version__} | torch {torch.__version__} | kernel {kernel}"
 
 
 def _fastest(run, choices: tuple, reps: int = 5, rounds: int = 3):
@@ -446,11 +485,13 @@ def _launch(
     # rank-r products read a few KB of W: a descriptor would only cost the launch host time
     no_desc = acc_in or tuned_as == _LOW_RANK
     w_mode, w_desc = (0, w) if no_desc else _w_descriptor(w, w_strides, n_out, k_dim, epilogue)
+    a_desc = None if no_desc or gather is not None else _a_descriptor(a, k_dim)
     args = (
         a,
         gather if gather is not None else dummy,
         a.stride(0),
         a.stride(1),
+        a_desc if a_desc is not None else dummy,
         w,
         *w_strides,
         w_desc,
@@ -494,6 +535,7 @@ def _launch(
         STORE_ACTW=act_w is not None,
         ACT_OUT=act_out,
         W_DESC=w_mode,
+        A_DESC=a_desc is not None,
         UPCAST=kl.interpreting(),
         PRECISION="ieee" if a.dtype == torch.float32 else None,
         BLOCK_R=max(16, triton_next_pow2(rank)),
@@ -502,22 +544,28 @@ def _launch(
 
     def grid(meta: dict) -> tuple[int]:
         row_tiles = triton_cdiv(num_rows, meta["BLOCK_M"]) + num_experts
-        return (row_tiles * triton_cdiv(n_out, meta["BLOCK_N"]),)
+        tiles_at_most = row_tiles * triton_cdiv(n_out, meta["BLOCK_N"])
+        width = meta["BLOCK_N"] * (2 if epilogue == tk.SWIGLU_FWD else 1)
+        return (_programs(a.device, tiles_at_most, meta["BLOCK_M"] * width),)
 
     def derived(config: dict) -> dict:
-        """What the tuned kernel's heuristics and pre-hook set: EVEN_*, W's box."""
-        _fit_w_box(dict(flags, **config, w_desc=w_desc))
+        """What the tuned kernel's heuristics set: EVEN_*."""
         return _even(dict(config, k_dim=k_dim, n_out=n_out))
 
     if _autotune_enabled():
         key = (tuned_as, n_out, k_dim, rank, num_rows, str(a.dtype), *flags.values())
+        kwargs = _chosen.get(key)
+        if kwargs is not None:  # this call's descriptors, boxed for the configuration
+            _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc))
         # fmt: off
         _run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args, flags,
                    derived)
         # fmt: on
         return
     fixed = dict(_FIXED, BLOCK_N=16) if tuned_as == _LOW_RANK else _FIXED
-    tk._expert_gemm_kernel[grid](*args, **flags, **fixed, **derived(fixed))
+    kwargs = dict(flags, **fixed, **derived(fixed))
+    _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc))
+    tk._expert_gemm_kernel[grid](*args, **kwargs)
 
 
 # (BLOCK_M, BLOCK_D, warps, stages) of the rank-r weight gradients: memory-bound reductions over
