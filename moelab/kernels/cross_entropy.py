@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels import launch as kl
+
 _BLOCK_V = 4096
 
 
@@ -52,8 +54,10 @@ def softmax_xent_grad_(logits_NV: torch.Tensor, labels_N: torch.Tensor) -> torch
         raise ValueError("logits must be contiguous along the vocabulary")
     loss_N = torch.empty(rows, device=logits_NV.device, dtype=torch.float32)
     if rows:
-        _softmax_xent_grad_kernel[(rows,)](
-            logits_NV, logits_NV.stride(0), labels_N, loss_N, vocab,
-            BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)), num_warps=8,
+        block_v = min(_BLOCK_V, triton.next_power_of_2(vocab))
+        kl.launch(
+            _softmax_xent_grad_kernel, (rows,),
+            (logits_NV, logits_NV.stride(0), labels_N, loss_N, vocab),
+            dict(BLOCK_V=block_v, num_warps=8), ("xent", block_v),
         )  # fmt: skip
     return loss_N

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels import launch as kl
+
 _BLOCK_ELEMENTS = 4096  # elements per program: many rows per program for narrow (per-head) rows
 
 
@@ -80,9 +82,11 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
         block_r, block_d = _blocks(dim)
         if rows:
-            _rms_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
-                x_2d, weight, y, rstd, rows, dim, eps,
-                WEIGHT_IN_FP32=weight_in_fp32, BLOCK_R=block_r, BLOCK_D=block_d,
+            kl.launch(
+                _rms_norm_fwd_kernel, (triton.cdiv(rows, block_r),),
+                (x_2d, weight, y, rstd, rows, dim, eps),
+                dict(WEIGHT_IN_FP32=weight_in_fp32, BLOCK_R=block_r, BLOCK_D=block_d),
+                ("rms_norm", weight_in_fp32, block_r, block_d),
             )  # fmt: skip
         ctx.save_for_backward(x_2d, weight, rstd)
         ctx.weight_in_fp32 = weight_in_fp32
@@ -100,10 +104,12 @@ class _RMSNorm(torch.autograd.Function):
         dw_parts = torch.empty(programs if weight_grad else 0, dim, device=dy.device,
                                dtype=torch.float32)  # fmt: skip
         if rows:
-            _rms_norm_bwd_kernel[(programs,)](
-                x_2d, weight, rstd, dy_2d, dx, dw_parts, rows, dim,
-                WEIGHT_IN_FP32=ctx.weight_in_fp32, WEIGHT_GRAD=weight_grad, BLOCK_R=block_r,
-                BLOCK_D=block_d,
+            sizes = dict(WEIGHT_IN_FP32=ctx.weight_in_fp32, WEIGHT_GRAD=weight_grad,
+                         BLOCK_R=block_r, BLOCK_D=block_d)  # fmt: skip
+            kl.launch(
+                _rms_norm_bwd_kernel, (programs,),
+                (x_2d, weight, rstd, dy_2d, dx, dw_parts, rows, dim),
+                sizes, ("rms_norm_bwd", *sizes.values()),
             )  # fmt: skip
         dw = dw_parts.sum(0).to(weight.dtype) if weight_grad else None
         return dx.view(dy.shape), dw, None, None

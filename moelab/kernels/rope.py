@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels import launch as kl
+
 
 @triton.jit
 def _rope_kernel(
@@ -72,13 +74,15 @@ def _rotate(x_BNSD: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor, 
     out = x_BNSD.new_empty(b, s, n, d)
     if out.numel():
         cos, sin = cos_BSR.expand(b, s, -1), sin_BSR.expand(b, s, -1)
-        _rope_kernel[(b * s,)](
-            x_BNSD, x_BNSD.stride(0), x_BNSD.stride(2), x_BNSD.stride(1), x_BNSD.stride(3),
-            cos, sin, cos.stride(0), cos.stride(1),
-            out, out.stride(0), out.stride(1), out.stride(2),
-            s, n, d, cos_BSR.shape[-1],
-            TRANSPOSED=transposed, BLOCK_N=triton.next_power_of_2(n),
-            BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+        sizes = dict(TRANSPOSED=transposed, BLOCK_N=triton.next_power_of_2(n),
+                     BLOCK_D=triton.next_power_of_2(d), num_warps=4)  # fmt: skip
+        kl.launch(
+            _rope_kernel, (b * s,),
+            (x_BNSD, x_BNSD.stride(0), x_BNSD.stride(2), x_BNSD.stride(1), x_BNSD.stride(3),
+             cos, sin, cos.stride(0), cos.stride(1),
+             out, out.stride(0), out.stride(1), out.stride(2),
+             s, n, d, cos_BSR.shape[-1]),
+            sizes, ("rope", *sizes.values()),
         )  # fmt: skip
     return out.transpose(1, 2)
 
