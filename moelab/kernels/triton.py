@@ -218,28 +218,32 @@ def _kernel(epilogue: int):
         kernel = triton.heuristics(
             {"EVEN_K": lambda a: _even(a)["EVEN_K"], "EVEN_N": lambda a: _even(a)["EVEN_N"]}
         )(tk._expert_gemm_kernel)
-        configs = [
-            triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                num_warps=warps,
-                num_stages=stages,
-                pre_hook=_fit_boxes,
-            )
-            for bm in tk.TILE_BLOCKS_M
-            for bn, bk, warps, stages in _CONFIGS[epilogue]
-        ]
-        extra = (
-            {"cache_results": True}
-            if "cache_results" in triton.autotune.__code__.co_varnames
-            else {}
-        )
         key = ["n_out", "k_dim", "rank", "num_rows", "EPILOGUE", "ACC_IN", "LORA", "GATHER",
                "SCATTER"]  # fmt: skip
-        prune = {"early_config_prune": _tile_heights_worth_timing}
-        _kernels[epilogue] = triton.autotune(configs, key=key, prune_configs_by=prune, **extra)(
-            kernel
-        )
+        _kernels[epilogue] = _autotuned(kernel, _CONFIGS[epilogue], key)
     return _kernels[epilogue]
+
+
+def _autotuned(kernel, configs: tuple, key: list[str]):
+    """``kernel`` autotuned over ``configs`` (BLOCK_N, BLOCK_K, warps, stages) at every row-tile
+    height worth timing, results cached on disk where this Triton can."""
+    import triton
+
+    tuned = [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            num_warps=warps,
+            num_stages=stages,
+            pre_hook=_fit_boxes,
+        )
+        for bm in tk.TILE_BLOCKS_M
+        for bn, bk, warps, stages in configs
+    ]
+    extra = (
+        {"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}
+    )
+    prune = {"early_config_prune": _tile_heights_worth_timing}
+    return triton.autotune(tuned, key=key, prune_configs_by=prune, **extra)(kernel)
 
 
 def _tma_enabled() -> bool:
@@ -285,14 +289,15 @@ def _a_descriptor(a: torch.Tensor, k_dim: int):
 
 def _fit_boxes(nargs: dict) -> None:
     """Size the descriptors' boxes for a configuration (a pre-hook of every tuned config;
-    ``nargs`` holds the launch's constexprs, ``w_desc`` and ``a_desc``)."""
+    ``nargs`` holds the launch's constexprs, ``w_desc`` and, for the persistent kernel,
+    ``a_desc``)."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     if nargs["W_DESC"] == 1:
-        two = nargs["EPILOGUE"] == tk.SWIGLU_FWD
+        two = nargs.get("EPILOGUE") == tk.SWIGLU_FWD
         nargs["w_desc"].block_shape = [1, 2, bn, bk] if two else [1, bn, bk]
     elif nargs["W_DESC"] == 2:
         nargs["w_desc"].block_shape = [1, bk, bn]
-    if nargs["A_DESC"]:
+    if "a_desc" in nargs:
         nargs["a_desc"].block_shape = [bm, bk]
 
 
@@ -302,8 +307,8 @@ _SM_REGISTERS = 65536
 
 
 def _programs(device: torch.device, tiles_at_most: int, acc_elements: int) -> int:
-    """The persistent grid: programs enough to fill every SM, at most one per tile. The CPU
-    interpreter gets 3, so that its tests give programs several tiles each, as on the GPU."""
+    """The persistent kernel's grid: programs enough to fill every SM, at most one per tile.
+    The CPU interpreter gets 3, so that its tests give programs several tiles each."""
     if device.type != "cuda":
         return min(tiles_at_most, 3)
     per_sm = max(1, _SM_REGISTERS // acc_elements)
@@ -446,12 +451,14 @@ def _measured_choice(
 @functools.lru_cache(maxsize=8)
 def _scope(device: torch.device) -> str:
     """What a measured choice depends on besides the problem: the GPU, the compilers and the
-    GEMM kernel's source (Triton's hash of it and the functions it calls)."""
+    GEMM kernels' sources (Triton's hashes of them and the functions they call)."""
     import triton
 
     name = torch.cuda.get_device_name(device)
-    kernel = tk._expert_gemm_kernel.cache_key[:16]
-    return f"{name} | triton {triton.__version__} | torch {torch.__version__} | kernel {kernel}"
+    kernels = "/".join(
+        k.cache_key[:12] for k in (tk._expert_gemm_kernel, tk._persistent_gemm_kernel)
+    )
+    return f"{name} | triton {triton.__version__} | torch {torch.__version__} | kernels {kernels}"
 
 
 def _fastest(run, choices: tuple, reps: int = 5, rounds: int = 3):
@@ -485,13 +492,20 @@ def _launch(
     # rank-r products read a few KB of W: a descriptor would only cost the launch host time
     no_desc = acc_in or tuned_as == _LOW_RANK
     w_mode, w_desc = (0, w) if no_desc else _w_descriptor(w, w_strides, n_out, k_dim, epilogue)
-    a_desc = None if no_desc or gather is not None else _a_descriptor(a, k_dim)
+    placement = tk.LORA_NONE if lora is None else lora.placement
+    persistent = w_mode and epilogue == tk.STORE and gather is None and _persistent_enabled()
+    a_desc = _a_descriptor(a, k_dim) if persistent and placement != tk.LORA_GIVEN else None
+    if a_desc is not None:
+        # fmt: off
+        _launch_persistent(a_desc, w_mode, w_desc, n_out, k_dim, tiles, out, scatter, lora,
+                           bias, tuned_as)
+        # fmt: on
+        return
     args = (
         a,
         gather if gather is not None else dummy,
         a.stride(0),
         a.stride(1),
-        a_desc if a_desc is not None else dummy,
         w,
         *w_strides,
         w_desc,
@@ -529,13 +543,12 @@ def _launch(
         ACC_IN=acc_in,
         GATHER=gather is not None,
         SCATTER=scatter is not None,
-        LORA=tk.LORA_NONE if lora is None else lora.placement,
+        LORA=placement,
         BIAS=bias is not None,
         OAI=oai,
         STORE_ACTW=act_w is not None,
         ACT_OUT=act_out,
         W_DESC=w_mode,
-        A_DESC=a_desc is not None,
         UPCAST=kl.interpreting(),
         PRECISION="ieee" if a.dtype == torch.float32 else None,
         BLOCK_R=max(16, triton_next_pow2(rank)),
@@ -544,9 +557,7 @@ def _launch(
 
     def grid(meta: dict) -> tuple[int]:
         row_tiles = triton_cdiv(num_rows, meta["BLOCK_M"]) + num_experts
-        tiles_at_most = row_tiles * triton_cdiv(n_out, meta["BLOCK_N"])
-        width = meta["BLOCK_N"] * (2 if epilogue == tk.SWIGLU_FWD else 1)
-        return (_programs(a.device, tiles_at_most, meta["BLOCK_M"] * width),)
+        return (row_tiles * triton_cdiv(n_out, meta["BLOCK_N"]),)
 
     def derived(config: dict) -> dict:
         """What the tuned kernel's heuristics set: EVEN_*."""
@@ -555,8 +566,8 @@ def _launch(
     if _autotune_enabled():
         key = (tuned_as, n_out, k_dim, rank, num_rows, str(a.dtype), *flags.values())
         kwargs = _chosen.get(key)
-        if kwargs is not None:  # this call's descriptors, boxed for the configuration
-            _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc))
+        if kwargs is not None:  # this call's descriptor, boxed for the configuration
+            _fit_boxes(dict(kwargs, w_desc=w_desc))
         # fmt: off
         _run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args, flags,
                    derived)
@@ -564,8 +575,81 @@ def _launch(
         return
     fixed = dict(_FIXED, BLOCK_N=16) if tuned_as == _LOW_RANK else _FIXED
     kwargs = dict(flags, **fixed, **derived(fixed))
-    _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc))
+    _fit_boxes(dict(kwargs, w_desc=w_desc))
     tk._expert_gemm_kernel[grid](*args, **kwargs)
+
+
+def _persistent_enabled() -> bool:
+    return kl.setting("MOELAB_TRITON_PERSISTENT", "1") != "0"
+
+
+def _launch_persistent(
+    a_desc, w_mode, w_desc, n_out, k_dim, tiles, out, scatter, lora, bias, tuned_as
+) -> None:
+    """A ``STORE`` product over sorted rows by ``tk._persistent_gemm_kernel`` (A and W by TMA;
+    LoRA none or in the loop)."""
+    dummy = out  # never read: its branch is compiled out
+    rank = lora.z.shape[1] if lora is not None else 0
+    num_rows, num_experts = out.shape[0], w_desc.base.shape[0]
+    args = (
+        a_desc,
+        w_desc,
+        lora.la if lora is not None else dummy,
+        *(lora.la_strides if lora is not None else (0, 0, 0)),
+        lora.z if lora is not None else dummy,
+        *(lora.z.stride() if lora is not None else (0, 0)),
+        lora.lb if lora is not None else dummy,
+        *(lora.lb_strides if lora is not None else (0, 0, 0)),
+        bias if bias is not None else dummy,
+        *(bias.stride() if bias is not None else (0, 0)),
+        tiles,
+        tiles.stride(0),
+        tiles.stride(1),
+        num_rows,
+        num_experts,
+        out,
+        out.stride(0),
+        out.stride(1),
+        scatter if scatter is not None else dummy,
+        n_out,
+        k_dim,
+        rank,
+        float(lora.scale) if lora is not None else 0.0,
+    )
+    flags = dict(
+        SCATTER=scatter is not None,
+        LORA=tk.LORA_NONE if lora is None else tk.LORA_IN_LOOP,
+        BIAS=bias is not None,
+        UPCAST=kl.interpreting(),
+        PRECISION="ieee" if out.dtype == torch.float32 else None,
+        W_DESC=w_mode,
+        BLOCK_R=max(16, triton_next_pow2(rank)),
+        GROUP_M=_GROUP_M,
+    )
+
+    def grid(meta: dict) -> tuple[int]:
+        row_tiles = triton_cdiv(num_rows, meta["BLOCK_M"]) + num_experts
+        tiles_at_most = row_tiles * triton_cdiv(n_out, meta["BLOCK_N"])
+        return (_programs(out.device, tiles_at_most, meta["BLOCK_M"] * meta["BLOCK_N"]),)
+
+    if _autotune_enabled():
+        key = ("persistent", tuned_as, n_out, k_dim, rank, num_rows, str(out.dtype),
+               *flags.values())  # fmt: skip
+        kwargs = _chosen.get(key)
+        if kwargs is not None:  # this call's descriptors, boxed for the configuration
+            _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc))
+        _run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags)
+        return
+    kwargs = dict(flags, **_FIXED)
+    _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc))
+    tk._persistent_gemm_kernel[grid](*args, **kwargs)
+
+
+@functools.cache
+def _persistent_kernel():
+    """The persistent kernel autotuned over the ``STORE`` configurations."""
+    key = ["n_out", "k_dim", "rank", "num_rows", "SCATTER", "LORA", "BIAS"]
+    return _autotuned(tk._persistent_gemm_kernel, _CONFIGS[tk.STORE], key)
 
 
 # (BLOCK_M, BLOCK_D, warps, stages) of the rank-r weight gradients: memory-bound reductions over

@@ -1,11 +1,9 @@
 """Triton kernels of the ``triton`` expert backend (launchers and autograd: ``triton.py``).
 
-One grouped GEMM serves every expert product. Persistent programs walk a tile table (expert,
-first row, end row) over the expert-sorted rows, the tile loop flattened into the K loop so the
-next tile's loads overlap this tile's epilogue; A is read from token order through a row index
-when ``GATHER`` (no permuted copy of x or dout), else by TMA where it can (``A_DESC``), W by
-TMA, one box per expert, where it can (``W_DESC``), and results can go to (token, slot) order
-through a row index when ``SCATTER``.
+One grouped GEMM serves every expert product. Programs walk a tile table (expert, first row,
+end row) over the expert-sorted rows; A is read from token order through a row index when
+``GATHER`` (no permuted copy of x or dout), W by TMA where it can (``W_DESC``), results go to
+(token, slot) order when ``SCATTER``. Plain stores over sorted rows: the persistent kernel below.
 Epilogues:
 - ``STORE``: ``A W_e^T (+ s z B_e^T) (+ b_e)`` as it is.
 - ``SWIGLU_FWD``: the gate and up tiles side by side in one accumulator; stores the
@@ -81,7 +79,6 @@ def _expert_gemm_kernel(
     a_rows_ptr,
     stride_am,
     stride_ak,
-    a_desc,
     w_ptr,
     stride_we,
     stride_wn,
@@ -137,181 +134,169 @@ def _expert_gemm_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     W_DESC: tl.constexpr,
-    A_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # L2-friendly order: GROUP_M row tiles (mostly of one expert) sweep all column tiles
+    # together, so their rows and the expert's weight columns are read from HBM about once.
+    pid = tl.program_id(0)
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
-    # the tile table of this BLOCK_M (TILE_BLOCKS_M); field 3 holds how many row tiles it lists
+    # the tile table of this BLOCK_M (TILE_BLOCKS_M): worst-case length, padding marked e = -1
+    num_row_tiles = tl.cdiv(num_rows, BLOCK_M) + num_experts
     table = tiles_ptr + (BLOCK_M // 128) * stride_tt
-    num_row_tiles = tl.load(table + 3 * stride_tf)
-    in_group = GROUP_M * num_pid_n
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_row_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    e = tl.load(table + pid_m)
+    if e < 0:
+        return
+    row_start = tl.load(table + stride_tf + pid_m)
+    row_end = tl.load(table + 2 * stride_tf + pid_m)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    # rows past the tile's end re-read its last row: loads stay unmasked, stores are masked
+    rows_in = tl.minimum(rows, row_end - 1)
+    if GATHER:
+        src = tl.load(a_rows_ptr + rows_in)
+    else:
+        src = rows_in
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_out
+    if EPILOGUE == 1:  # SWIGLU_FWD
+        # gate and up columns interleaved in one accumulator (the up half sits n_out rows further
+        # in W): one dot twice as wide, so the MMA reads each A tile once for both halves
+        c2 = tl.arange(0, 2 * BLOCK_N)
+        w_cols = pid_n * BLOCK_N + c2 % BLOCK_N + (c2 // BLOCK_N) * n_out
+        w_col_mask = pid_n * BLOCK_N + c2 % BLOCK_N < n_out
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    else:
+        w_cols = cols
+        w_col_mask = col_mask
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + src[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
+    w_ptrs = (
+        w_ptr + e.to(tl.int64) * stride_we + w_cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    )
     rs = tl.arange(0, BLOCK_R)
     r_mask = rs < rank
-    # Persistent programs, each taking every num_programs-th tile: the tile loop and the K loop
-    # are flattened into one pipelined loop, so the next tile's first K blocks are loaded while
-    # this tile's epilogue runs.
-    for tile in tl.range(tl.program_id(0), num_row_tiles * num_pid_n, tl.num_programs(0),
-                         flatten=True):  # fmt: skip
-        # L2-friendly order: GROUP_M row tiles (mostly of one expert) sweep all column tiles
-        # together, so their rows and the expert's weight columns are read from HBM about once.
-        first_m = tile // in_group * GROUP_M
-        group_m = tl.minimum(num_row_tiles - first_m, GROUP_M)
-        pid_m = first_m + (tile % in_group) % group_m
-        pid_n = (tile % in_group) // group_m
-        e = tl.load(table + pid_m)
-        row_start = tl.load(table + stride_tf + pid_m)
-        row_end = tl.load(table + 2 * stride_tf + pid_m)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        # rows past the tile's end re-read its last row (or, by TMA, the next expert's rows):
-        # loads stay unmasked, stores are masked
-        rows_in = tl.minimum(rows, row_end - 1)
-        if GATHER:
-            src = tl.load(a_rows_ptr + rows_in)
-        else:
-            src = rows_in
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_out
-        if EPILOGUE == 1:  # SWIGLU_FWD
-            # gate and up columns interleaved in one accumulator (the up half sits n_out rows
-            # further in W): one dot twice as wide, so the MMA reads each A tile once for both
-            c2 = tl.arange(0, 2 * BLOCK_N)
-            w_cols = pid_n * BLOCK_N + c2 % BLOCK_N + (c2 // BLOCK_N) * n_out
-            w_col_mask = pid_n * BLOCK_N + c2 % BLOCK_N < n_out
-            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        else:
-            w_cols = cols
-            w_col_mask = col_mask
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        a_ptrs = a_ptr + src[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
-        w_ptrs = (
-            w_ptr
-            + e.to(tl.int64) * stride_we
-            + w_cols[None, :] * stride_wn
-            + ks[:, None] * stride_wk
-        )
-        la_ptrs = (
-            la_ptr
-            + e.to(tl.int64) * stride_lae
-            + rs[None, :] * stride_lar
-            + ks[:, None] * stride_lak
-        )
-        acc_z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        if ACC_IN:  # the product came from another GEMM (rows in sorted order): epilogue only
-            acc = tl.load(
-                a_ptr + rows_in[:, None].to(tl.int64) * stride_am + cols[None, :] * stride_ak,
-                mask=col_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-        else:
-            for k0 in range(0, k_dim, BLOCK_K):
-                if A_DESC:  # [N, K] sorted rows
-                    a = a_desc.load([row_start, k0])
-                elif EVEN_K:
-                    a = tl.load(a_ptrs + k0 * stride_ak)
-                else:
-                    a = tl.load(a_ptrs + k0 * stride_ak, mask=(k0 + ks)[None, :] < k_dim, other=0.0)
-                if W_DESC == 1 and EPILOGUE == 1:  # [E, 2, I, K] boxes: gate and up at once
-                    w = tl.reshape(
-                        w_desc.load([e, 0, pid_n * BLOCK_N, k0]), (2 * BLOCK_N, BLOCK_K)
-                    ).T
-                elif W_DESC == 1:  # [E, N, K]
-                    w = tl.reshape(w_desc.load([e, pid_n * BLOCK_N, k0]), (BLOCK_N, BLOCK_K)).T
-                elif W_DESC == 2:  # [E, K, N]
-                    w = tl.reshape(w_desc.load([e, k0, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
-                elif EVEN_K and EVEN_N:
-                    w = tl.load(w_ptrs + k0 * stride_wk)
-                else:
-                    w_mask = ((k0 + ks)[:, None] < k_dim) & w_col_mask[None, :]
-                    w = tl.load(w_ptrs + k0 * stride_wk, mask=w_mask, other=0.0)
-                acc = _dot(a, w, acc, UPCAST, PRECISION)
-                if LORA == 1:  # LORA_IN_LOOP
-                    la_mask = ((k0 + ks)[:, None] < k_dim) & r_mask[None, :]
-                    la = tl.load(la_ptrs + k0 * stride_lak, mask=la_mask, other=0.0)
-                    acc_z = _dot(a, la, acc_z, UPCAST, PRECISION)
-
-        out_dtype = out_ptr.dtype.element_ty
-        if LORA != 0:  # + s z lb^T; z is rounded as stored, and kept for the LoRA gradients
-            z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr
-            z_mask = row_mask[:, None] & r_mask[None, :]
-            if LORA == 1:  # LORA_IN_LOOP
-                z = _cast(acc_z, out_dtype, UPCAST)
-                if pid_n == 0:
-                    tl.store(z_ptrs, z, mask=z_mask)
-            else:  # LORA_GIVEN: z came from a rank-r launch
-                z = tl.load(z_ptrs, mask=z_mask, other=0.0)
-            # s z (one rounding of the rank-r term) accumulates into the main accumulator: a second
-            # fp32 tile for it would double the epilogue's registers
-            z = _cast(z.to(tl.float32) * lora_scale, out_dtype, UPCAST)
-            lb_ptrs = (
-                lb_ptr
-                + e.to(tl.int64) * stride_lbe
-                + w_cols[None, :] * stride_lbn
-                + rs[:, None] * stride_lbr
-            )
-            lb = tl.load(lb_ptrs, mask=r_mask[:, None] & w_col_mask[None, :], other=0.0)
-            acc = _dot(z, lb, acc, UPCAST, PRECISION)
-        if BIAS:
-            b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + w_cols * stride_bn
-            acc += tl.load(b_ptrs, mask=w_col_mask, other=0.0).to(tl.float32)[None, :]
-
-        mask = row_mask[:, None] & col_mask[None, :]
-        if EPILOGUE == 0:  # STORE
-            if SCATTER:
-                dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
+    la_ptrs = (
+        la_ptr + e.to(tl.int64) * stride_lae + rs[None, :] * stride_lar + ks[:, None] * stride_lak
+    )
+    acc_z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if ACC_IN:  # the product came from another GEMM (rows in sorted order): epilogue only
+        acc = tl.load(
+            a_ptr + rows_in[:, None].to(tl.int64) * stride_am + cols[None, :] * stride_ak,
+            mask=col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    else:
+        for k0 in range(0, k_dim, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
             else:
-                dst = rows
+                a = tl.load(a_ptrs, mask=(k0 + ks)[None, :] < k_dim, other=0.0)
+            if W_DESC == 1 and EPILOGUE == 1:  # [E, 2, I, K] boxes: gate and up tiles at once
+                w = tl.reshape(w_desc.load([e, 0, pid_n * BLOCK_N, k0]), (2 * BLOCK_N, BLOCK_K)).T
+            elif W_DESC == 1:  # [E, N, K]
+                w = tl.reshape(w_desc.load([e, pid_n * BLOCK_N, k0]), (BLOCK_N, BLOCK_K)).T
+            elif W_DESC == 2:  # [E, K, N]
+                w = tl.reshape(w_desc.load([e, k0, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
+            elif EVEN_K and EVEN_N:
+                w = tl.load(w_ptrs)
+            else:
+                w_mask = ((k0 + ks)[:, None] < k_dim) & w_col_mask[None, :]
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            acc = _dot(a, w, acc, UPCAST, PRECISION)
+            if LORA == 1:  # LORA_IN_LOOP
+                la = tl.load(
+                    la_ptrs, mask=((k0 + ks)[:, None] < k_dim) & r_mask[None, :], other=0.0
+                )
+                acc_z = _dot(a, la, acc_z, UPCAST, PRECISION)
+                la_ptrs += BLOCK_K * stride_lak
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+
+    out_dtype = out_ptr.dtype.element_ty
+    if LORA != 0:  # + s z lb^T; z is rounded as stored, and kept for the LoRA gradients
+        z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr
+        z_mask = row_mask[:, None] & r_mask[None, :]
+        if LORA == 1:  # LORA_IN_LOOP
+            z = _cast(acc_z, out_dtype, UPCAST)
+            if pid_n == 0:
+                tl.store(z_ptrs, z, mask=z_mask)
+        else:  # LORA_GIVEN: z came from a rank-r launch
+            z = tl.load(z_ptrs, mask=z_mask, other=0.0)
+        # s z (one rounding of the rank-r term) accumulates into the main accumulator: a second
+        # fp32 tile for it would double the epilogue's registers
+        z = _cast(z.to(tl.float32) * lora_scale, out_dtype, UPCAST)
+        lb_ptrs = (
+            lb_ptr
+            + e.to(tl.int64) * stride_lbe
+            + w_cols[None, :] * stride_lbn
+            + rs[:, None] * stride_lbr
+        )
+        lb = tl.load(lb_ptrs, mask=r_mask[:, None] & w_col_mask[None, :], other=0.0)
+        acc = _dot(z, lb, acc, UPCAST, PRECISION)
+    if BIAS:
+        b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + w_cols * stride_bn
+        acc += tl.load(b_ptrs, mask=w_col_mask, other=0.0).to(tl.float32)[None, :]
+
+    mask = row_mask[:, None] & col_mask[None, :]
+    if EPILOGUE == 0:  # STORE
+        if SCATTER:
+            dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
+        else:
+            dst = rows
+        tl.store(
+            out_ptr + dst[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
+            _cast(acc, out_dtype, UPCAST),
+            mask=mask,
+        )
+    elif EPILOGUE == 1:  # SWIGLU_FWD
+        h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
+        gate_acc, up_acc = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        gate = _cast(gate_acc, out_dtype, UPCAST)
+        up = _cast(up_acc, out_dtype, UPCAST)
+        tl.store(h_ptrs, gate, mask=mask)
+        tl.store(h_ptrs + n_out * stride_hn, up, mask=mask)
+        if ACT_OUT:  # off when backward recomputes h: it reads the activation from h itself
+            act = _act_fwd(gate.to(tl.float32), up.to(tl.float32), OAI)
+            act = _cast(act, out_dtype, UPCAST)
             tl.store(
-                out_ptr + dst[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
-                _cast(acc, out_dtype, UPCAST),
+                out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
+                act,
                 mask=mask,
             )
-        elif EPILOGUE == 1:  # SWIGLU_FWD
-            h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
-            gate_acc, up_acc = tl.split(
-                tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1))
-            )
-            gate = _cast(gate_acc, out_dtype, UPCAST)
-            up = _cast(up_acc, out_dtype, UPCAST)
-            tl.store(h_ptrs, gate, mask=mask)
-            tl.store(h_ptrs + n_out * stride_hn, up, mask=mask)
-            if ACT_OUT:  # off when backward recomputes h: it reads the activation from h itself
-                act = _act_fwd(gate.to(tl.float32), up.to(tl.float32), OAI)
-                act = _cast(act, out_dtype, UPCAST)
-                tl.store(
-                    out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
-                    act,
-                    mask=mask,
-                )
-        else:  # SWIGLU_BWD: acc = g = dY W2 (+ LoRA), before the routing weight
-            h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
-            gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(h_ptrs + n_out * stride_hn, mask=mask, other=0.0).to(tl.float32)
-            act = _cast(_act_fwd(gate, up, OAI), out_dtype, UPCAST).to(tl.float32)  # as stored
-            # router partials <g, act> per 32 columns: the same layout whatever BLOCK_N is tuned to
-            part = tl.sum(tl.reshape(acc * act, (BLOCK_M, BLOCK_N // 32, 32)), axis=2)
-            pcols = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
+    else:  # SWIGLU_BWD: acc = g = dY W2 (+ LoRA), before the routing weight
+        h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
+        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptrs + n_out * stride_hn, mask=mask, other=0.0).to(tl.float32)
+        act = _cast(_act_fwd(gate, up, OAI), out_dtype, UPCAST).to(tl.float32)  # as stored
+        # router partials <g, act> per 32 columns: the same layout whatever BLOCK_N is tuned to
+        part = tl.sum(tl.reshape(acc * act, (BLOCK_M, BLOCK_N // 32, 32)), axis=2)
+        pcols = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
+        tl.store(
+            dw_ptr + rows[:, None].to(tl.int64) * stride_dwm + pcols[None, :],
+            part,
+            mask=row_mask[:, None] & (pcols < tl.cdiv(n_out, 32))[None, :],
+        )
+        w_row = tl.load(wrow_ptr + rows, mask=row_mask, other=0.0)
+        dgate, dup = _act_bwd(gate, up, acc * w_row[:, None], OAI)
+        o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
+        tl.store(o_ptrs, _cast(dgate, out_dtype, UPCAST), mask=mask)
+        tl.store(o_ptrs + n_out * stride_on, _cast(dup, out_dtype, UPCAST), mask=mask)
+        if STORE_ACTW:
             tl.store(
-                dw_ptr + rows[:, None].to(tl.int64) * stride_dwm + pcols[None, :],
-                part,
-                mask=row_mask[:, None] & (pcols < tl.cdiv(n_out, 32))[None, :],
+                actw_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xn,
+                _cast(act * w_row[:, None], out_dtype, UPCAST),
+                mask=mask,
             )
-            w_row = tl.load(wrow_ptr + rows, mask=row_mask, other=0.0)
-            dgate, dup = _act_bwd(gate, up, acc * w_row[:, None], OAI)
-            o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
-            tl.store(o_ptrs, _cast(dgate, out_dtype, UPCAST), mask=mask)
-            tl.store(o_ptrs + n_out * stride_on, _cast(dup, out_dtype, UPCAST), mask=mask)
-            if STORE_ACTW:
-                tl.store(
-                    actw_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xn,
-                    _cast(act * w_row[:, None], out_dtype, UPCAST),
-                    mask=mask,
-                )
 
 
 @triton.jit
@@ -521,3 +506,120 @@ def _dispatch_place_kernel(
             tl.store(
                 row + 2 * stride_tf, tl.where(valid, tl.gather(ends, e, axis=0), 0), mask=slot_mask
             )
+
+
+@triton.jit
+def _persistent_gemm_kernel(
+    a_desc,
+    w_desc,
+    la_ptr,
+    stride_lae,
+    stride_lar,
+    stride_lak,
+    z_ptr,
+    stride_zm,
+    stride_zr,
+    lb_ptr,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    bias_ptr,
+    stride_be,
+    stride_bn,
+    tiles_ptr,
+    stride_tt,
+    stride_tf,
+    num_rows,  # (the autotuner's key and pruning)
+    num_experts,
+    out_ptr,
+    stride_om,
+    stride_on,
+    out_rows_ptr,
+    n_out,
+    k_dim,
+    rank,
+    lora_scale,
+    SCATTER: tl.constexpr,
+    LORA: tl.constexpr,
+    BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    W_DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The ``STORE`` product over sorted A rows ``[N, K]``, A and W both by TMA, LoRA none or
+    in the loop: persistent programs take every num_programs-th tile of the table, the tile
+    loop flattened into the K loop, so the next tile's first K blocks load while this tile's
+    epilogue runs (gathered rows, the SwiGLU epilogues and a given z measured slower this way,
+    BENCHMARKS.md run 38). Same tiles, K order and roundings as ``_expert_gemm_kernel``."""
+    num_pid_n = tl.cdiv(n_out, BLOCK_N)
+    table = tiles_ptr + (BLOCK_M // 128) * stride_tt
+    num_row_tiles = tl.load(table + 3 * stride_tf)  # field 3: the row tiles listed
+    in_group = GROUP_M * num_pid_n
+    ks = tl.arange(0, BLOCK_K)
+    rs = tl.arange(0, BLOCK_R)
+    r_mask = rs < rank
+    out_dtype = out_ptr.dtype.element_ty
+    for tile in tl.range(tl.program_id(0), num_row_tiles * num_pid_n, tl.num_programs(0),
+                         flatten=True):  # fmt: skip
+        # GROUP_M row tiles sweep all column tiles together (L2 reuse, as in the tiled kernel)
+        first_m = tile // in_group * GROUP_M
+        group_m = tl.minimum(num_row_tiles - first_m, GROUP_M)
+        pid_m = first_m + (tile % in_group) % group_m
+        pid_n = (tile % in_group) // group_m
+        e = tl.load(table + pid_m)
+        row_start = tl.load(table + stride_tf + pid_m)
+        row_end = tl.load(table + 2 * stride_tf + pid_m)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end  # TMA reads the next expert's rows past the end: not stored
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_out
+        la_ptrs = (
+            la_ptr
+            + e.to(tl.int64) * stride_lae
+            + rs[None, :] * stride_lar
+            + ks[:, None] * stride_lak
+        )
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, k_dim, BLOCK_K):
+            a = a_desc.load([row_start, k0])
+            if W_DESC == 1:  # [E, N, K]
+                w = tl.reshape(w_desc.load([e, pid_n * BLOCK_N, k0]), (BLOCK_N, BLOCK_K)).T
+            else:  # [E, K, N]
+                w = tl.reshape(w_desc.load([e, k0, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
+            acc = _dot(a, w, acc, UPCAST, PRECISION)
+            if LORA == 1:  # LORA_IN_LOOP
+                la_mask = ((k0 + ks)[:, None] < k_dim) & r_mask[None, :]
+                la = tl.load(la_ptrs + k0 * stride_lak, mask=la_mask, other=0.0)
+                acc_z = _dot(a, la, acc_z, UPCAST, PRECISION)
+        if LORA == 1:  # + s z lb^T, z rounded as stored (the tiled kernel's order)
+            z = _cast(acc_z, out_dtype, UPCAST)
+            if pid_n == 0:
+                z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr
+                tl.store(z_ptrs, z, mask=row_mask[:, None] & r_mask[None, :])
+            z = _cast(z.to(tl.float32) * lora_scale, out_dtype, UPCAST)
+            lb_ptrs = (
+                lb_ptr
+                + e.to(tl.int64) * stride_lbe
+                + cols[None, :] * stride_lbn
+                + rs[:, None] * stride_lbr
+            )
+            lb = tl.load(lb_ptrs, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = _dot(z, lb, acc, UPCAST, PRECISION)
+        if BIAS:
+            b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn
+            acc += tl.load(b_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if SCATTER:
+            dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
+        else:
+            dst = rows
+        tl.store(
+            out_ptr + dst[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
+            _cast(acc, out_dtype, UPCAST),
+            mask=row_mask[:, None] & col_mask[None, :],
+        )
