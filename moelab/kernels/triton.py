@@ -509,23 +509,7 @@ def _launch(
         w,
         *w_strides,
         w_desc,
-        lora.la if lora is not None else dummy,
-        *(lora.la_strides if lora is not None else (0, 0, 0)),
-        lora.z if lora is not None else dummy,
-        *(lora.z.stride() if lora is not None else (0, 0)),
-        lora.lb if lora is not None else dummy,
-        *(lora.lb_strides if lora is not None else (0, 0, 0)),
-        bias if bias is not None else dummy,
-        *(bias.stride() if bias is not None else (0, 0)),
-        tiles,
-        tiles.stride(0),
-        tiles.stride(1),
-        num_rows,
-        num_experts,
-        out,
-        out.stride(0),
-        out.stride(1),
-        scatter if scatter is not None else dummy,
+        *_lora_bias_table_out(lora, bias, tiles, num_rows, num_experts, out, scatter, dummy),
         h if h is not None else dummy,
         *(h.stride() if h is not None else (0, 0)),
         act_w if act_w is not None else dummy,
@@ -579,21 +563,10 @@ def _launch(
     tk._expert_gemm_kernel[grid](*args, **kwargs)
 
 
-def _persistent_enabled() -> bool:
-    return kl.setting("MOELAB_TRITON_PERSISTENT", "1") != "0"
-
-
-def _launch_persistent(
-    a_desc, w_mode, w_desc, n_out, k_dim, tiles, out, scatter, lora, bias, tuned_as
-) -> None:
-    """A ``STORE`` product over sorted rows by ``tk._persistent_gemm_kernel`` (A and W by TMA;
-    LoRA none or in the loop)."""
-    dummy = out  # never read: its branch is compiled out
-    rank = lora.z.shape[1] if lora is not None else 0
-    num_rows, num_experts = out.shape[0], w_desc.base.shape[0]
-    args = (
-        a_desc,
-        w_desc,
+def _lora_bias_table_out(lora, bias, tiles, num_rows, num_experts, out, scatter, dummy) -> tuple:
+    """The arguments both GEMM kernels take in the same order: LoRA's factors and z, the bias,
+    the tile table, the product's size and its output (``dummy`` for what is absent)."""
+    return (
         lora.la if lora is not None else dummy,
         *(lora.la_strides if lora is not None else (0, 0, 0)),
         lora.z if lora is not None else dummy,
@@ -611,6 +584,25 @@ def _launch_persistent(
         out.stride(0),
         out.stride(1),
         scatter if scatter is not None else dummy,
+    )
+
+
+def _persistent_enabled() -> bool:
+    return kl.setting("MOELAB_TRITON_PERSISTENT", "1") != "0"
+
+
+def _launch_persistent(
+    a_desc, w_mode, w_desc, n_out, k_dim, tiles, out, scatter, lora, bias, tuned_as
+) -> None:
+    """A ``STORE`` product over sorted rows by ``tk._persistent_gemm_kernel`` (A and W by TMA;
+    LoRA none or in the loop)."""
+    dummy = out  # never read: its branch is compiled out
+    rank = lora.z.shape[1] if lora is not None else 0
+    num_rows, num_experts = out.shape[0], w_desc.base.shape[0]
+    args = (
+        a_desc,
+        w_desc,
+        *_lora_bias_table_out(lora, bias, tiles, num_rows, num_experts, out, scatter, dummy),
         n_out,
         k_dim,
         rank,
