@@ -57,6 +57,7 @@ def test_experts_benchmark_runs_and_checks(tmp_path, capsys):
     png = tmp_path / "sweep.png"
     assert main(["plot", str(out), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(out), "--out", str(png), "--mode", "lora"]) == 0
 
 
 def test_experts_benchmark_with_recompute(tmp_path):
@@ -234,3 +235,17 @@ def test_median_ms_spreads_each_timing_over_repeated_calls(monkeypatch):
     ms = timing.median_ms(lambda: calls.append(1), iters=3, warmup=2, cuda=False, repeat=4)
     assert len(calls) == 2 + 3 * 4
     assert ms == pytest.approx(1e3 / 4)  # one second per timing, over 4 calls
+
+
+def test_merged_sweeps_keep_the_latest_row_per_backend_and_token_count():
+    from moelab.bench.plot import ms_series
+
+    def row(tokens, ms, backend="triton", mode="lora"):
+        return dict(shape="s", mode=mode, backend=backend, tokens=tokens, ms=ms)
+
+    rows = [row(2048, 3.0), row(1024, 2.0), {"check": "triton"}, row(1024, 1.5),
+            row(1024, 9.0, "grouped_mm"), row(1024, 4.0, mode="full")]  # fmt: skip
+    assert ms_series(rows) == {
+        ("s", "lora"): {"triton": [(1024, 1.5), (2048, 3.0)], "grouped_mm": [(1024, 9.0)]},
+        ("s", "full"): {"triton": [(1024, 4.0)]},
+    }

@@ -1,8 +1,8 @@
 """Plot benchmark rows.
 
-``python -m moelab.bench plot sweep_*.json --out sweep.png`` reads ``--json`` files of
-``python -m moelab.bench experts`` (rows with ``ms``: milliseconds against tokens per backend,
-one panel per shape and mode) or of ``python -m moelab.bench train`` (rows with
+``python -m moelab.bench plot sweep_*.json --out sweep.png [--mode lora]`` reads ``--json``
+files of ``python -m moelab.bench experts`` (rows with ``ms``: milliseconds against tokens per
+backend, one panel per shape and mode) or of ``python -m moelab.bench train`` (rows with
 ``tokens_per_s``: tokens/s and peak memory against sequence length per system and model).
 """
 
@@ -18,13 +18,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def ms_series(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[tuple[int, float]]]]:
+    """Timed rows as ``{(shape, mode): {backend: [(tokens, ms), ...]}}``, tokens ascending; a
+    later row of the same backend and token count replaces an earlier one, so sweeps merged
+    from several runs list the newest run last."""
+    latest = {
+        (r["shape"], r["mode"], r["backend"], r["tokens"]): r["ms"] for r in rows if "ms" in r
+    }
+    panels: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = defaultdict(dict)
+    for (shape, mode, backend, tokens), ms in sorted(latest.items()):
+        panels[shape, mode].setdefault(backend, []).append((tokens, ms))
+    return dict(panels)
+
+
 def plot_rows(rows: list[dict], out: str) -> None:
-    panels: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    for r in rows:
-        if "ms" in r:
-            panels[r["shape"], r["mode"]][r["backend"]].append((r["tokens"], r["ms"]))
+    """ms against tokens, one panel per (shape, mode), one line per backend (``ms_series``)."""
+    panels = ms_series(rows)
     if not panels:
         raise ValueError("no timed rows (with 'ms') to plot")
     cols = min(2, len(panels))
@@ -34,7 +43,6 @@ def plot_rows(rows: list[dict], out: str) -> None:
     color = {b: f"C{i}" for i, b in enumerate(backends)}  # one colour per backend everywhere
     for ax, ((shape, mode), series) in zip(axes.flat, sorted(panels.items())):
         for backend, points in sorted(series.items()):
-            points.sort()
             ax.plot(*zip(*points), marker="o", label=backend, color=color[backend])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -83,6 +91,8 @@ def run(args: argparse.Namespace) -> None:
     for path in args.files:
         with open(path) as f:
             rows.extend(json.load(f))
+    if args.mode:
+        rows = [r for r in rows if r.get("mode") == args.mode]
     if any("tokens_per_s" in r for r in rows):
         plot_train_rows(rows, args.out)
     else:
@@ -93,3 +103,4 @@ def run(args: argparse.Namespace) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="--json outputs of the experts or train benchmark")
     p.add_argument("--out", default="experts_sweep.png")
+    p.add_argument("--mode", help="only the experts rows of this mode (lora or full)")

@@ -27,6 +27,11 @@ weights and the int plan and tile table; with ``recompute`` (``moe_experts``) h 
 recomputed by a second up projection in backward (the same kernel, so the same bits), which
 trades one GEMM for ``2 I k`` elements per token. No host synchronisation, no atomics: same bits
 on every run.
+
+The y and dxs products (plain stores over sorted rows, z in the K loop or no LoRA) run on the
+persistent kernel where TMA can read A and W: the tile loop flattened into the K loop, so the
+next tile loads during this tile's epilogue (``MOELAB_TRITON_PERSISTENT=0``: the tiled kernel,
+the same bits).
 """
 
 from __future__ import annotations
@@ -493,7 +498,7 @@ def _launch(
     no_desc = acc_in or tuned_as == _LOW_RANK
     w_mode, w_desc = (0, w) if no_desc else _w_descriptor(w, w_strides, n_out, k_dim, epilogue)
     placement = tk.LORA_NONE if lora is None else lora.placement
-    persistent = w_mode and epilogue == tk.STORE and gather is None and _persistent_enabled()
+    persistent = bool(w_mode) and epilogue == tk.STORE and gather is None and _persistent_enabled()
     a_desc = _a_descriptor(a, k_dim) if persistent and placement != tk.LORA_GIVEN else None
     if a_desc is not None:
         # fmt: off
