@@ -80,7 +80,8 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
 # (BENCHMARKS.md): LoRA from 128 (runs 24-25, 30-31; at Qwen3's 1024 tokens, 64 rows per expert,
 # the step is bound by the host's launching and the two trade places between calls), full
 # fine-tune from 128 too (run 31's sweep: faster at every point but Qwen3 1024 tokens, 3.60 vs
-# 3.53 ms).
+# 3.53 ms). Run 40 had triton ahead at 64 rows in both modes (2.77 vs 2.98, 3.63 vs 3.96 ms):
+# one call against two, so the threshold stays until another agrees.
 _AUTO_MIN_ROWS_PER_EXPERT = {"lora": 128, "full": 128}
 
 
