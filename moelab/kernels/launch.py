@@ -70,8 +70,8 @@ def launch(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
     if interpreting() or setting("MOELAB_TRITON_DIRECT", "1") == "0":
         kernel[grid](*args, **kwargs)
         return
-    device = _current_device()  # Triton compiles and loads kernels per device
-    spec = (key, device, arg_spec(args))
+    device = _current_device()
+    spec = _spec(key, device, args)
     direct = _compiled.get(spec)
     if direct is None:
         compiled = kernel[grid](*args, **kwargs)
@@ -95,7 +95,13 @@ def launch(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
 def direct_launch(key: tuple, args: tuple) -> _Direct | None:
     """The compiled kernel ``launch`` goes to for ``key`` and ``args`` (None before the first
     launch), for benchmarks of the launch paths."""
-    return _compiled.get((key, _current_device(), arg_spec(args)))
+    return _compiled.get(_spec(key, _current_device(), args))
+
+
+def _spec(key: tuple, device: int, args: tuple) -> tuple:
+    """What a compiled kernel in ``_compiled`` is kept by: the launch key, the device (Triton
+    compiles and loads kernels per device) and the arguments' specialisation."""
+    return key, device, arg_spec(args)
 
 
 def _launch_hooks_set() -> bool:
