@@ -138,6 +138,28 @@ def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(monkeypatch)
     assert calls[0][3] == {"F": True}  # the tuner itself picks the configuration
 
 
+def test_a_cached_launch_boxes_this_calls_descriptors_for_the_chosen_configuration(monkeypatch):
+    """The tuner's pre-hook sizes the boxes only while tuning; later launches get fresh
+    descriptors (one per call), which the cached path must box the same way."""
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    monkeypatch.setattr(tr, "_chosen", {})
+    calls = []
+    best = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16})
+    plain, tuned = _FakeKernel(calls, "plain"), _FakeKernel(calls, "tuned", best)
+    flags = {"W_DESC": 2, "EPILOGUE": tk.STORE}
+    tr._run_tuned(plain, lambda: tuned, ("k",), (4,), (), flags)
+    w, a = torch.zeros(3, 32, 64), torch.zeros(80, 32)
+    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 1, 1])
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [1, 1])
+    descriptors = dict(w_desc=w_desc, a_desc=a_desc)
+    tr._run_tuned(plain, lambda: tuned, ("k",), (4,), (), flags, descriptors=descriptors)
+    assert [c[0] for c in calls] == ["tuned", "plain"]
+    assert w_desc.block_shape == [1, 16, 32]  # [E, K, N] box: (1, BLOCK_K, BLOCK_N)
+    assert a_desc.block_shape == [64, 16]  # (BLOCK_M, BLOCK_K)
+
+
 class _FakeCompiled:
     """A compiled kernel's launch surface: its launcher ``run`` (recorded "direct") and
     ``[grid](*all_args)`` (recorded "runner", the path taken under a profiler's hooks)."""

@@ -344,11 +344,13 @@ _chosen: dict[tuple, dict] = {}
 
 
 def _run_tuned(
-    plain, tuned, key: tuple, grid, args: tuple, flags: dict, derived=lambda config: {}
-) -> None:
+    plain, tuned, key: tuple, grid, args: tuple, flags: dict, derived=lambda config: {},
+    descriptors: dict | None = None,
+) -> None:  # fmt: skip
     """Launch ``plain`` with the configuration the autotuned ``tuned()`` chose for ``key``
     (``derived(config)``: the constexprs its heuristics would add); the first call of a key
-    tunes, its cost logged once. ``key`` must determine ``flags``."""
+    tunes, its cost logged once. ``key`` must determine ``flags``. ``descriptors`` (this
+    call's, by argument name) are boxed for the configuration, as the tuner's pre-hook does."""
     kwargs = _chosen.get(key)
     if kwargs is None:
         t0 = time.perf_counter()
@@ -362,6 +364,8 @@ def _run_tuned(
             time.perf_counter() - t0,
         )
         return
+    if descriptors:
+        _fit_boxes(dict(kwargs, **descriptors))
     kl.launch(plain, grid, args, kwargs, key)
 
 
@@ -555,12 +559,9 @@ def _launch(
 
     if _autotune_enabled():
         key = (tuned_as, n_out, k_dim, rank, num_rows, str(a.dtype), *flags.values())
-        kwargs = _chosen.get(key)
-        if kwargs is not None:  # this call's descriptor, boxed for the configuration
-            _fit_boxes(dict(kwargs, w_desc=w_desc))
         # fmt: off
         _run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args, flags,
-                   derived)
+                   derived, dict(w_desc=w_desc))
         # fmt: on
         return
     fixed = dict(_FIXED, BLOCK_N=16) if tuned_as == _LOW_RANK else _FIXED
@@ -633,10 +634,10 @@ def _launch_persistent(
     if _autotune_enabled():
         key = ("persistent", tuned_as, n_out, k_dim, rank, num_rows, str(out.dtype),
                *flags.values())  # fmt: skip
-        kwargs = _chosen.get(key)
-        if kwargs is not None:  # this call's descriptors, boxed for the configuration
-            _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc))
-        _run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags)
+        # fmt: off
+        _run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags,
+                   descriptors=dict(w_desc=w_desc, a_desc=a_desc))
+        # fmt: on
         return
     kwargs = dict(flags, **_FIXED)
     _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc))
