@@ -99,18 +99,28 @@ def test_weights_read_by_descriptor_or_pointer_give_the_same_bits(monkeypatch, v
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_persistent_and_tiled_kernels_give_the_same_bits(monkeypatch, variant, dtype):
+@pytest.mark.parametrize("placement", ["all in loop", "all rank-r launches"])
+def test_persistent_and_tiled_kernels_give_the_same_bits(monkeypatch, placement, variant, dtype):
     """The down projection and dX products (plain stores over sorted rows) run on the
     persistent kernel, 3 programs taking several tiles each here; the tiled kernel gives the
-    same bits (same tiles, K order and roundings), biases and LoRA included. hidden=72 and
-    inter=40 leave partial K and column blocks, 40 tokens x 2 partial row tiles."""
-    case = Case("wide", tokens=40, hidden=72, inter=40, experts=5, top_k=2, cold=(1,))
+    same bits (same tiles, K order and roundings), biases and LoRA included, z in the loop or
+    given (then z and lb read by TMA). hidden=72 and inter=40 leave partial K and column
+    blocks, 40 tokens x 2 partial row tiles; rank 16 is a given z's TMA box."""
+    monkeypatch.setattr(tr, "LORA_PLACEMENT", PLACEMENTS[placement])
+    case = Case("wide", tokens=40, hidden=72, inter=40, experts=5, top_k=2, cold=(1,), rank=16)
     p = make_problem(case, variant, dtype, seed=19)
+    lb_modes = []
+    real_descs = tr._lora_descriptors
+    monkeypatch.setattr(
+        tr, "_lora_descriptors", lambda *a: lb_modes.append(real_descs(*a)[0]) or real_descs(*a)
+    )
     launched = []
     real = tr._launch_persistent
     monkeypatch.setattr(tr, "_launch_persistent", lambda *a: launched.append(a) or real(*a))
     out_p, grads_p = run_backend(p, "triton")
     assert len(launched) == 2  # down projection, dX
+    if p["lora"] is not None:  # lb [E, H, r] (B2) and [E, r, H] (A1), both by TMA
+        assert sorted(lb_modes) == [1, 2]
     monkeypatch.setattr(tr, "_persistent_enabled", lambda: False)
     launched.clear()
     out, grads = run_backend(p, "triton")

@@ -305,20 +305,24 @@ def _fit_boxes(nargs: dict) -> None:
         nargs["w_desc"].block_shape = [1, bk, bn]
     if "a_desc" in nargs:
         nargs["a_desc"].block_shape = [bm, bk]
+    rank_block = nargs.get("BLOCK_R")
+    if nargs.get("LORA") == tk.LORA_GIVEN and "z_desc" in nargs:
+        nargs["z_desc"].block_shape = [bm, rank_block]
+    if nargs.get("LB_DESC") == 1:
+        nargs["lb_desc"].block_shape = [1, bn, rank_block]
+    elif nargs.get("LB_DESC") == 2:
+        nargs["lb_desc"].block_shape = [1, rank_block, bn]
 
 
-# The register file's fp32 words per SM: with one accumulator tile per program, an upper bound
-# on the programs of a configuration an SM holds at once (too many only queue, too few idle it).
-_SM_REGISTERS = 65536
-
-
-def _programs(device: torch.device, tiles_at_most: int, acc_elements: int) -> int:
-    """The persistent kernel's grid: programs enough to fill every SM, at most one per tile.
-    The CPU interpreter gets 3, so that its tests give programs several tiles each."""
+def _programs(device: torch.device, tiles_at_most: int) -> int:
+    """The persistent kernel's grid: one program per SM (at most one per tile). Its tuned
+    configurations hold ~100-180 KB of shared memory, so a second program per SM would not run
+    beside the first but after it, as a tail wave: one per SM measured 6-19% faster than two
+    (BENCHMARKS.md, run 42). The CPU interpreter gets 3, so that its tests give programs
+    several tiles each."""
     if device.type != "cuda":
         return min(tiles_at_most, 3)
-    per_sm = max(1, _SM_REGISTERS // acc_elements)
-    return min(tiles_at_most, _multiprocessors(device) * per_sm)
+    return min(tiles_at_most, _multiprocessors(device))
 
 
 @functools.lru_cache(maxsize=8)
@@ -504,11 +508,12 @@ def _launch(
     w_mode, w_desc = (0, w) if no_desc else _w_descriptor(w, w_strides, n_out, k_dim, epilogue)
     placement = tk.LORA_NONE if lora is None else lora.placement
     persistent = bool(w_mode) and epilogue == tk.STORE and gather is None and _persistent_enabled()
-    a_desc = _a_descriptor(a, k_dim) if persistent and placement != tk.LORA_GIVEN else None
-    if a_desc is not None:
+    a_desc = _a_descriptor(a, k_dim) if persistent else None
+    lora_descs = _lora_descriptors(lora, n_out) if a_desc is not None else (0, None, None)
+    if a_desc is not None and (placement != tk.LORA_GIVEN or lora_descs[0]):
         # fmt: off
-        _launch_persistent(a_desc, w_mode, w_desc, n_out, k_dim, tiles, out, scatter, lora,
-                           bias, tuned_as)
+        _launch_persistent(a_desc, w_mode, w_desc, lora_descs, n_out, k_dim, tiles, out,
+                           scatter, lora, bias, tuned_as)
         # fmt: on
         return
     args = (
@@ -598,17 +603,51 @@ def _persistent_enabled() -> bool:
     return kl.setting("MOELAB_TRITON_PERSISTENT", "1") != "0"
 
 
+def _lora_descriptors(lora: LowRank | None, n_out: int) -> tuple:
+    """``(LB_DESC, z, lb)``: descriptors over a LoRA product's z ``[N, r]`` (a given z only)
+    and lb (``[E, N, r]``: 1, ``[E, r, N]``: 2) for the persistent kernel's epilogue, or
+    ``(0, None, None)`` where TMA cannot read them (a rank that is not its own block, a
+    power of two from 16, so that no box reaches past r; alignment; ``MOELAB_TRITON_TMA=0``).
+    Boxes are sized per configuration by ``_fit_boxes``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if lora is None:
+        return 0, None, None
+    z, lb = lora.z, lora.lb
+    rank, item = z.shape[1], z.element_size()
+    s_e, s_n, s_r = lora.lb_strides
+    aligned = all(t.data_ptr() % 16 == 0 for t in (z, lb)) and (s_e * item) % 16 == 0
+    if not (_tma_enabled() and aligned and rank == max(16, triton_next_pow2(rank))):
+        return 0, None, None
+    if z.stride() != (rank, 1) or (rank * item) % 16:
+        return 0, None, None
+    if s_r == 1 and (s_n * item) % 16 == 0:
+        mode, shape, strides = 1, [lb.shape[0], n_out, rank], [s_e, s_n, 1]
+    elif s_n == 1 and (s_r * item) % 16 == 0:
+        mode, shape, strides = 2, [lb.shape[0], rank, n_out], [s_e, s_r, 1]
+    else:
+        return 0, None, None
+    z_desc = TensorDescriptor(z, list(z.shape), [rank, 1], [1, 1])
+    return mode, z_desc, TensorDescriptor(lb, shape, strides, [1, 1, 1])
+
+
 def _launch_persistent(
-    a_desc, w_mode, w_desc, n_out, k_dim, tiles, out, scatter, lora, bias, tuned_as
+    a_desc, w_mode, w_desc, lora_descs, n_out, k_dim, tiles, out, scatter, lora, bias, tuned_as
 ) -> None:
     """A ``STORE`` product over sorted rows by ``tk._persistent_gemm_kernel`` (A and W by TMA;
-    LoRA none or in the loop)."""
+    LoRA none, in the loop, or given with ``lora_descs`` from ``_lora_descriptors``)."""
     dummy = out  # never read: its branch is compiled out
     rank = lora.z.shape[1] if lora is not None else 0
     num_rows, num_experts = out.shape[0], w_desc.base.shape[0]
+    lb_mode, z_desc, lb_desc = lora_descs
+    given = lora is not None and lora.placement == tk.LORA_GIVEN
+    z_desc = z_desc if given else dummy
+    lb_desc = lb_desc if lb_mode else dummy
     args = (
         a_desc,
         w_desc,
+        z_desc,
+        lb_desc,
         *_lora_bias_table_out(lora, bias, tiles, num_rows, num_experts, out, scatter, dummy),
         n_out,
         k_dim,
@@ -617,11 +656,12 @@ def _launch_persistent(
     )
     flags = dict(
         SCATTER=scatter is not None,
-        LORA=tk.LORA_NONE if lora is None else tk.LORA_IN_LOOP,
+        LORA=tk.LORA_NONE if lora is None else lora.placement,
         BIAS=bias is not None,
         UPCAST=kl.interpreting(),
         PRECISION="ieee" if out.dtype == torch.float32 else None,
         W_DESC=w_mode,
+        LB_DESC=lb_mode,
         BLOCK_R=max(16, triton_next_pow2(rank)),
         GROUP_M=_GROUP_M,
     )
@@ -629,18 +669,19 @@ def _launch_persistent(
     def grid(meta: dict) -> tuple[int]:
         row_tiles = triton_cdiv(num_rows, meta["BLOCK_M"]) + num_experts
         tiles_at_most = row_tiles * triton_cdiv(n_out, meta["BLOCK_N"])
-        return (_programs(out.device, tiles_at_most, meta["BLOCK_M"] * meta["BLOCK_N"]),)
+        return (_programs(out.device, tiles_at_most),)
 
     if _autotune_enabled():
         key = ("persistent", tuned_as, n_out, k_dim, rank, num_rows, str(out.dtype),
                *flags.values())  # fmt: skip
         # fmt: off
         _run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags,
-                   descriptors=dict(w_desc=w_desc, a_desc=a_desc))
+                   descriptors=dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc,
+                                    lb_desc=lb_desc))
         # fmt: on
         return
     kwargs = dict(flags, **_FIXED)
-    _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc))
+    _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc))
     tk._persistent_gemm_kernel[grid](*args, **kwargs)
 
 

@@ -512,6 +512,8 @@ def _dispatch_place_kernel(
 def _persistent_gemm_kernel(
     a_desc,
     w_desc,
+    z_desc,
+    lb_desc,
     la_ptr,
     stride_lae,
     stride_lar,
@@ -545,17 +547,21 @@ def _persistent_gemm_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     W_DESC: tl.constexpr,
+    LB_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """The ``STORE`` product over sorted A rows ``[N, K]``, A and W both by TMA, LoRA none or
-    in the loop: persistent programs take every num_programs-th tile of the table, the tile
-    loop flattened into the K loop, so the next tile's first K blocks load while this tile's
-    epilogue runs (gathered rows, the SwiGLU epilogues and a given z measured slower this way,
-    BENCHMARKS.md run 38). Same tiles, K order and roundings as ``_expert_gemm_kernel``."""
+    """The ``STORE`` product over sorted A rows ``[N, K]``, A and W both by TMA: persistent
+    programs take every num_programs-th tile of the table, the tile loop flattened into the K
+    loop, so the next tile's first K blocks load while this tile's epilogue runs (gathered rows
+    and the SwiGLU epilogues measured slower this way, BENCHMARKS.md run 38). LoRA none, in the
+    loop, or given with z and lb read by TMA: a given z's pointer loads inside the flattened
+    loop cost more than the rank-r product saved (run 38), its TMA loads do not (run 42).
+    ``LB_DESC``: lb by pointer (0) or by a descriptor over ``[E, N, r]`` (1) or ``[E, r, N]``
+    (2). Same tiles, K order and roundings as ``_expert_gemm_kernel``."""
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
     table = tiles_ptr + (BLOCK_M // 128) * stride_tt
     num_row_tiles = tl.load(table + 3 * stride_tf)  # field 3: the row tiles listed
@@ -597,19 +603,29 @@ def _persistent_gemm_kernel(
                 la_mask = ((k0 + ks)[:, None] < k_dim) & r_mask[None, :]
                 la = tl.load(la_ptrs + k0 * stride_lak, mask=la_mask, other=0.0)
                 acc_z = _dot(a, la, acc_z, UPCAST, PRECISION)
-        if LORA == 1:  # + s z lb^T, z rounded as stored (the tiled kernel's order)
-            z = _cast(acc_z, out_dtype, UPCAST)
-            if pid_n == 0:
-                z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr
-                tl.store(z_ptrs, z, mask=row_mask[:, None] & r_mask[None, :])
+        if LORA != 0:  # + s z lb^T, z rounded as stored (the tiled kernel's order)
+            if LORA == 1:  # LORA_IN_LOOP
+                z = _cast(acc_z, out_dtype, UPCAST)
+                if pid_n == 0:
+                    z_ptrs = (
+                        z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr
+                    )
+                    tl.store(z_ptrs, z, mask=row_mask[:, None] & r_mask[None, :])
+            else:  # LORA_GIVEN (rows past the tile's end: not stored)
+                z = z_desc.load([row_start, 0])
             z = _cast(z.to(tl.float32) * lora_scale, out_dtype, UPCAST)
-            lb_ptrs = (
-                lb_ptr
-                + e.to(tl.int64) * stride_lbe
-                + cols[None, :] * stride_lbn
-                + rs[:, None] * stride_lbr
-            )
-            lb = tl.load(lb_ptrs, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+            if LB_DESC == 1:  # [E, N, r]
+                lb = tl.reshape(lb_desc.load([e, pid_n * BLOCK_N, 0]), (BLOCK_N, BLOCK_R)).T
+            elif LB_DESC == 2:  # [E, r, N]
+                lb = tl.reshape(lb_desc.load([e, 0, pid_n * BLOCK_N]), (BLOCK_R, BLOCK_N))
+            else:
+                lb_ptrs = (
+                    lb_ptr
+                    + e.to(tl.int64) * stride_lbe
+                    + cols[None, :] * stride_lbn
+                    + rs[:, None] * stride_lbr
+                )
+                lb = tl.load(lb_ptrs, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
             acc = _dot(z, lb, acc, UPCAST, PRECISION)
         if BIAS:
             b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn
