@@ -230,20 +230,22 @@ def _kernel(epilogue: int):
     return _kernels[epilogue]
 
 
-def _autotuned(kernel, configs: tuple, key: list[str]):
-    """``kernel`` autotuned over ``configs`` (BLOCK_N, BLOCK_K, warps, stages) at every row-tile
-    height worth timing, results cached on disk where this Triton can."""
+def _autotuned(kernel, configs: tuple, key: list[str], extra: tuple[dict, ...] = ({},)):
+    """``kernel`` autotuned over ``configs`` (BLOCK_N, BLOCK_K, warps, stages), each with every
+    one of ``extra``'s constexprs, at every row-tile height worth timing, results cached on disk
+    where this Triton can."""
     import triton
 
     tuned = [
         triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **more},
             num_warps=warps,
             num_stages=stages,
             pre_hook=_fit_boxes,
         )
         for bm in tk.TILE_BLOCKS_M
         for bn, bk, warps, stages in configs
+        for more in extra
     ]
     extra = (
         {"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}
@@ -314,15 +316,15 @@ def _fit_boxes(nargs: dict) -> None:
         nargs["lb_desc"].block_shape = [1, rank_block, bn]
 
 
-def _programs(device: torch.device, tiles_at_most: int) -> int:
-    """The persistent kernel's grid: one program per SM (at most one per tile). Its tuned
-    configurations hold ~100-180 KB of shared memory, so a second program per SM would not run
-    beside the first but after it, as a tail wave: one per SM measured 6-19% faster than two
-    (BENCHMARKS.md, run 42). The CPU interpreter gets 3, so that its tests give programs
-    several tiles each."""
+def _programs(device: torch.device, tiles_at_most: int, per_sm: int) -> int:
+    """The persistent kernel's grid: ``per_sm`` programs per SM, at most one per tile. It is
+    tuned (1 or 2): most configurations hold 100-180 KB of shared memory, so a second program
+    per SM does not run beside the first but after it, as a tail wave; with a given z, one per
+    SM measured 6-19% faster than two (BENCHMARKS.md, run 42). The CPU interpreter gets 3, so
+    that its tests give programs several tiles each."""
     if device.type != "cuda":
         return min(tiles_at_most, 3)
-    return min(tiles_at_most, _multiprocessors(device))
+    return min(tiles_at_most, per_sm * _multiprocessors(device))
 
 
 @functools.lru_cache(maxsize=8)
@@ -669,7 +671,7 @@ def _launch_persistent(
     def grid(meta: dict) -> tuple[int]:
         row_tiles = triton_cdiv(num_rows, meta["BLOCK_M"]) + num_experts
         tiles_at_most = row_tiles * triton_cdiv(n_out, meta["BLOCK_N"])
-        return (_programs(out.device, tiles_at_most),)
+        return (_programs(out.device, tiles_at_most, meta["SM_PROGRAMS"]),)
 
     if _autotune_enabled():
         key = ("persistent", tuned_as, n_out, k_dim, rank, num_rows, str(out.dtype),
@@ -680,16 +682,18 @@ def _launch_persistent(
                                     lb_desc=lb_desc))
         # fmt: on
         return
-    kwargs = dict(flags, **_FIXED)
+    kwargs = dict(flags, **_FIXED, SM_PROGRAMS=1)
     _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc))
     tk._persistent_gemm_kernel[grid](*args, **kwargs)
 
 
 @functools.cache
 def _persistent_kernel():
-    """The persistent kernel autotuned over the ``STORE`` configurations."""
+    """The persistent kernel autotuned over the ``STORE`` configurations, each with one or two
+    programs per SM (``_programs``)."""
     key = ["n_out", "k_dim", "rank", "num_rows", "SCATTER", "LORA", "BIAS"]
-    return _autotuned(tk._persistent_gemm_kernel, _CONFIGS[tk.STORE], key)
+    per_sm = ({"SM_PROGRAMS": 1}, {"SM_PROGRAMS": 2})
+    return _autotuned(tk._persistent_gemm_kernel, _CONFIGS[tk.STORE], key, per_sm)
 
 
 # (BLOCK_M, BLOCK_D, warps, stages) of the rank-r weight gradients: memory-bound reductions over

@@ -553,6 +553,7 @@ def _persistent_gemm_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SM_PROGRAMS: tl.constexpr,
 ):
     """The ``STORE`` product over sorted A rows ``[N, K]``, A and W both by TMA: persistent
     programs take every num_programs-th tile of the table, the tile loop flattened into the K
@@ -561,7 +562,8 @@ def _persistent_gemm_kernel(
     loop, or given with z and lb read by TMA: a given z's pointer loads inside the flattened
     loop cost more than the rank-r product saved (run 38), its TMA loads do not (run 42).
     ``LB_DESC``: lb by pointer (0) or by a descriptor over ``[E, N, r]`` (1) or ``[E, r, N]``
-    (2). Same tiles, K order and roundings as ``_expert_gemm_kernel``."""
+    (2). ``SM_PROGRAMS``: programs per SM, a tuned grid parameter the kernel does not read.
+    Same tiles, K order and roundings as ``_expert_gemm_kernel``."""
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
     table = tiles_ptr + (BLOCK_M // 128) * stride_tt
     num_row_tiles = tl.load(table + 3 * stride_tf)  # field 3: the row tiles listed
