@@ -77,12 +77,11 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
 
 
 # Average rows per expert from which triton measured faster than grouped_mm on an H200
-# (BENCHMARKS.md): LoRA from 128 (runs 24-25, 30-31; at Qwen3's 1024 tokens, 64 rows per expert,
-# the step is bound by the host's launching and the two trade places between calls), full
-# fine-tune from 128 too (run 31's sweep: faster at every point but Qwen3 1024 tokens, 3.60 vs
-# 3.53 ms). Run 40 had triton ahead at 64 rows in both modes (2.77 vs 2.98, 3.63 vs 3.96 ms):
-# one call against two, so the threshold stays until another agrees.
-_AUTO_MIN_ROWS_PER_EXPERT = {"lora": 128, "full": 128}
+# (BENCHMARKS.md): 64 in both modes, the fewest measured. At Qwen3's 1024 tokens (64 rows per
+# expert) three calls on today's code agree: LoRA 2.77 vs 2.98 ms (run 40) and 2.13 vs 2.90
+# (run 45), full fine-tune 3.63 vs 3.96 (run 40) and 3.11 vs 3.26 (run 46); earlier code
+# traded places with grouped_mm there (runs 24-31). Fewer rows were not measured.
+_AUTO_MIN_ROWS_PER_EXPERT = {"lora": 64, "full": 64}
 
 
 def auto_reason(problem: ExpertProblem) -> str | None:
@@ -102,8 +101,8 @@ def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str
     need = _AUTO_MIN_ROWS_PER_EXPERT[mode]
     if rows < need:
         return (
-            f"{rows:.0f} rows per expert; grouped_mm measured faster below {need} in {mode} "
-            "mode (BENCHMARKS.md)"
+            f"{rows:.0f} rows per expert; triton measured faster than grouped_mm from {need} "
+            f"in {mode} mode, fewer not measured (BENCHMARKS.md)"
         )
     return None
 
