@@ -109,8 +109,10 @@ def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeyp
 class _FakeKernel:
     """Records ``kernel[grid](*args, **kwargs)`` launches; ``best_config`` as Triton's tuner."""
 
-    def __init__(self, calls: list, name: str, best=None):
+    def __init__(self, calls: list, name: str, best=None, configs=()):
         self.calls, self.name, self.best_config = calls, name, best
+        self.configs = list(configs) or [best]
+        self.cache_key = "0123456789abcdef"  # as a JITFunction's source hash
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.calls.append((self.name, grid, args, kwargs))
@@ -229,3 +231,45 @@ def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch
     monkeypatch.setattr(kl.triton_knobs.runtime, "launch_exit_hook", lambda *a: None)
     launch(t, 33)
     assert calls[-1][0] == "runner" and calls[-1][1] == (8, 1, 1) and calls[-1][2] == (t, 33, 4)
+
+
+def test_a_tuned_configuration_is_kept_on_disk_for_later_processes(monkeypatch, tmp_path):
+    """Triton's own results cache skips configurations with a pre-hook (every GEMM's): the
+    choice per launch key is kept in moelab's cache, so a new process (empty ``_chosen``)
+    launches the stored configuration without tuning; a stored name no longer among the
+    kernel's configurations, or another scope, is tuned again."""
+    import triton
+
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tr, "_scope", lambda device: f"fake GPU {device}")
+    small = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3)
+    big = triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)
+    calls = []
+    plain = _FakeKernel(calls, "plain")
+    tuned = _FakeKernel(calls, "tuned", big, configs=(small, big))
+
+    def run(device: str) -> None:
+        tr._run_tuned(plain, lambda: tuned, ("k", 1), (4,), (1,), {"F": 1}, device=device)
+
+    monkeypatch.setattr(tr, "_chosen", {})
+    run("cpu")
+    assert [c[0] for c in calls] == ["tuned"]
+    assert "BLOCK_N=128" in (tmp_path / tr._TUNED_CONFIGS).read_text()
+
+    monkeypatch.setattr(tr, "_chosen", {})  # a new process
+    tuned.best_config = small  # what the tuner would pick now: not asked
+    calls.clear()
+    run("cpu")
+    assert [c[0] for c in calls] == ["plain"]
+    assert calls[0][3]["BLOCK_N"] == 128 and calls[0][3]["num_warps"] == 8
+
+    monkeypatch.setattr(tr, "_chosen", {})  # another GPU: tuned again
+    calls.clear()
+    run("meta")
+    assert [c[0] for c in calls] == ["tuned"]
+
+    monkeypatch.setattr(tr, "_chosen", {})  # the stored configuration left the kernel's list
+    tuned.configs = [small]
+    calls.clear()
+    run("cpu")
+    assert [c[0] for c in calls] == ["tuned"]

@@ -231,8 +231,8 @@ def _kernel(epilogue: int):
 
 def _autotuned(kernel, configs: tuple, key: list[str], extra: tuple[dict, ...] = ({},)):
     """``kernel`` autotuned over ``configs`` (BLOCK_N, BLOCK_K, warps, stages), each with every
-    one of ``extra``'s constexprs, at every row-tile height worth timing, results cached on disk
-    where this Triton can."""
+    one of ``extra``'s constexprs, at every row-tile height worth timing (the choice is kept on
+    disk by ``_run_tuned``)."""
     import triton
 
     tuned = [
@@ -246,11 +246,8 @@ def _autotuned(kernel, configs: tuple, key: list[str], extra: tuple[dict, ...] =
         for bn, bk, warps, stages in configs
         for more in extra
     ]
-    extra = (
-        {"cache_results": True} if "cache_results" in triton.autotune.__code__.co_varnames else {}
-    )
     prune = {"early_config_prune": _tile_heights_worth_timing}
-    return triton.autotune(tuned, key=key, prune_configs_by=prune, **extra)(kernel)
+    return triton.autotune(tuned, key=key, prune_configs_by=prune)(kernel)
 
 
 def _tma_enabled() -> bool:
@@ -346,29 +343,54 @@ def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> lis
 # wrappers rebuild their keys from all ~60 arguments on every call, about 100 of the ~175 us the
 # host spent per launch (run 22), and the eager block step was bound by the host, not the GPU.
 _chosen: dict[tuple, dict] = {}
+# The configuration tuned per launch key on this machine, kept on disk: Triton's own results
+# cache skips configurations with a pre-hook, and every GEMM configuration has one (the TMA
+# boxes), so without this each process tuned every shape again.
+_TUNED_CONFIGS = "triton_tuned_configs.json"
+
+
+def _config_name(config) -> str:
+    """A Triton configuration as text: its constexprs, warps and stages, in a fixed order."""
+    return ",".join(f"{k}={v}" for k, v in sorted(config.all_kwargs().items()))
 
 
 def _run_tuned(
     plain, tuned, key: tuple, grid, args: tuple, flags: dict, derived=lambda config: {},
-    descriptors: dict | None = None,
+    descriptors: dict | None = None, device: torch.device | None = None,
 ) -> None:  # fmt: skip
     """Launch ``plain`` with the configuration the autotuned ``tuned()`` chose for ``key``
-    (``derived(config)``: the constexprs its heuristics would add); the first call of a key
-    tunes, its cost logged once. ``key`` must determine ``flags``. ``descriptors`` (this
-    call's, by argument name) are boxed for the configuration, as the tuner's pre-hook does."""
+    (``derived(config)``: the constexprs its heuristics would add). The first call of a key in
+    a process takes the choice stored on disk for ``device`` (scope: GPU, versions, the kernel's
+    source), else tunes, its cost logged once, and stores it; without ``device``, nothing is
+    stored. ``key`` must determine ``flags``. ``descriptors`` (this call's, by argument name)
+    are boxed for the configuration, as the tuner's pre-hook does."""
     kwargs = _chosen.get(key)
     if kwargs is None:
-        t0 = time.perf_counter()
         kernel = tuned()
-        kernel[grid](*args, **flags)
-        config = kernel.best_config.all_kwargs()
-        _chosen[key] = dict(flags, **config, **derived(config))
-        log.info(
-            "moelab: triton tuning for %s took %.1f s (then cached on disk)",
-            key[:4],
-            time.perf_counter() - t0,
-        )
-        return
+        configs = {_config_name(c): c for c in kernel.configs}
+        tuned_now = []
+
+        def tune() -> str:
+            t0 = time.perf_counter()
+            kernel[grid](*args, **flags)
+            tuned_now.append(True)
+            log.info(
+                "moelab: triton tuning for %s took %.1f s (then kept on disk)",
+                key[:4],
+                time.perf_counter() - t0,
+            )
+            return _config_name(kernel.best_config)
+
+        if device is None:
+            name = tune()
+        else:
+            store = MeasuredChoices(_TUNED_CONFIGS, tuple(configs))
+            scope = f"{_scope(device)} | {plain.cache_key[:12]}"
+            name = store.get(scope, repr(key), tune)
+        config = configs[name].all_kwargs()
+        kwargs = _chosen[key] = dict(flags, **config, **derived(config))
+        if tuned_now:  # the tuner launched this call
+            return
     if descriptors:
         _fit_boxes(dict(kwargs, **descriptors))
     kl.launch(plain, grid, args, kwargs, key)
@@ -567,7 +589,7 @@ def _launch(
         key = (tuned_as, n_out, k_dim, rank, num_rows, str(a.dtype), *flags.values())
         # fmt: off
         _run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args, flags,
-                   derived, dict(w_desc=w_desc))
+                   derived, dict(w_desc=w_desc), a.device)
         # fmt: on
         return
     fixed = dict(_FIXED, BLOCK_N=16) if tuned_as == _LOW_RANK else _FIXED
@@ -678,7 +700,7 @@ def _launch_persistent(
         # fmt: off
         _run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags,
                    descriptors=dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc,
-                                    lb_desc=lb_desc))
+                                    lb_desc=lb_desc), device=out.device)
         # fmt: on
         return
     kwargs = dict(flags, **_FIXED, SM_PROGRAMS=1)
@@ -759,7 +781,9 @@ def rank_grad(
 
     if _autotune_enabled():
         key = ("rank_grad", d_dim, rank, str(q_MD.dtype), *flags.values())
-        _run_tuned(tk._rank_grad_kernel, _rank_grad_kernel, key, grid, args, flags)
+        _run_tuned(
+            tk._rank_grad_kernel, _rank_grad_kernel, key, grid, args, flags, device=q_MD.device
+        )
     else:
         tk._rank_grad_kernel[grid](*args, **flags, **_RANK_GRAD_FIXED)
     return out
