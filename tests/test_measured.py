@@ -112,7 +112,6 @@ class _FakeKernel:
     def __init__(self, calls: list, name: str, best=None, configs=()):
         self.calls, self.name, self.best_config = calls, name, best
         self.configs = list(configs) or [best]
-        self.cache_key = "0123456789abcdef"  # as a JITFunction's source hash
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.calls.append((self.name, grid, args, kwargs))
@@ -241,7 +240,7 @@ def test_a_tuned_configuration_is_kept_on_disk_for_later_processes(monkeypatch, 
     import triton
 
     monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tr, "_scope", lambda device: f"fake GPU {device}")
+    monkeypatch.setattr(tr, "_scope", lambda device, kernels: f"fake GPU {device} {kernels}")
     small = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3)
     big = triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)
     calls = []

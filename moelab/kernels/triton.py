@@ -360,7 +360,7 @@ def _run_tuned(
 ) -> None:  # fmt: skip
     """Launch ``plain`` with the configuration the autotuned ``tuned()`` chose for ``key``
     (``derived(config)``: the constexprs its heuristics would add). The first call of a key in
-    a process takes the choice stored on disk for ``device`` (scope: GPU, versions, the kernel's
+    a process takes the choice stored on disk for ``device`` (scope: GPU, versions, ``plain``'s
     source), else tunes, its cost logged once, and stores it; without ``device``, nothing is
     stored. ``key`` must determine ``flags``. ``descriptors`` (this call's, by argument name)
     are boxed for the configuration, as the tuner's pre-hook does."""
@@ -385,8 +385,7 @@ def _run_tuned(
             name = tune()
         else:
             store = MeasuredChoices(_TUNED_CONFIGS, tuple(configs))
-            scope = f"{_scope(device)} | {plain.cache_key[:12]}"
-            name = store.get(scope, repr(key), tune)
+            name = store.get(_scope(device, (plain,)), repr(key), tune)
         config = configs[name].all_kwargs()
         kwargs = _chosen[key] = dict(flags, **config, **derived(config))
         if tuned_now:  # the tuner launched this call
@@ -486,16 +485,17 @@ def _measured_choice(
 
 
 @functools.lru_cache(maxsize=8)
-def _scope(device: torch.device) -> str:
+def _scope(device: torch.device, kernels: tuple = ()) -> str:
     """What a measured choice depends on besides the problem: the GPU, the compilers and the
-    GEMM kernels' sources (Triton's hashes of them and the functions they call)."""
+    kernels' sources (Triton's hashes of them and the functions they call; default: both GEMM
+    kernels)."""
     import triton
 
     name = torch.cuda.get_device_name(device)
-    kernels = "/".join(
-        k.cache_key[:12] for k in (tk._expert_gemm_kernel, tk._persistent_gemm_kernel)
+    hashes = "/".join(
+        k.cache_key[:12] for k in kernels or (tk._expert_gemm_kernel, tk._persistent_gemm_kernel)
     )
-    return f"{name} | triton {triton.__version__} | torch {torch.__version__} | kernels {kernels}"
+    return f"{name} | triton {triton.__version__} | torch {torch.__version__} | kernels {hashes}"
 
 
 def _fastest(run, choices: tuple, reps: int = 5, rounds: int = 3):
@@ -712,7 +712,7 @@ def _launch_persistent(
 def _persistent_kernel():
     """The persistent kernel autotuned over the ``STORE`` configurations, each with one or two
     programs per SM (``_programs``)."""
-    key = ["n_out", "k_dim", "rank", "num_rows", "SCATTER", "LORA", "BIAS"]
+    key = ["n_out", "k_dim", "rank", "num_rows", "SCATTER", "LORA", "BIAS", "W_DESC", "LB_DESC"]
     per_sm = ({"SM_PROGRAMS": 1}, {"SM_PROGRAMS": 2})
     return _autotuned(tk._persistent_gemm_kernel, _CONFIGS[tk.STORE], key, per_sm)
 
