@@ -368,3 +368,28 @@ def test_down_backward_hands_back_the_torch_loops_gathered_dout(main):
         assert torch.equal(kept[3], dout[plan.token_N])
     else:
         assert kept[3] is None
+
+
+@pytest.mark.parametrize(
+    "rank, factor, mode",
+    [
+        (16, "B2", 1),  # lb [E, H, r], r contiguous
+        (16, "A1", 2),  # lb read from A1 [E, r, H], H contiguous
+        (32, "B2", 1),
+        (8, "B2", 0),  # not its own box: BLOCK_R is 16
+        (24, "A1", 0),  # not a power of two
+    ],
+)
+def test_given_z_descriptors_only_where_a_box_fits_the_rank(monkeypatch, rank, factor, mode):
+    experts, hidden, rows = 3, 64, 40
+    a1 = torch.randn(experts, rank, hidden)
+    b2 = torch.randn(experts, hidden, rank)
+    lb, strides = (b2, b2.stride()) if factor == "B2" else (a1, tr._t(a1))
+    low = tr.LowRank(lb, strides, lb, strides, 2.0, torch.empty(rows, rank), tk.LORA_GIVEN)
+    got, z_desc, lb_desc = tr._lora_descriptors(low, hidden)
+    assert got == mode
+    if mode:
+        assert z_desc.base is low.z and lb_desc.base is lb
+        assert lb_desc.shape == ([experts, hidden, rank] if mode == 1 else [experts, rank, hidden])
+    monkeypatch.setattr(tr, "_tma_enabled", lambda: False)
+    assert tr._lora_descriptors(low, hidden)[0] == 0
