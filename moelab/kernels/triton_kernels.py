@@ -74,6 +74,105 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _tile_coords(index, num_row_tiles, num_pid_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of a product's ``index``-th tile. L2-friendly order: GROUP_M row
+    tiles (mostly of one expert) sweep all column tiles together, so their rows and the
+    expert's weight columns are read from HBM about once."""
+    in_group = GROUP_M * num_pid_n
+    first_m = index // in_group * GROUP_M
+    group_m = tl.minimum(num_row_tiles - first_m, GROUP_M)
+    return first_m + (index % in_group) % group_m, (index % in_group) // group_m
+
+
+@triton.jit
+def _lora_term(
+    acc,
+    acc_z,
+    z_ptr,
+    stride_zm,
+    stride_zr,
+    z_desc,
+    lb_ptr,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    lb_desc,
+    e,
+    row_start,
+    rows,
+    row_mask,
+    lb_cols,
+    lb_col_mask,
+    pid_n,
+    rank,
+    lora_scale,
+    out_dtype: tl.constexpr,
+    LORA: tl.constexpr,
+    LB_DESC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``acc + s z lb_e^T`` over the tile's rows and ``lb_cols``. z was computed in the loop
+    (``acc_z``, rounded as stored, and stored by the first column tile: the LoRA gradients
+    read it) or is given (by TMA when ``LB_DESC``, else by pointer). lb by pointer, or by TMA
+    over ``[E, N, r]`` (``LB_DESC`` 1) or ``[E, r, N]`` (2); without descriptors (``LB_DESC``
+    0) ``z_desc`` and ``lb_desc`` are never read. ``s z`` is rounded once and accumulates into
+    the main accumulator: a second fp32 tile for it would double the epilogue's registers."""
+    rs = tl.arange(0, BLOCK_R)
+    r_mask = rs < rank
+    z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr
+    z_mask = row_mask[:, None] & r_mask[None, :]
+    if LORA == 1:  # LORA_IN_LOOP
+        z = _cast(acc_z, out_dtype, UPCAST)
+        if pid_n == 0:
+            tl.store(z_ptrs, z, mask=z_mask)
+    elif LB_DESC != 0:  # given, by TMA (rows past the tile's end: never stored)
+        z = z_desc.load([row_start, 0])
+    else:  # given, by pointer
+        z = tl.load(z_ptrs, mask=z_mask, other=0.0)
+    z = _cast(z.to(tl.float32) * lora_scale, out_dtype, UPCAST)
+    if LB_DESC == 1:
+        lb = tl.reshape(lb_desc.load([e, pid_n * BLOCK_N, 0]), (BLOCK_N, BLOCK_R)).T
+    elif LB_DESC == 2:
+        lb = tl.reshape(lb_desc.load([e, 0, pid_n * BLOCK_N]), (BLOCK_R, BLOCK_N))
+    else:
+        lb_ptrs = (
+            lb_ptr
+            + e.to(tl.int64) * stride_lbe
+            + lb_cols[None, :] * stride_lbn
+            + rs[:, None] * stride_lbr
+        )
+        lb = tl.load(lb_ptrs, mask=r_mask[:, None] & lb_col_mask[None, :], other=0.0)
+    return _dot(z, lb, acc, UPCAST, PRECISION)
+
+
+@triton.jit
+def _add_bias(acc, bias_ptr, stride_be, stride_bn, e, cols, col_mask):
+    b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn
+    return acc + tl.load(b_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _store_rows(
+    acc, out_ptr, stride_om, stride_on, out_rows_ptr, rows, row_mask, cols, col_mask,
+    SCATTER: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The ``STORE`` epilogue's write: to the sorted rows, or (``SCATTER``) through
+    ``out_rows``."""
+    if SCATTER:
+        dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
+    else:
+        dst = rows
+    tl.store(
+        out_ptr + dst[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
+        _cast(acc, out_ptr.dtype.element_ty, UPCAST),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+@triton.jit
 def _expert_gemm_kernel(
     a_ptr,
     a_rows_ptr,
@@ -140,18 +239,11 @@ def _expert_gemm_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # L2-friendly order: GROUP_M row tiles (mostly of one expert) sweep all column tiles
-    # together, so their rows and the expert's weight columns are read from HBM about once.
-    pid = tl.program_id(0)
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
     # the tile table of this BLOCK_M (TILE_BLOCKS_M): worst-case length, padding marked e = -1
     num_row_tiles = tl.cdiv(num_rows, BLOCK_M) + num_experts
     table = tiles_ptr + (BLOCK_M // 128) * stride_tt
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_m = tl.minimum(num_row_tiles - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), num_row_tiles, num_pid_n, GROUP_M)
     e = tl.load(table + pid_m)
     if e < 0:
         return
@@ -223,41 +315,23 @@ def _expert_gemm_kernel(
             w_ptrs += BLOCK_K * stride_wk
 
     out_dtype = out_ptr.dtype.element_ty
-    if LORA != 0:  # + s z lb^T; z is rounded as stored, and kept for the LoRA gradients
-        z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr
-        z_mask = row_mask[:, None] & r_mask[None, :]
-        if LORA == 1:  # LORA_IN_LOOP
-            z = _cast(acc_z, out_dtype, UPCAST)
-            if pid_n == 0:
-                tl.store(z_ptrs, z, mask=z_mask)
-        else:  # LORA_GIVEN: z came from a rank-r launch
-            z = tl.load(z_ptrs, mask=z_mask, other=0.0)
-        # s z (one rounding of the rank-r term) accumulates into the main accumulator: a second
-        # fp32 tile for it would double the epilogue's registers
-        z = _cast(z.to(tl.float32) * lora_scale, out_dtype, UPCAST)
-        lb_ptrs = (
-            lb_ptr
-            + e.to(tl.int64) * stride_lbe
-            + w_cols[None, :] * stride_lbn
-            + rs[:, None] * stride_lbr
-        )
-        lb = tl.load(lb_ptrs, mask=r_mask[:, None] & w_col_mask[None, :], other=0.0)
-        acc = _dot(z, lb, acc, UPCAST, PRECISION)
+    if LORA != 0:
+        # fmt: off
+        # z and lb by pointer here (LB_DESC 0): the pointers stand in for the descriptors
+        acc = _lora_term(acc, acc_z, z_ptr, stride_zm, stride_zr, z_ptr, lb_ptr, stride_lbe,
+                         stride_lbn, stride_lbr, lb_ptr, e, row_start, rows, row_mask, w_cols,
+                         w_col_mask, pid_n, rank, lora_scale, out_dtype, LORA, 0, BLOCK_N,
+                         BLOCK_R, UPCAST, PRECISION)
+        # fmt: on
     if BIAS:
-        b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + w_cols * stride_bn
-        acc += tl.load(b_ptrs, mask=w_col_mask, other=0.0).to(tl.float32)[None, :]
+        acc = _add_bias(acc, bias_ptr, stride_be, stride_bn, e, w_cols, w_col_mask)
 
     mask = row_mask[:, None] & col_mask[None, :]
     if EPILOGUE == 0:  # STORE
-        if SCATTER:
-            dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
-        else:
-            dst = rows
-        tl.store(
-            out_ptr + dst[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
-            _cast(acc, out_dtype, UPCAST),
-            mask=mask,
-        )
+        # fmt: off
+        _store_rows(acc, out_ptr, stride_om, stride_on, out_rows_ptr, rows, row_mask, cols,
+                    col_mask, SCATTER, UPCAST)
+        # fmt: on
     elif EPILOGUE == 1:  # SWIGLU_FWD
         h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :] * stride_hn
         gate_acc, up_acc = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
@@ -567,18 +641,13 @@ def _persistent_gemm_kernel(
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
     table = tiles_ptr + (BLOCK_M // 128) * stride_tt
     num_row_tiles = tl.load(table + 3 * stride_tf)  # field 3: the row tiles listed
-    in_group = GROUP_M * num_pid_n
     ks = tl.arange(0, BLOCK_K)
     rs = tl.arange(0, BLOCK_R)
     r_mask = rs < rank
     out_dtype = out_ptr.dtype.element_ty
     for tile in tl.range(tl.program_id(0), num_row_tiles * num_pid_n, tl.num_programs(0),
                          flatten=True):  # fmt: skip
-        # GROUP_M row tiles sweep all column tiles together (L2 reuse, as in the tiled kernel)
-        first_m = tile // in_group * GROUP_M
-        group_m = tl.minimum(num_row_tiles - first_m, GROUP_M)
-        pid_m = first_m + (tile % in_group) % group_m
-        pid_n = (tile % in_group) // group_m
+        pid_m, pid_n = _tile_coords(tile, num_row_tiles, num_pid_n, GROUP_M)
         e = tl.load(table + pid_m)
         row_start = tl.load(table + stride_tf + pid_m)
         row_end = tl.load(table + 2 * stride_tf + pid_m)
@@ -605,39 +674,16 @@ def _persistent_gemm_kernel(
                 la_mask = ((k0 + ks)[:, None] < k_dim) & r_mask[None, :]
                 la = tl.load(la_ptrs + k0 * stride_lak, mask=la_mask, other=0.0)
                 acc_z = _dot(a, la, acc_z, UPCAST, PRECISION)
-        if LORA != 0:  # + s z lb^T, z rounded as stored (the tiled kernel's order)
-            if LORA == 1:  # LORA_IN_LOOP
-                z = _cast(acc_z, out_dtype, UPCAST)
-                if pid_n == 0:
-                    z_ptrs = (
-                        z_ptr + rows[:, None].to(tl.int64) * stride_zm + rs[None, :] * stride_zr
-                    )
-                    tl.store(z_ptrs, z, mask=row_mask[:, None] & r_mask[None, :])
-            else:  # LORA_GIVEN (rows past the tile's end: not stored)
-                z = z_desc.load([row_start, 0])
-            z = _cast(z.to(tl.float32) * lora_scale, out_dtype, UPCAST)
-            if LB_DESC == 1:  # [E, N, r]
-                lb = tl.reshape(lb_desc.load([e, pid_n * BLOCK_N, 0]), (BLOCK_N, BLOCK_R)).T
-            elif LB_DESC == 2:  # [E, r, N]
-                lb = tl.reshape(lb_desc.load([e, 0, pid_n * BLOCK_N]), (BLOCK_R, BLOCK_N))
-            else:
-                lb_ptrs = (
-                    lb_ptr
-                    + e.to(tl.int64) * stride_lbe
-                    + cols[None, :] * stride_lbn
-                    + rs[:, None] * stride_lbr
-                )
-                lb = tl.load(lb_ptrs, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = _dot(z, lb, acc, UPCAST, PRECISION)
+        if LORA != 0:
+            # fmt: off
+            acc = _lora_term(acc, acc_z, z_ptr, stride_zm, stride_zr, z_desc, lb_ptr,
+                             stride_lbe, stride_lbn, stride_lbr, lb_desc, e, row_start, rows,
+                             row_mask, cols, col_mask, pid_n, rank, lora_scale, out_dtype, LORA,
+                             LB_DESC, BLOCK_N, BLOCK_R, UPCAST, PRECISION)
+            # fmt: on
         if BIAS:
-            b_ptrs = bias_ptr + e.to(tl.int64) * stride_be + cols * stride_bn
-            acc += tl.load(b_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if SCATTER:
-            dst = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
-        else:
-            dst = rows
-        tl.store(
-            out_ptr + dst[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
-            _cast(acc, out_dtype, UPCAST),
-            mask=row_mask[:, None] & col_mask[None, :],
-        )
+            acc = _add_bias(acc, bias_ptr, stride_be, stride_bn, e, cols, col_mask)
+        # fmt: off
+        _store_rows(acc, out_ptr, stride_om, stride_on, out_rows_ptr, rows, row_mask, cols,
+                    col_mask, SCATTER, UPCAST)
+        # fmt: on
