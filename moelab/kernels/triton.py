@@ -642,7 +642,7 @@ def _lora_descriptors(lora: LowRank | None, n_out: int) -> tuple:
     aligned = all(t.data_ptr() % 16 == 0 for t in (z, lb)) and (s_e * item) % 16 == 0
     if not (_tma_enabled() and aligned and rank == max(16, triton_next_pow2(rank))):
         return 0, None, None
-    if z.stride() != (rank, 1) or (rank * item) % 16:
+    if z.stride() != (rank, 1):  # (a row of r >= 16 elements is a multiple of 16 bytes)
         return 0, None, None
     if s_r == 1 and (s_n * item) % 16 == 0:
         mode, shape, strides = 1, [lb.shape[0], n_out, rank], [s_e, s_n, 1]
