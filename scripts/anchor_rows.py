@@ -3,7 +3,9 @@
 anchor initialises it on the CPU, minutes per row) and without its slow eager rows.
 
 Env: ROWS=family:impl:rank,... (default: grouped_mm with and without LoRA r=16, both
-families), TOKENS=8192, ITERS=10, OUT (anchor_rows.json there). Device machine only.
+families), TOKENS=8192, ITERS=10, OUT (anchor_rows.json there), GRADS=fresh to drop the
+trainable gradients before each step (``moelab.bench experts --grads fresh``; the anchor adds
+each step's to the last). Device machine only.
 """
 
 import json
@@ -15,9 +17,24 @@ import torch
 sys.path.insert(0, ".anchor")
 import anchor_bench as anchor  # noqa: E402
 
+GRADS = os.environ.get("GRADS", "accumulate")
 DEFAULT_ROWS = ",".join(
     f"{family}:grouped_mm:{rank}" for family in ("qwen3_30b_a3b", "gpt_oss_20b") for rank in (16, 0)
 )
+
+
+def _stepped(block):
+    """The block, or with GRADS=fresh a call that first drops its trainable gradients."""
+    if GRADS != "fresh":
+        return block
+    trainable = [p for p in block.parameters() if p.requires_grad]
+
+    def call(x):
+        for p in trainable:
+            p.grad = None
+        return block(x)
+
+    return call
 
 
 def main() -> None:
@@ -30,9 +47,9 @@ def main() -> None:
             block, cfg = anchor.build(family, impl, int(rank))
         for t in tokens:
             x = torch.randn(1, t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-            ms, mib = anchor.time_block(block, x, iters)
+            ms, mib = anchor.time_block(_stepped(block), x, iters)
             row = dict(family=family, tokens=t, impl=impl, lora_rank=int(rank), ms=round(ms, 3),
-                       peak_mib=round(mib, 1))  # fmt: skip
+                       peak_mib=round(mib, 1), grads=GRADS)  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)
         del block
@@ -40,7 +57,7 @@ def main() -> None:
     print("\nanchor rows (shared/bench/anchor_bench.py's build and time_block)")
     for r in rows:
         print(f"{r['family']:<15}{r['tokens']:>7} {r['impl']:<12} r={r['lora_rank']:<3}"
-              f"{r['ms']:>9.3f} ms{r['peak_mib']:>9.0f} MiB")  # fmt: skip
+              f"{r['ms']:>9.3f} ms{r['peak_mib']:>9.0f} MiB  {r['grads']}")  # fmt: skip
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "anchor_rows.json"), "w") as f:
             json.dump(rows, f, indent=1)

@@ -223,6 +223,31 @@ def test_experts_benchmark_refuses_graph_replay_without_cuda():
         main(["experts", "--shape", "tiny", "--tokens", "16", "--graph"])
 
 
+@pytest.mark.parametrize("grads", ["accumulate", "fresh"])
+def test_time_step_accumulates_or_drops_gradients(grads):
+    """The anchor's protocol adds every step's gradient to the last (warm-ups included);
+    ``fresh`` leaves exactly one step's gradient, as after zero_grad(set_to_none=True)."""
+    from moelab.bench.experts import time_step
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    x0 = torch.randn(5, 4, dtype=torch.float64)
+    fresh = [w] if grads == "fresh" else None
+    time_step(lambda x: x @ w, x0, iters=2, warmup=1, fresh=fresh)
+    # every step's output gradient is the one draw time_step made next: the same from the seed
+    torch.manual_seed(0)
+    torch.randn(4, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    one_step = x0.t() @ torch.randn(5, 4, dtype=torch.float64)
+    steps = 1 if grads == "fresh" else 3
+    torch.testing.assert_close(w.grad, steps * one_step)
+
+
+def test_experts_benchmark_refuses_fresh_gradients_with_graph_replay():
+    with pytest.raises(ValueError, match="--grads fresh"):
+        main(["experts", "--shape", "tiny", "--tokens", "16", "--graph", "--grads", "fresh",
+              "--device", "cuda"])  # fmt: skip
+
+
 def test_median_ms_spreads_each_timing_over_repeated_calls(monkeypatch):
     """``repeat`` back-to-back calls per timing, the time divided by them (wall clock on CPU)."""
     from types import SimpleNamespace

@@ -98,15 +98,32 @@ def _problem(
 
 
 def time_step(
-    fn, x0: torch.Tensor, iters: int, warmup: int = 3, graph: bool = False
+    fn,
+    x0: torch.Tensor,
+    iters: int,
+    warmup: int = 3,
+    graph: bool = False,
+    fresh: list[torch.Tensor] | None = None,
 ) -> tuple[float, float | None, float | None]:
     """Median ms of ``fn(x).backward(grad)``, peak extra MiB and the median ms the host took
     to issue the step (both None off CUDA): when the host's time is close to the GPU's, the
     step is bound by launching, not by the kernels. ``graph`` times replays of the step
-    captured as a CUDA graph (the kernels' time without the launching; CUDA only)."""
+    captured as a CUDA graph (the kernels' time without the launching; CUDA only).
+
+    By default every step adds its gradients to those of the step before (the anchor's
+    protocol, like micro-batches of gradient accumulation); ``fresh`` tensors have their
+    ``.grad`` dropped before each step, as ``zero_grad(set_to_none=True)`` does between
+    optimizer steps, so their gradients are written, not added."""
+    if graph and fresh:
+        raise ValueError("fresh gradients are not captured in a CUDA graph: use one or the other")
     cuda = x0.device.type == "cuda"
     grad = torch.randn_like(x0)
-    step = lambda x: fn(x).backward(grad)  # noqa: E731
+
+    def step(x: torch.Tensor) -> None:
+        for t in fresh or ():
+            t.grad = None
+        fn(x).backward(grad)
+
     for _ in range(warmup):
         step(x0.detach().requires_grad_(True))
     base = 0
@@ -230,6 +247,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.graph and not device.startswith("cuda"):
         raise ValueError(f"--graph replays CUDA graphs: it needs a CUDA device, not {device}")
+    if args.graph and args.grads == "fresh":
+        raise ValueError("--grads fresh drops gradients between steps, which --graph replays")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     shape = SHAPES[args.shape]
     backends = args.backends.split(",") if args.backends else available()
@@ -279,7 +298,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
-    params, _ = build_block(shape, mode, args.rank, dtype, device)
+    params, trainable = build_block(shape, mode, args.rank, dtype, device)
     x0 = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)
     if backend == compiled.NAME:
         # one dynamic-shape compilation serves every token count
@@ -287,11 +306,13 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     else:
         cfg = block_config(shape, backend, args.rank, args.recompute)
         step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
-    ms, peak, host_ms = time_step(step, x0, args.iters, graph=args.graph)
+    fresh = trainable if args.grads == "fresh" else None
+    ms, peak, host_ms = time_step(step, x0, args.iters, graph=args.graph, fresh=fresh)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
     row = dict(ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1))
     row["host_ms"] = None if host_ms is None else round(host_ms, 3)
     row["graph"] = args.graph
+    row["grads"] = args.grads
     module = None if backend == compiled.NAME else registry._module(backend)
     saved = getattr(module, "saved_bytes_per_token", None)
     if saved is not None:
@@ -363,5 +384,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="time replays of the step captured as a CUDA graph (kernel time without launching)",
     )
     p.add_argument("--check-tokens", type=int, default=512)
+    p.add_argument(
+        "--grads",
+        default="accumulate",
+        choices=("accumulate", "fresh"),
+        help="add each step's gradients to the last (the anchor's protocol) or drop them "
+        "before each step (as zero_grad(set_to_none=True) between optimizer steps)",
+    )
     p.add_argument("--profile", action="store_true", help="list the top kernels of each row")
     p.add_argument("--json", default=None, help="write all rows to this file")
