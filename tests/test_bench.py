@@ -265,12 +265,14 @@ def test_median_ms_spreads_each_timing_over_repeated_calls(monkeypatch):
 def test_merged_sweeps_keep_the_latest_row_per_backend_and_token_count():
     from moelab.bench.plot import ms_series
 
-    def row(tokens, ms, backend="triton", mode="lora"):
-        return dict(shape="s", mode=mode, backend=backend, tokens=tokens, ms=ms)
+    def row(tokens, ms, backend="triton", mode="lora", **more):
+        return dict(shape="s", mode=mode, backend=backend, tokens=tokens, ms=ms, **more)
 
     rows = [row(2048, 3.0), row(1024, 2.0), {"check": "triton"}, row(1024, 1.5),
-            row(1024, 9.0, "grouped_mm"), row(1024, 4.0, mode="full")]  # fmt: skip
+            row(1024, 9.0, "grouped_mm"), row(1024, 4.0, mode="full"),
+            row(1024, 3.5, mode="full", grads="fresh"),
+            row(1024, 4.2, mode="full", grads="accumulate")]  # fmt: skip
     assert ms_series(rows) == {
         ("s", "lora"): {"triton": [(1024, 1.5), (2048, 3.0)], "grouped_mm": [(1024, 9.0)]},
-        ("s", "full"): {"triton": [(1024, 4.0)]},
+        ("s", "full"): {"triton": [(1024, 4.2)], "triton, fresh grads": [(1024, 3.5)]},
     }
