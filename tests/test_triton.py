@@ -6,8 +6,6 @@ each rank-r placement and several column blocks are checked against the same flo
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from conftest import LOGITS_GRAD_TOLERANCE, TOLERANCE, rel_err
@@ -123,16 +121,32 @@ def test_persistent_and_tiled_kernels_give_the_same_bits(monkeypatch, placement,
     assert len(launched) == 2  # down projection, dX
     if p["lora"] is not None:  # lb [E, H, r] (B2) and [E, r, H] (A1), both by TMA
         assert sorted(lb_modes) == [1, 2]
-    if placement == "all rank-r launches" and p["lora"] is not None:
-        # rank 8 is not a TMA box of its own (BLOCK_R 16): a given z stays on the tiled kernel
-        q = make_problem(dataclasses.replace(case, rank=8), variant, dtype, seed=19)
-        launched.clear()
-        run_backend(q, "triton")
-        assert not launched
     monkeypatch.setattr(tr, "_persistent_enabled", lambda: False)
     launched.clear()
     out, grads = run_backend(p, "triton")
     assert not launched
+    assert torch.equal(out, out_p)
+    for name in grads:
+        assert torch.equal(grads[name], grads_p[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rank", [8, 24])
+def test_given_z_below_its_block_reads_zeros_past_the_rank(monkeypatch, rank, dtype):
+    """Ranks 8 and 24 (blocks of 16 and 32): a given z and lb are read by TMA boxes reaching
+    past r, whose zeros give the same bits as the tiled kernel's masked pointer loads."""
+    monkeypatch.setattr(tr, "LORA_PLACEMENT", PLACEMENTS["all rank-r launches"])
+    case = Case("wide", tokens=40, hidden=72, inter=40, experts=5, top_k=2, cold=(1,), rank=rank)
+    p = make_problem(case, "lora", dtype, seed=23)
+    lb_modes = []
+    real_descs = tr._lora_descriptors
+    monkeypatch.setattr(
+        tr, "_lora_descriptors", lambda *a: lb_modes.append(real_descs(*a)[0]) or real_descs(*a)
+    )
+    out_p, grads_p = run_backend(p, "triton")
+    assert sorted(lb_modes) == [1, 2]  # down projection (B2) and dX (A1), both by TMA
+    monkeypatch.setattr(tr, "_persistent_enabled", lambda: False)
+    out, grads = run_backend(p, "triton")
     assert torch.equal(out, out_p)
     for name in grads:
         assert torch.equal(grads[name], grads_p[name]), name
@@ -376,16 +390,19 @@ def test_down_backward_hands_back_the_torch_loops_gathered_dout(main):
         (16, "B2", 1),  # lb [E, H, r], r contiguous
         (16, "A1", 2),  # lb read from A1 [E, r, H], H contiguous
         (32, "B2", 1),
-        (8, "B2", 0),  # not its own box: BLOCK_R is 16
-        (24, "A1", 0),  # not a power of two
+        (8, "B2", 1),  # 16-byte rows in bf16: its block (16) reads zeros past r
+        (24, "A1", 2),
+        (4, "B2", 0),  # 8-byte rows of z: no TMA
+        (12, "A1", 0),
     ],
 )
-def test_given_z_descriptors_only_where_a_box_fits_the_rank(monkeypatch, rank, factor, mode):
+def test_given_z_descriptors_only_for_16_byte_rows(monkeypatch, rank, factor, mode):
     experts, hidden, rows = 3, 64, 40
-    a1 = torch.randn(experts, rank, hidden)
-    b2 = torch.randn(experts, hidden, rank)
+    a1 = torch.randn(experts, rank, hidden, dtype=torch.bfloat16)
+    b2 = torch.randn(experts, hidden, rank, dtype=torch.bfloat16)
     lb, strides = (b2, b2.stride()) if factor == "B2" else (a1, tr._t(a1))
-    low = tr.LowRank(lb, strides, lb, strides, 2.0, torch.empty(rows, rank), tk.LORA_GIVEN)
+    z = torch.empty(rows, rank, dtype=torch.bfloat16)
+    low = tr.LowRank(lb, strides, lb, strides, 2.0, z, tk.LORA_GIVEN)
     got, z_desc, lb_desc = tr._lora_descriptors(low, hidden)
     assert got == mode
     if mode:

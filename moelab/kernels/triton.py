@@ -629,9 +629,10 @@ def _persistent_enabled() -> bool:
 def _lora_descriptors(lora: LowRank | None, n_out: int) -> tuple:
     """``(LB_DESC, z, lb)``: descriptors over a LoRA product's z ``[N, r]`` (a given z only)
     and lb (``[E, N, r]``: 1, ``[E, r, N]``: 2) for the persistent kernel's epilogue, or
-    ``(0, None, None)`` where TMA cannot read them (a rank that is not its own block, a
-    power of two from 16, so that no box reaches past r; alignment; ``MOELAB_TRITON_TMA=0``).
-    Boxes are sized per configuration by ``_fit_boxes``."""
+    ``(0, None, None)`` where TMA cannot read them (rows of z or lb not a multiple of 16
+    bytes; alignment; ``MOELAB_TRITON_TMA=0``). A rank below its block (``BLOCK_R``, a power
+    of two from 16) reads zeros past r, as the pointer loads' masks do. Boxes are sized per
+    configuration by ``_fit_boxes``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     if lora is None:
@@ -640,9 +641,7 @@ def _lora_descriptors(lora: LowRank | None, n_out: int) -> tuple:
     rank, item = z.shape[1], z.element_size()
     s_e, s_n, s_r = lora.lb_strides
     aligned = all(t.data_ptr() % 16 == 0 for t in (z, lb)) and (s_e * item) % 16 == 0
-    if not (_tma_enabled() and aligned and rank == max(16, triton_next_pow2(rank))):
-        return 0, None, None
-    if z.stride() != (rank, 1):  # (a row of r >= 16 elements is a multiple of 16 bytes)
+    if not (_tma_enabled() and aligned and (rank * item) % 16 == 0 and z.stride() == (rank, 1)):
         return 0, None, None
     if s_r == 1 and (s_n * item) % 16 == 0:
         mode, shape, strides = 1, [lb.shape[0], n_out, rank], [s_e, s_n, 1]
