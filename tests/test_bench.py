@@ -178,7 +178,7 @@ def test_compiled_baseline_routes_with_torch_ops(monkeypatch):
 def test_stages_benchmark_times_every_stage(tmp_path, mode):
     """The triton stage benchmark runs the backend's own stage functions (here under the CPU
     interpreter) and reports every stage, both LoRA placements, the three main loops of the
-    down projection's backward and the reference GEMMs."""
+    down projection's backward, both paths of the weight gradients and the reference GEMMs."""
     out = tmp_path / "stages.json"
     args = ["stages", "--shape", "tiny", "--tokens", "16", "--iters", "1", "--mode", mode]
     assert main([*args, "--json", str(out)]) == 0
@@ -187,7 +187,8 @@ def test_stages_benchmark_times_every_stage(tmp_path, mode):
     assert all(r["ms"] > 0 for r in rows)
     mains = [n for n in names if n.startswith("alt: bwd dY W2 [") and "main loop" in n]
     assert len(mains) == 3
-    assert sum(n.startswith("alt:") for n in names) == (12 if mode == "lora" else 3)
+    assert sum(n.startswith("alt:") for n in names) == (12 if mode == "lora" else 5)
+    assert (sum(n.startswith("alt: dW1, dW2 [") for n in names) == 2) == (mode == "full")
     assert sum(n.startswith("ref:") for n in names) == 4
     assert ("LoRA dA, dB (rank-r kernels)" in names) == (mode == "lora")
     assert ("alt: LoRA dA, dB (torch grouped_mm)" in names) == (mode == "lora")

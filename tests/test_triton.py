@@ -244,34 +244,63 @@ def test_saved_bytes_per_token_is_what_backward_keeps(recompute):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("is_a", [True, False], ids=["A layout", "B layout"])
-def test_rank_grad_kernel_against_float64(dtype, is_a):
-    """``rank_grad``: per-expert ``s q[rows]^T (w p)`` with q read through a token index, an
-    empty expert (zeros), a rank that is not a power of two and a width that leaves a partial
-    column block, in either factor layout."""
+@pytest.mark.parametrize("p_dim", [5, 150], ids=["rank 5", "150 columns"])
+def test_expert_grad_kernel_against_float64(dtype, is_a, p_dim):
+    """``expert_grad``: per-expert ``s q[rows]^T (w p)`` with q read through a token index, an
+    empty expert (zeros), a width that leaves a partial column block, in either output layout;
+    p's columns a rank (one block, not a power of two) or wider than one block (tiled, the last
+    block partial)."""
     torch.manual_seed(5)
-    tokens, width, rank, scale = 23, 45, 5, 0.75
+    tokens, width, scale = 23, 45, 0.75
     counts = torch.tensor([7, 0, 19, 1, 13])
     rows = int(counts.sum())
     offs_E = counts.cumsum(0).to(torch.int32)
     token_N = torch.randint(0, tokens, (rows,))
     q = torch.randn(tokens, width, dtype=dtype)
-    p = torch.randn(rows, rank, dtype=dtype)
+    p = torch.randn(rows, p_dim, dtype=dtype)
     w = torch.rand(rows)
-    out_shape = (5, rank, width) if is_a else (5, width, rank)
+    out_shape = (5, p_dim, width) if is_a else (5, width, p_dim)
     out = torch.full(out_shape, float("nan"), dtype=dtype)
     strides = tr._t(out) if is_a else out.stride()
-    tr.rank_grad(q, p, offs_E, out, strides, scale, gather=token_N, row_scale=w)
+    tr.expert_grad(q, p, offs_E, out, strides, scale, gather=token_N, row_scale=w)
     ws = (p.float() * w[:, None]).to(dtype).double()
     qs = q.double()[token_N]
     start = 0
     for e, n in enumerate(counts.tolist()):
-        ref = scale * qs[start : start + n].t() @ ws[start : start + n]  # [width, rank]
+        ref = scale * qs[start : start + n].t() @ ws[start : start + n]  # [width, p_dim]
         got = out[e].double().t() if is_a else out[e].double()
         if n == 0:
             assert torch.equal(got, torch.zeros_like(got))
         else:
             assert rel_err(got, ref) <= TOLERANCE[dtype]
         start += n
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("out_jd", [True, False], ids=["dW1 layout", "dW2 layout"])
+def test_weight_grad_paths_against_float64(monkeypatch, path, out_jd):
+    """``weight_grad`` by either path: ``sum_{n of e} tokens[token(n)]^T rows[n]`` per expert,
+    the token-order operand read through the dispatch plan, an empty expert's gradient zero."""
+    monkeypatch.setattr(tr, "WEIGHT_GRADS", path)
+    torch.manual_seed(8)
+    tokens, experts, top_k, d_dim, j_dim = 30, 5, 2, 40, 144
+    logits = torch.randn(tokens, experts)
+    logits[:, 3] = -30.0  # expert 3 gets no rows
+    experts_TK = logits.topk(top_k, dim=1).indices
+    plan, _ = tr.dispatch_tiles(experts_TK, experts)
+    rows = plan.token_N.numel()
+    tokens_TD = torch.randn(tokens, d_dim)
+    rows_NJ = torch.randn(rows, j_dim)
+    got = tr.weight_grad(tokens_TD, rows_NJ, plan, out_jd)
+    expert_N = plan.expert_N.long()
+    for e in range(experts):
+        sel = expert_N == e
+        ref = tokens_TD.double()[plan.token_N[sel]].t() @ rows_NJ.double()[sel]  # [D, J]
+        ref = ref.t() if out_jd else ref
+        if e == 3:
+            assert not sel.any() and torch.equal(got[e], torch.zeros_like(got[e]))
+        else:
+            assert rel_err(got[e].double(), ref) <= TOLERANCE[torch.float32]
 
 
 def test_up_projection_without_the_activation_writes_the_same_h():

@@ -128,8 +128,14 @@ def run(args: argparse.Namespace) -> list[dict]:
 
         stages["alt: LoRA dA, dB (torch grouped_mm)"] = (partial(torch_grads, need), grads_flops)
     else:
-        grads_name, grads_flops = "dW1, dW2 (torch grouped_mm)", 2 * rows * h * i * 3
-        param_grads = partial(torch_grads, (False,) * 3 + (True, True) + (False,) * 8)
+        grads_name, grads_flops = "dW1, dW2", 2 * rows * h * i * 3
+
+        def param_grads(path: str | None = None) -> None:
+            tr.weight_grad(dout, act_w, plan, out_jd=False, path=path)
+            tr.weight_grad(x, dh, plan, out_jd=True, path=path)
+
+        for path, text in (("triton", "rows by index"), ("torch", "gathered copies")):
+            stages[f"alt: dW1, dW2 [{path}: {text}]"] = (partial(param_grads, path), grads_flops)
 
     stages[grads_name] = (param_grads, grads_flops)
     xs, douts = x.index_select(0, plan.token_N), dout.index_select(0, plan.token_N)

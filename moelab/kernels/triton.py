@@ -72,7 +72,7 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
         return "triton sums the k expert outputs in fp32 only"
     if problem.lora_rank > _MAX_RANK:
         return f"LoRA rank {problem.lora_rank} exceeds {_MAX_RANK}"
-    # weight and LoRA gradients use torch's grouped GEMM, with its alignment rules
+    # the weight gradients may take torch's grouped GEMM (a measured choice): its alignment rules
     return gmm.grouped_products_reason(problem)
 
 
@@ -471,17 +471,19 @@ def _measures(a: torch.Tensor) -> bool:
 
 
 def _measured_choice(
-    store: MeasuredChoices, what: str, key: tuple, run, device, candidates: tuple = ()
-):
+    store: MeasuredChoices, what: str, key: tuple, run, device, candidates: tuple = (),
+    kernels: tuple = (),
+):  # fmt: skip
     """``store``'s choice for ``key`` on this machine; on first use the fastest of
-    ``candidates`` (default: all it allows) by ``run(candidate)``, logged once, kept on disk."""
+    ``candidates`` (default: all it allows) by ``run(candidate)``, logged once, kept on disk
+    (scoped by ``kernels``' sources, default the GEMM kernels', see ``_scope``)."""
 
     def measure():
         choice = _fastest(run, candidates or store.allowed)
         log.info("moelab: triton %s for %s measured: %s", what, key, choice)
         return choice
 
-    return store.get(_scope(device), repr(key), measure)
+    return store.get(_scope(device, kernels), repr(key), measure)
 
 
 @functools.lru_cache(maxsize=8)
@@ -717,28 +719,42 @@ def _persistent_kernel():
 
 
 # (BLOCK_M, BLOCK_D, warps, stages) of the rank-r weight gradients: memory-bound reductions over
-# each expert's rows, so deep pipelines over wide row blocks
+# each expert's rows, so deep pipelines over wide row blocks; p's columns (the rank) in one block
 _RANK_GRAD_CONFIGS = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3),
                       (64, 128, 4, 4), (128, 128, 4, 4))  # fmt: skip
 _RANK_GRAD_FIXED = dict(BLOCK_M=32, BLOCK_D=32, num_warps=4, num_stages=3)
+# (BLOCK_M, BLOCK_D, BLOCK_P, warps, stages) of the expert weights' gradients: GEMMs whose
+# reduction runs over an expert's rows (a few hundred at 8192 tokens), so wide output tiles
+_WIDE_GRAD_CONFIGS = ((64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3),
+                      (128, 128, 256, 8, 3), (64, 256, 128, 8, 3), (32, 128, 128, 4, 4),
+                      (64, 64, 128, 4, 4))  # fmt: skip
+_WIDE_GRAD_FIXED = dict(BLOCK_M=32, BLOCK_D=32, BLOCK_P=32, num_warps=4, num_stages=3)
+_ONE_BLOCK_MAX = 128  # p's columns up to this in one block (LoRA ranks)
 
 
 @functools.cache
-def _rank_grad_kernel():
-    """The rank-r gradient kernel autotuned over ``_RANK_GRAD_CONFIGS``."""
+def _expert_grad_kernel(wide: bool):
+    """The per-expert gradient kernel autotuned over ``_WIDE_GRAD_CONFIGS`` (``wide``: p's
+    columns in tuned blocks) or ``_RANK_GRAD_CONFIGS`` (one block, sized by the caller)."""
     import triton
 
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
-        for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
-    ]
-    key = ["d_dim", "rank", "GATHER", "ROW_SCALE"]
-    return triton.autotune(configs, key=key)(tk._rank_grad_kernel)
+    if wide:
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_P": bp}, num_warps=w, num_stages=st)
+            for bm, bd, bp, w, st in _WIDE_GRAD_CONFIGS
+        ]
+    else:
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+            for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
+        ]
+    key = ["d_dim", "p_dim", "GATHER", "ROW_SCALE"]
+    return triton.autotune(configs, key=key)(tk._expert_grad_kernel)
 
 
-def rank_grad(
+def expert_grad(
     q_MD: torch.Tensor,
-    p_NR: torch.Tensor,
+    p_NP: torch.Tensor,
     offs_E: torch.Tensor,
     out: torch.Tensor,
     out_strides: tuple[int, int, int],
@@ -747,53 +763,109 @@ def rank_grad(
     gather: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[e, d, j] = s * sum_{n of e} q[n, d] p[n, j]`` (a LoRA factor's gradient) written
-    through ``out_strides`` (expert, d, j), so A's ``[E, r, D]`` and B's ``[E, D, r]`` both come
-    out in place; ``q`` rows through ``gather`` (token order), ``p`` rows times ``row_scale``."""
-    d_dim, rank = q_MD.shape[1], p_NR.shape[1]
+    """``out[e, d, j] = s * sum_{n of e} q[n, d] p[n, j]`` written through ``out_strides``
+    (expert, d, j), so LoRA's A ``[E, r, D]`` and B ``[E, D, r]`` and the weights' ``[E, N, K]``
+    all come out in place; ``q`` rows through ``gather`` (token order), ``p`` rows times
+    ``row_scale``."""
+    d_dim, p_dim = q_MD.shape[1], p_NP.shape[1]
     args = (
         q_MD,
         gather if gather is not None else offs_E,
         q_MD.stride(0),
         q_MD.stride(1),
-        p_NR,
-        p_NR.stride(0),
-        p_NR.stride(1),
-        row_scale if row_scale is not None else p_NR,
+        p_NP,
+        p_NP.stride(0),
+        p_NP.stride(1),
+        row_scale if row_scale is not None else p_NP,
         offs_E,
         out,
         *out_strides,
         d_dim,
-        rank,
+        p_dim,
         float(scale),
     )
+    wide = p_dim > _ONE_BLOCK_MAX
     flags = dict(
         GATHER=gather is not None,
         ROW_SCALE=row_scale is not None,
         UPCAST=kl.interpreting(),
         PRECISION="ieee" if q_MD.dtype == torch.float32 else None,
-        BLOCK_R=max(16, triton_next_pow2(rank)),
     )
+    if not wide:
+        flags["BLOCK_P"] = max(16, triton_next_pow2(p_dim))
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return (offs_E.numel(), triton_cdiv(d_dim, meta["BLOCK_D"]))
+    def grid(meta: dict) -> tuple[int, int, int]:
+        blocks_p = triton_cdiv(p_dim, meta["BLOCK_P"])
+        return (offs_E.numel(), triton_cdiv(d_dim, meta["BLOCK_D"]), blocks_p)
 
     if _autotune_enabled():
-        key = ("rank_grad", d_dim, rank, str(q_MD.dtype), *flags.values())
-        _run_tuned(
-            tk._rank_grad_kernel, _rank_grad_kernel, key, grid, args, flags, device=q_MD.device
-        )
+        key = ("expert_grad", d_dim, p_dim, str(q_MD.dtype), *flags.values())
+        # fmt: off
+        _run_tuned(tk._expert_grad_kernel, lambda: _expert_grad_kernel(wide), key, grid, args,
+                   flags, device=q_MD.device)
+        # fmt: on
     else:
-        tk._rank_grad_kernel[grid](*args, **flags, **_RANK_GRAD_FIXED)
+        fixed = _WIDE_GRAD_FIXED if wide else _RANK_GRAD_FIXED
+        tk._expert_grad_kernel[grid](*args, **flags, **fixed)
     return out
 
 
 def _factor_grad(factor, q, p, s, offs_E, *, is_a: bool, gather=None, row_scale=None):
-    """A LoRA factor's gradient by :func:`rank_grad`: A is ``[E, r, D]`` (the reduction's d on
-    its last axis), B is ``[E, D, r]``."""
+    """A LoRA factor's gradient by :func:`expert_grad`: A is ``[E, r, D]`` (the reduction's d
+    on its last axis), B is ``[E, D, r]``."""
     out = torch.empty_like(factor)
     strides = _t(out) if is_a else out.stride()
-    return rank_grad(q, p, offs_E, out, strides, s, gather=gather, row_scale=row_scale)
+    return expert_grad(q, p, offs_E, out, strides, s, gather=gather, row_scale=row_scale)
+
+
+# How dW1 and dW2 are computed: "triton" (expert_grad, the token-order operand read through
+# the row index) or "torch" (a gathered copy of it, then torch's grouped GEMM); None: measured
+# once per shape on this machine (with autotuning on; else "triton") and kept on disk.
+WEIGHT_GRADS: str | None = None
+_weight_grad_paths = MeasuredChoices("triton_weight_grads.json", ("triton", "torch"))
+
+
+def weight_grad(
+    tokens_TD: torch.Tensor,
+    rows_NJ: torch.Tensor,
+    plan: DispatchPlan,
+    out_jd: bool,
+    path: str | None = None,
+) -> torch.Tensor:
+    """An expert weight's gradient, ``sum_{n of e} tokens[token(n)]^T rows[n]`` per expert:
+    ``[E, J, D]`` when ``out_jd`` (dW1 = dh^T x), else ``[E, D, J]`` (dW2 = dout^T (w act)).
+    ``tokens`` stays in token order: the triton path reads its rows through ``plan.token_N``;
+    the torch path gathers a ``[N, D]`` copy for torch's grouped GEMM. ``path`` overrides
+    ``WEIGHT_GRADS`` and the measured choice."""
+    num_experts = plan.offs_E.numel()
+    d_dim, j_dim = tokens_TD.shape[1], rows_NJ.shape[1]
+
+    def run(path: str) -> torch.Tensor:
+        if path == "torch":
+            gathered_ND = tokens_TD.index_select(0, plan.token_N)
+            if out_jd:
+                return gmm._gmm_wgrad(rows_NJ, gathered_ND, plan.offs_E)
+            return gmm._gmm_wgrad(gathered_ND, rows_NJ, plan.offs_E)
+        if out_jd:
+            out = rows_NJ.new_empty(num_experts, j_dim, d_dim)
+            strides = (j_dim * d_dim, 1, d_dim)
+        else:
+            out = rows_NJ.new_empty(num_experts, d_dim, j_dim)
+            strides = (d_dim * j_dim, j_dim, 1)
+        return expert_grad(tokens_TD, rows_NJ, plan.offs_E, out, strides, 1.0, gather=plan.token_N)
+
+    path = path or WEIGHT_GRADS
+    if path is None:
+        if not _measures(tokens_TD):
+            path = "triton"
+        else:
+            rows = rows_NJ.shape[0]
+            key = ("weight_grad", d_dim, j_dim, rows, num_experts, out_jd, str(rows_NJ.dtype))
+            # fmt: off
+            path = _measured_choice(_weight_grad_paths, "weight gradient", key, run,
+                                    tokens_TD.device, kernels=(tk._expert_grad_kernel,))
+            # fmt: on
+    return run(path)
 
 
 def lora_down_grads(need, s, plan, dout_TH, w_N, act_w_NI, u2_NR, z2_NR, a2, b2, grads) -> None:
@@ -988,9 +1060,10 @@ def up_backward(dh_NG, gate_up, lora, plan, tiles):
     return dx_slots
 
 
-def _without_lora(need: tuple[bool, ...]) -> tuple[bool, ...]:
-    """``needs_input_grad`` without the LoRA factors (7-10), which the rank-r kernels do."""
-    return tuple(False if i in (7, 8, 9, 10) else n for i, n in enumerate(need))
+def _only(need: tuple[bool, ...], index: int) -> tuple[bool, ...]:
+    """``needs_input_grad`` with every gradient but ``index`` off (the biases' gradients are
+    left to the grouped_mm backend's helpers; the rest are computed here)."""
+    return tuple(n and i == index for i, n in enumerate(need))
 
 
 def _z(lora: LowRank | None) -> torch.Tensor | None:
@@ -1069,12 +1142,15 @@ class _TritonExperts(torch.autograd.Function):
         # fmt: off
         lora_down_grads(need, s, plan, dout_TH, w_N, act_w, _z(low["bwd_down"]), z2, a2, b2,
                         grads)
-        if need[4] and dout_NH is None:
-            dout_NH = dout_TH.index_select(0, plan.token_N)
-        gmm.down_grads(_without_lora(need), s, plan, dout_TH, dout_NH, act_w, None, None,
-                       w_N[:, None], weights_TK, experts_TK, down_bias, num_experts, grads)
+        if need[4] and dout_NH is not None:  # the torch main loop's gathered copy: reuse it
+            grads[4] = gmm._gmm_wgrad(dout_NH, act_w, plan.offs_E)
+        elif need[4]:
+            grads[4] = weight_grad(dout_TH, act_w, plan, out_jd=False)
+        del dout_NH
+        gmm.down_grads(_only(need, 6), s, plan, dout_TH, None, None, None, None, None,
+                       weights_TK, experts_TK, down_bias, num_experts, grads)
         # fmt: on
-        del dout_NH, act_w
+        del act_w
 
         # up projection backward: dX to slots, summed per token
         if need[0] or a1 is not None:
@@ -1084,7 +1160,9 @@ class _TritonExperts(torch.autograd.Function):
             del dx_slots
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
         lora_up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, a1, b1, grads)
-        gmm.up_grads(_without_lora(need), s, plan, x_TH, dh_NG, None, None, grads)
+        if need[3]:
+            grads[3] = weight_grad(x_TH, dh_NG, plan, out_jd=True)
+        gmm.up_grads(_only(need, 5), s, plan, x_TH, dh_NG, None, None, grads)
         return tuple(grads)
 
 

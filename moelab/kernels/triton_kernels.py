@@ -405,22 +405,22 @@ def _combine_kernel(
 
 
 @triton.jit
-def _rank_grad_kernel(
+def _expert_grad_kernel(
     q_ptr,
     q_rows_ptr,
     stride_qm,
     stride_qd,
     p_ptr,
     stride_pm,
-    stride_pr,
+    stride_pj,
     row_scale_ptr,
     offs_ptr,
     out_ptr,
     stride_oe,
     stride_od,
-    stride_or,
+    stride_oj,
     d_dim,
-    rank,
+    p_dim,
     scale,
     GATHER: tl.constexpr,
     ROW_SCALE: tl.constexpr,
@@ -428,20 +428,22 @@ def _rank_grad_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    """A LoRA factor's gradient, ``out[e, d, j] = s * sum_{n of e} q[n, d] p[n, j]``, over one
-    expert's sorted rows in row order (no atomics); ``q`` read from token order through a row
-    index when ``GATHER``, ``p`` times a per-row weight when ``ROW_SCALE`` (rounded to p's dtype,
-    as a stored product would be). An empty expert gets zeros."""
+    """A per-expert gradient, ``out[e, d, j] = s * sum_{n of e} q[n, d] p[n, j]``, over one
+    expert's sorted rows in row order (no atomics): a LoRA factor's (j over the rank, one
+    column block) or an expert weight's (dW1, dW2). ``q`` is read from token order through a
+    row index when ``GATHER``, so no gathered copy of it is made; ``p`` times a per-row weight
+    when ``ROW_SCALE`` (rounded to p's dtype, as a stored product would be). An empty expert
+    gets zeros."""
     e = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < d_dim
-    rs = tl.arange(0, BLOCK_R)
-    r_mask = rs < rank
+    js = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    j_mask = js < p_dim
     end = tl.load(offs_ptr + e)
     start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-    acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < end
@@ -455,8 +457,8 @@ def _rank_grad_kernel(
             other=0.0,
         )
         p = tl.load(
-            p_ptr + rows[:, None].to(tl.int64) * stride_pm + rs[None, :] * stride_pr,
-            mask=row_mask[:, None] & r_mask[None, :],
+            p_ptr + rows[:, None].to(tl.int64) * stride_pm + js[None, :] * stride_pj,
+            mask=row_mask[:, None] & j_mask[None, :],
             other=0.0,
         )
         if ROW_SCALE:
@@ -464,9 +466,9 @@ def _rank_grad_kernel(
             p = _cast(p.to(tl.float32) * w[:, None], p_ptr.dtype.element_ty, UPCAST)
         acc = _dot(tl.trans(q), p, acc, UPCAST, PRECISION)
     tl.store(
-        out_ptr + e.to(tl.int64) * stride_oe + cols[:, None] * stride_od + rs[None, :] * stride_or,
+        out_ptr + e.to(tl.int64) * stride_oe + cols[:, None] * stride_od + js[None, :] * stride_oj,
         _cast(acc * scale, out_ptr.dtype.element_ty, UPCAST),
-        mask=col_mask[:, None] & r_mask[None, :],
+        mask=col_mask[:, None] & j_mask[None, :],
     )
 
 
