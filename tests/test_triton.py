@@ -276,12 +276,30 @@ def test_expert_grad_kernel_against_float64(dtype, is_a, p_dim):
         start += n
 
 
+@pytest.fixture
+def weight_grads_setting(monkeypatch):
+    """Sets ``MOELAB_TRITON_WEIGHT_GRADS`` for one test; the settings cache is cleared before
+    and after, so no other test sees the value."""
+
+    def set_to(value: str) -> None:
+        monkeypatch.setenv("MOELAB_TRITON_WEIGHT_GRADS", value)
+        tr.kl.setting.cache_clear()
+
+    yield set_to
+    monkeypatch.delenv("MOELAB_TRITON_WEIGHT_GRADS", raising=False)
+    tr.kl.setting.cache_clear()
+
+
 @pytest.mark.parametrize("path", ["triton", "torch"])
 @pytest.mark.parametrize("out_jd", [True, False], ids=["dW1 layout", "dW2 layout"])
-def test_weight_grad_paths_against_float64(monkeypatch, path, out_jd):
-    """``weight_grad`` by either path: ``sum_{n of e} tokens[token(n)]^T rows[n]`` per expert,
-    the token-order operand read through the dispatch plan, an empty expert's gradient zero."""
-    monkeypatch.setattr(tr, "WEIGHT_GRADS", path)
+def test_weight_grad_paths_against_float64(monkeypatch, weight_grads_setting, path, out_jd):
+    """``weight_grad`` by either path (``MOELAB_TRITON_WEIGHT_GRADS``): ``sum_{n of e}
+    tokens[token(n)]^T rows[n]`` per expert, the token-order operand read through the dispatch
+    plan, an empty expert's gradient zero."""
+    weight_grads_setting(path)
+    torch_calls = []
+    real = tr.gmm._gmm_wgrad
+    monkeypatch.setattr(tr.gmm, "_gmm_wgrad", lambda *a: torch_calls.append(1) or real(*a))
     torch.manual_seed(8)
     tokens, experts, top_k, d_dim, j_dim = 30, 5, 2, 40, 144
     logits = torch.randn(tokens, experts)
@@ -301,6 +319,13 @@ def test_weight_grad_paths_against_float64(monkeypatch, path, out_jd):
             assert not sel.any() and torch.equal(got[e], torch.zeros_like(got[e]))
         else:
             assert rel_err(got[e].double(), ref) <= TOLERANCE[torch.float32]
+    assert len(torch_calls) == (path == "torch")
+
+
+def test_weight_grad_setting_refuses_an_unknown_path(weight_grads_setting):
+    weight_grads_setting("cutlass")
+    with pytest.raises(ValueError, match="MOELAB_TRITON_WEIGHT_GRADS='cutlass'"):
+        tr._weight_grads_setting()
 
 
 def test_up_projection_without_the_activation_writes_the_same_h():

@@ -819,10 +819,19 @@ def _factor_grad(factor, q, p, s, offs_E, *, is_a: bool, gather=None, row_scale=
 
 
 # How dW1 and dW2 are computed: "triton" (expert_grad, the token-order operand read through
-# the row index) or "torch" (a gathered copy of it, then torch's grouped GEMM); None: measured
-# once per shape on this machine (with autotuning on; else "triton") and kept on disk.
+# the row index) or "torch" (a gathered copy of it, then torch's grouped GEMM); None: the
+# MOELAB_TRITON_WEIGHT_GRADS setting, else measured once per shape on this machine (with
+# autotuning on; else "triton") and kept on disk.
 WEIGHT_GRADS: str | None = None
 _weight_grad_paths = MeasuredChoices("triton_weight_grads.json", ("triton", "torch"))
+
+
+def _weight_grads_setting() -> str | None:
+    value = kl.setting("MOELAB_TRITON_WEIGHT_GRADS", "")
+    if value and value not in _weight_grad_paths.allowed:
+        allowed = " or ".join(_weight_grad_paths.allowed)
+        raise ValueError(f"MOELAB_TRITON_WEIGHT_GRADS={value!r}: expected {allowed} (or unset)")
+    return value or None
 
 
 def weight_grad(
@@ -836,7 +845,7 @@ def weight_grad(
     ``[E, J, D]`` when ``out_jd`` (dW1 = dh^T x), else ``[E, D, J]`` (dW2 = dout^T (w act)).
     ``tokens`` stays in token order: the triton path reads its rows through ``plan.token_N``;
     the torch path gathers a ``[N, D]`` copy for torch's grouped GEMM. ``path`` overrides
-    ``WEIGHT_GRADS`` and the measured choice."""
+    ``WEIGHT_GRADS``, the setting and the measured choice."""
     num_experts = plan.offs_E.numel()
     d_dim, j_dim = tokens_TD.shape[1], rows_NJ.shape[1]
 
@@ -854,7 +863,7 @@ def weight_grad(
             strides = (d_dim * j_dim, j_dim, 1)
         return expert_grad(tokens_TD, rows_NJ, plan.offs_E, out, strides, 1.0, gather=plan.token_N)
 
-    path = path or WEIGHT_GRADS
+    path = path or WEIGHT_GRADS or _weight_grads_setting()
     if path is None:
         if not _measures(tokens_TD):
             path = "triton"
