@@ -65,7 +65,7 @@ def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
     fresh process reuses them without timing again."""
     timed = []
     monkeypatch.setattr(tr, "_measures", lambda a: True)
-    monkeypatch.setattr(tr, "_scope", lambda device: "test machine")
+    monkeypatch.setattr(tr, "_scope", lambda device, kernels=(): "test machine")
     monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(1) or choices[-1])
 
     def fresh_process():
@@ -95,7 +95,7 @@ def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeyp
     the candidates timed (long sequences keep the other paths' memory)."""
     timed = []
     monkeypatch.setattr(tr, "_measures", lambda a: True)
-    monkeypatch.setattr(tr, "_scope", lambda device: "test machine")
+    monkeypatch.setattr(tr, "_scope", lambda device, kernels=(): "test machine")
     monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(choices) or choices[-1])
     monkeypatch.setattr(tr, "_main_loops", MeasuredChoices("main.json", tr._main_loops.allowed))
     monkeypatch.setattr(tr, "_TORCH_MAIN_LOOP_MAX_BYTES", 0)
