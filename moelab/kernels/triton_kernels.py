@@ -352,14 +352,6 @@ def _expert_gemm_kernel(
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + n_out * stride_hn, mask=mask, other=0.0).to(tl.float32)
         act = _cast(_act_fwd(gate, up, OAI), out_dtype, UPCAST).to(tl.float32)  # as stored
-        # router partials <g, act> per 32 columns: the same layout whatever BLOCK_N is tuned to
-        part = tl.sum(tl.reshape(acc * act, (BLOCK_M, BLOCK_N // 32, 32)), axis=2)
-        pcols = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
-        tl.store(
-            dw_ptr + rows[:, None].to(tl.int64) * stride_dwm + pcols[None, :],
-            part,
-            mask=row_mask[:, None] & (pcols < tl.cdiv(n_out, 32))[None, :],
-        )
         w_row = tl.load(wrow_ptr + rows, mask=row_mask, other=0.0)
         dgate, dup = _act_bwd(gate, up, acc * w_row[:, None], OAI)
         o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
@@ -371,6 +363,15 @@ def _expert_gemm_kernel(
                 _cast(act * w_row[:, None], out_dtype, UPCAST),
                 mask=mask,
             )
+        # router partials <g, act> per 32 columns (the same layout whatever BLOCK_N is tuned
+        # to), last: with gate and up dead by now the epilogue does not spill (sm_90 code)
+        part = tl.sum(tl.reshape(acc * act, (BLOCK_M, BLOCK_N // 32, 32)), axis=2)
+        pcols = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
+        tl.store(
+            dw_ptr + rows[:, None].to(tl.int64) * stride_dwm + pcols[None, :],
+            part,
+            mask=row_mask[:, None] & (pcols < tl.cdiv(n_out, 32))[None, :],
+        )
 
 
 @triton.jit
