@@ -12,6 +12,13 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Where the backend matrix of test_experts.py runs: the CPU (CI; Triton under its interpreter)
+# or, on a GPU machine, MOELAB_TEST_DEVICE=cuda: the same problems and float64 references, the
+# kernels compiled for the GPU (README: with MOELAB_TRITON_AUTOTUNE=0, one configuration each).
+TEST_DEVICE = torch.device(os.environ.get("MOELAB_TEST_DEVICE", "cpu"))
+if TEST_DEVICE.type == "cuda" and not torch.cuda.is_available():
+    raise pytest.UsageError("MOELAB_TEST_DEVICE=cuda needs a CUDA GPU")
+
 # Relative Frobenius error allowed against the float64 reference, by compute dtype.
 # bf16: inputs, products and stored activations each round to 8 bits of mantissa; over 15 seeds
 # of the test_experts matrix the worst tensor reached 1.5e-2 (design.md: "near 1e-2").
