@@ -109,25 +109,10 @@ def test_persistent_and_tiled_kernels_give_the_same_bits(monkeypatch, placement,
     monkeypatch.setattr(tr, "LORA_PLACEMENT", PLACEMENTS[placement])
     case = Case("wide", tokens=40, hidden=72, inter=40, experts=5, top_k=2, cold=(1,), rank=16)
     p = make_problem(case, variant, dtype, seed=19)
-    lb_modes = []
-    real_descs = tr._lora_descriptors
-    monkeypatch.setattr(
-        tr, "_lora_descriptors", lambda *a: lb_modes.append(real_descs(*a)[0]) or real_descs(*a)
-    )
-    launched = []
-    real = tr._launch_persistent
-    monkeypatch.setattr(tr, "_launch_persistent", lambda *a: launched.append(a) or real(*a))
-    out_p, grads_p = run_backend(p, "triton")
-    assert len(launched) == 2  # down projection, dX
+    launched, lb_modes = _persistent_then_tiled(monkeypatch, p)
+    assert launched == 2  # down projection, dX
     if p["lora"] is not None:  # lb [E, H, r] (B2) and [E, r, H] (A1), both by TMA
         assert sorted(lb_modes) == [1, 2]
-    monkeypatch.setattr(tr, "_persistent_enabled", lambda: False)
-    launched.clear()
-    out, grads = run_backend(p, "triton")
-    assert not launched
-    assert torch.equal(out, out_p)
-    for name in grads:
-        assert torch.equal(grads[name], grads_p[name]), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -138,18 +123,31 @@ def test_given_z_below_its_block_reads_zeros_past_the_rank(monkeypatch, rank, dt
     monkeypatch.setattr(tr, "LORA_PLACEMENT", PLACEMENTS["all rank-r launches"])
     case = Case("wide", tokens=40, hidden=72, inter=40, experts=5, top_k=2, cold=(1,), rank=rank)
     p = make_problem(case, "lora", dtype, seed=23)
-    lb_modes = []
-    real_descs = tr._lora_descriptors
+    launched, lb_modes = _persistent_then_tiled(monkeypatch, p)
+    assert launched == 2
+    assert sorted(lb_modes) == [1, 2]  # down projection (B2) and dX (A1), both by TMA
+
+
+def _persistent_then_tiled(monkeypatch, p: dict) -> tuple[int, list[int]]:
+    """Runs ``p`` on the triton backend, then again with the persistent kernel switched off,
+    and asserts the second run launched no persistent kernel and gave the same bits; returns
+    the first run's persistent launches and its lb descriptor modes."""
+    lb_modes, launched = [], []
+    real_descs, real = tr._lora_descriptors, tr._launch_persistent
     monkeypatch.setattr(
         tr, "_lora_descriptors", lambda *a: lb_modes.append(real_descs(*a)[0]) or real_descs(*a)
     )
+    monkeypatch.setattr(tr, "_launch_persistent", lambda *a: launched.append(a) or real(*a))
     out_p, grads_p = run_backend(p, "triton")
-    assert sorted(lb_modes) == [1, 2]  # down projection (B2) and dX (A1), both by TMA
+    first = len(launched), list(lb_modes)
     monkeypatch.setattr(tr, "_persistent_enabled", lambda: False)
+    launched.clear()
     out, grads = run_backend(p, "triton")
+    assert not launched
     assert torch.equal(out, out_p)
     for name in grads:
         assert torch.equal(grads[name], grads_p[name]), name
+    return first
 
 
 @pytest.mark.parametrize(
@@ -290,13 +288,14 @@ def weight_grads_setting(monkeypatch):
     tr.kl.setting.cache_clear()
 
 
-@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("path", ["triton", "torch", "given copy"])
 @pytest.mark.parametrize("out_jd", [True, False], ids=["dW1 layout", "dW2 layout"])
 def test_weight_grad_paths_against_float64(monkeypatch, weight_grads_setting, path, out_jd):
-    """``weight_grad`` by either path (``MOELAB_TRITON_WEIGHT_GRADS``): ``sum_{n of e}
-    tokens[token(n)]^T rows[n]`` per expert, the token-order operand read through the dispatch
-    plan, an empty expert's gradient zero."""
-    weight_grads_setting(path)
+    """``weight_grad`` by either path (``MOELAB_TRITON_WEIGHT_GRADS``), or on a gathered copy
+    already made (torch's path whatever the setting): ``sum_{n of e} tokens[token(n)]^T
+    rows[n]`` per expert, the token-order operand read through the dispatch plan, an empty
+    expert's gradient zero."""
+    weight_grads_setting("triton" if path == "given copy" else path)
     torch_calls = []
     real = tr.gmm._gmm_wgrad
     monkeypatch.setattr(tr.gmm, "_gmm_wgrad", lambda *a: torch_calls.append(1) or real(*a))
@@ -309,7 +308,8 @@ def test_weight_grad_paths_against_float64(monkeypatch, weight_grads_setting, pa
     rows = plan.token_N.numel()
     tokens_TD = torch.randn(tokens, d_dim)
     rows_NJ = torch.randn(rows, j_dim)
-    got = tr.weight_grad(tokens_TD, rows_NJ, plan, out_jd)
+    copy = tokens_TD.index_select(0, plan.token_N) if path == "given copy" else None
+    got = tr.weight_grad(tokens_TD, rows_NJ, plan, out_jd, gathered_ND=copy)
     expert_N = plan.expert_N.long()
     for e in range(experts):
         sel = expert_N == e
@@ -319,7 +319,7 @@ def test_weight_grad_paths_against_float64(monkeypatch, weight_grads_setting, pa
             assert not sel.any() and torch.equal(got[e], torch.zeros_like(got[e]))
         else:
             assert rel_err(got[e].double(), ref) <= TOLERANCE[torch.float32]
-    assert len(torch_calls) == (path == "torch")
+    assert len(torch_calls) == (path != "triton")
 
 
 def test_weight_grad_setting_refuses_an_unknown_path(weight_grads_setting):

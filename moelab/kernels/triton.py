@@ -827,10 +827,9 @@ def _factor_grad(factor, q, p, s, offs_E, *, is_a: bool, gather=None, row_scale=
 
 
 # How dW1 and dW2 are computed: "triton" (expert_grad, the token-order operand read through
-# the row index) or "torch" (a gathered copy of it, then torch's grouped GEMM); None: the
+# the row index) or "torch" (a gathered copy of it, then torch's grouped GEMM): the
 # MOELAB_TRITON_WEIGHT_GRADS setting, else measured once per shape on this machine (with
 # autotuning on; else "triton") and kept on disk.
-WEIGHT_GRADS: str | None = None
 _weight_grad_paths = MeasuredChoices("triton_weight_grads.json", ("triton", "torch"))
 
 
@@ -848,21 +847,25 @@ def weight_grad(
     plan: DispatchPlan,
     out_jd: bool,
     path: str | None = None,
+    gathered_ND: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """An expert weight's gradient, ``sum_{n of e} tokens[token(n)]^T rows[n]`` per expert:
     ``[E, J, D]`` when ``out_jd`` (dW1 = dh^T x), else ``[E, D, J]`` (dW2 = dout^T (w act)).
     ``tokens`` stays in token order: the triton path reads its rows through ``plan.token_N``;
-    the torch path gathers a ``[N, D]`` copy for torch's grouped GEMM. ``path`` overrides
-    ``WEIGHT_GRADS``, the setting and the measured choice."""
+    the torch path gathers a ``[N, D]`` copy for torch's grouped GEMM, or takes
+    ``gathered_ND``, a copy already made (then nothing is measured). ``path`` overrides the
+    setting and the measured choice."""
     num_experts = plan.offs_E.numel()
     d_dim, j_dim = tokens_TD.shape[1], rows_NJ.shape[1]
 
     def run(path: str) -> torch.Tensor:
         if path == "torch":
-            gathered_ND = tokens_TD.index_select(0, plan.token_N)
+            copy_ND = gathered_ND
+            if copy_ND is None:
+                copy_ND = tokens_TD.index_select(0, plan.token_N)
             if out_jd:
-                return gmm._gmm_wgrad(rows_NJ, gathered_ND, plan.offs_E)
-            return gmm._gmm_wgrad(gathered_ND, rows_NJ, plan.offs_E)
+                return gmm._gmm_wgrad(rows_NJ, copy_ND, plan.offs_E)
+            return gmm._gmm_wgrad(copy_ND, rows_NJ, plan.offs_E)
         if out_jd:
             out = rows_NJ.new_empty(num_experts, j_dim, d_dim)
             strides = (j_dim * d_dim, 1, d_dim)
@@ -871,7 +874,9 @@ def weight_grad(
             strides = (d_dim * j_dim, j_dim, 1)
         return expert_grad(tokens_TD, rows_NJ, plan.offs_E, out, strides, 1.0, gather=plan.token_N)
 
-    path = path or WEIGHT_GRADS or _weight_grads_setting()
+    if gathered_ND is not None:
+        path = "torch"
+    path = path or _weight_grads_setting()
     if path is None:
         if not _measures(tokens_TD):
             path = "triton"
@@ -1159,10 +1164,8 @@ class _TritonExperts(torch.autograd.Function):
         # fmt: off
         lora_down_grads(need, s, plan, dout_TH, w_N, act_w, _z(low["bwd_down"]), z2, a2, b2,
                         grads)
-        if need[4] and dout_NH is not None:  # the torch main loop's gathered copy: reuse it
-            grads[4] = gmm._gmm_wgrad(dout_NH, act_w, plan.offs_E)
-        elif need[4]:
-            grads[4] = weight_grad(dout_TH, act_w, plan, out_jd=False)
+        if need[4]:  # on the torch main loop's gathered copy of dout where it made one
+            grads[4] = weight_grad(dout_TH, act_w, plan, out_jd=False, gathered_ND=dout_NH)
         del dout_NH
         gmm.down_grads(_only(need, 6), s, plan, dout_TH, None, None, None, None, None,
                        weights_TK, experts_TK, down_bias, num_experts, grads)
