@@ -14,8 +14,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, ".anchor")
+sys.path[:0] = [".anchor", "."]  # run from the repository root: the anchor script and moelab
 import anchor_bench as anchor  # noqa: E402
+
+from moelab.bench.experts import dropping_grads  # noqa: E402
 
 GRADS = os.environ.get("GRADS", "accumulate")
 DEFAULT_ROWS = ",".join(
@@ -27,14 +29,7 @@ def _stepped(block):
     """The block, or with GRADS=fresh a call that first drops its trainable gradients."""
     if GRADS != "fresh":
         return block
-    trainable = [p for p in block.parameters() if p.requires_grad]
-
-    def call(x):
-        for p in trainable:
-            p.grad = None
-        return block(x)
-
-    return call
+    return dropping_grads(block, [p for p in block.parameters() if p.requires_grad])
 
 
 def main() -> None:

@@ -97,6 +97,18 @@ def _problem(
     )
 
 
+def dropping_grads(fn, tensors: list[torch.Tensor]):
+    """``fn`` that first drops ``tensors``' gradients, so each step's are written, not added
+    (as after ``zero_grad(set_to_none=True)``)."""
+
+    def call(*args):
+        for t in tensors:
+            t.grad = None
+        return fn(*args)
+
+    return call
+
+
 def time_step(
     fn,
     x0: torch.Tensor,
@@ -118,12 +130,8 @@ def time_step(
         raise ValueError("fresh gradients are not captured in a CUDA graph: use one or the other")
     cuda = x0.device.type == "cuda"
     grad = torch.randn_like(x0)
-
-    def step(x: torch.Tensor) -> None:
-        for t in fresh or ():
-            t.grad = None
-        fn(x).backward(grad)
-
+    call = dropping_grads(fn, fresh) if fresh else fn
+    step = lambda x: call(x).backward(grad)  # noqa: E731
     for _ in range(warmup):
         step(x0.detach().requires_grad_(True))
     base = 0
