@@ -192,9 +192,11 @@ def test_matches_float64_reference(backend, dtype, case, variant):
     assert out.dtype == dtype and out.shape == p["x"].shape
     tol = TOLERANCE[dtype]
     assert rel_err(out, ref_out) <= tol
-    if case.top_k == 1:
-        # one renormalised weight is always 1: the true logits gradient is zero, and what a
-        # backend returns is rounding noise of the renormalisation
+    if case.top_k == 1 or case.hot is not None:
+        # one renormalised weight is 1 (k = 1) or rounds to 1 (a hot logit 30 above the rest:
+        # the others' weights are ~e^-30, so the true logits gradient is ~1e-12): what a backend
+        # returns is rounding noise of the renormalisation. On the GPU a native_torch fp32 run
+        # returned exact zeros where float64 had +-1.5e-12 (relative error 0.71).
         assert grads.pop("logits").abs().max() < 1e-3
     elif case.tokens < LOGITS_GRAD_MIN_TOKENS[dtype]:
         assert torch.isfinite(grads.pop("logits")).all()
