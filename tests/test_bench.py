@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -277,3 +280,20 @@ def test_merged_sweeps_keep_the_latest_row_per_backend_and_token_count():
         ("s", "lora"): {"triton": [(1024, 1.5), (2048, 3.0)], "grouped_mm": [(1024, 9.0)]},
         ("s", "full"): {"triton": [(1024, 4.2)], "triton, fresh grads": [(1024, 3.5)]},
     }
+
+
+def test_cli_shows_the_backend_choice_on_stderr(tmp_path):
+    # A first run at a new shape tunes for minutes on a GPU; the command line must show moelab's
+    # log lines (backend chosen, tuning costs), not only the final table.
+    args = ["experts", "--shape", "tiny", "--tokens", "16", "--iters", "1"]
+    args += ["--backends", "grouped_mm", "--json", str(tmp_path / "rows.json")]
+    done = subprocess.run(
+        [sys.executable, "-m", "moelab.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "moelab: expert backend grouped_mm (requested by argument)" in done.stderr
+    assert "moelab: expert backend" not in done.stdout

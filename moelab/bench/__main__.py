@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from moelab.bench import experts, load_memory, plot, stages, train_step
@@ -34,5 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def show_log() -> None:
+    """moelab's log lines on stderr: the backend chosen, each launch's first-run tuning cost
+    and measured choices (minutes at a new shape, so the wait is visible), as the trainer
+    shows them through Hydra's logging."""
+    logger = logging.getLogger("moelab")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 if __name__ == "__main__":
+    show_log()
     sys.exit(main())
