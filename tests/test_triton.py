@@ -151,27 +151,36 @@ def _persistent_then_tiled(monkeypatch, p: dict) -> tuple[int, list[int]]:
 
 
 @pytest.mark.parametrize(
-    "shape, tokens, rank, capability, picked",
+    "shape, tokens, rank, activation, capability, picked",
     [
-        ((128, 8), 1024, 16, (9, 0), True),  # Qwen3 LoRA, 64 rows per expert
-        ((128, 8), 512, 16, (9, 0), False),  # 32 rows per expert: not measured
-        ((128, 8), 1024, 0, (9, 0), True),  # full fine-tune, 64 rows per expert
-        ((128, 8), 512, 0, (9, 0), False),
-        ((32, 4), 1024, 16, (9, 0), True),  # GPT-OSS LoRA, 128 rows per expert
-        ((32, 4), 65536, 16, (8, 0), False),  # not tuned or measured before Hopper
+        ((128, 8), 1024, 16, "swiglu", (9, 0), True),  # Qwen3 LoRA, 64 rows per expert
+        ((128, 8), 512, 16, "swiglu", (9, 0), False),  # 32: measured slower (run 53)
+        ((128, 8), 1024, 0, "swiglu", (9, 0), True),  # full fine-tune, 64 rows per expert
+        ((128, 8), 512, 0, "swiglu", (9, 0), False),
+        ((32, 4), 1024, 16, "swiglu_oai", (9, 0), True),  # GPT-OSS LoRA, 128 rows per expert
+        ((32, 4), 256, 16, "swiglu_oai", (9, 0), True),  # 32: measured faster (run 53)
+        ((32, 4), 256, 0, "swiglu_oai", (9, 0), True),
+        ((32, 4), 128, 16, "swiglu_oai", (9, 0), True),  # 16: measured faster in LoRA
+        ((32, 4), 128, 0, "swiglu_oai", (9, 0), False),  # but not measured in full fine-tune
+        ((32, 4), 64, 16, "swiglu_oai", (9, 0), False),  # 8: not measured
+        ((32, 4), 65536, 16, "swiglu_oai", (8, 0), False),  # not tuned or measured before Hopper
     ],
 )
-def test_auto_picks_triton_where_it_measured_faster(shape, tokens, rank, capability, picked):
+def test_auto_picks_triton_where_it_measured_faster(
+    shape, tokens, rank, activation, capability, picked
+):
     from moelab.kernels.problem import ExpertProblem
 
     experts, top_k = shape
     problem = ExpertProblem(
         device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=tokens, top_k=top_k,
-        num_experts=experts, hidden=2048, inter=768, lora_rank=rank, has_bias=False,
-        activation="swiglu",
+        num_experts=experts, hidden=2048, inter=768, lora_rank=rank,
+        has_bias=activation == "swiglu_oai", activation=activation,
     )  # fmt: skip
     reason = tr._measured_slower(problem, capability)
     assert (reason is None) == picked, reason
+    if not picked and capability >= (9, 0):
+        assert activation in reason and "rows per expert" in reason
 
 
 def _run(p: dict, backend: str, recompute: bool):

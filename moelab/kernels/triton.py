@@ -77,11 +77,19 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
 
 
 # Average rows per expert from which triton measured faster than grouped_mm on an H200
-# (BENCHMARKS.md): 64 in both modes, the fewest measured. At Qwen3's 1024 tokens (64 rows per
-# expert) three calls on today's code agree: LoRA 2.77 vs 2.98 ms (run 40) and 2.13 vs 2.90
-# (run 45), full fine-tune 3.63 vs 3.96 (run 40) and 3.11 vs 3.26 (run 46); earlier code
-# traded places with grouped_mm there (runs 24-31). Fewer rows were not measured.
-_AUTO_MIN_ROWS_PER_EXPERT = {"lora": 64, "full": 64}
+# (BENCHMARKS.md), by activation and mode: the fewest measured where it won (every larger count
+# measured won too: from 64 rows per expert on Qwen3, from 128 on GPT-OSS). Below about 64 rows
+# per expert both backends are bound by the host's launching, so the grouped_mm backend's extra
+# elementwise launches for swiglu_oai and the biases (GPT-OSS) decide it. Run 53, triton's time
+# over grouped_mm's: GPT-OSS LoRA 0.88x at 16 rows per expert and 0.75x at 32, full fine-tune
+# 0.77x at 32 (16 not measured); Qwen3 (swiglu) 1.08x (LoRA) and 1.02x (full) at 32, so it keeps
+# 64, where it won (LoRA 2.13 vs 2.90 ms in run 45, full 3.11 vs 3.26 in run 46).
+_AUTO_MIN_ROWS_PER_EXPERT = {
+    ("swiglu", "lora"): 64,
+    ("swiglu", "full"): 64,
+    ("swiglu_oai", "lora"): 16,
+    ("swiglu_oai", "full"): 32,
+}
 
 
 def auto_reason(problem: ExpertProblem) -> str | None:
@@ -98,11 +106,11 @@ def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str
         return f"tuned and measured on sm90+ only, this GPU is sm{capability[0]}{capability[1]}"
     mode = "lora" if problem.lora_rank else "full"
     rows = problem.num_tokens * problem.top_k / problem.num_experts
-    need = _AUTO_MIN_ROWS_PER_EXPERT[mode]
+    need = _AUTO_MIN_ROWS_PER_EXPERT[problem.activation, mode]
     if rows < need:
         return (
             f"{rows:.0f} rows per expert; triton measured faster than grouped_mm from {need} "
-            f"in {mode} mode, fewer not measured (BENCHMARKS.md)"
+            f"with {problem.activation} in {mode} mode (BENCHMARKS.md)"
         )
     return None
 
