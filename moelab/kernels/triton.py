@@ -77,19 +77,14 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
 
 
 # Average rows per expert from which triton measured faster than grouped_mm on an H200
-# (BENCHMARKS.md), by activation and mode: the fewest measured where it won (every larger count
-# measured won too: from 64 rows per expert on Qwen3, from 128 on GPT-OSS). Below about 64 rows
-# per expert both backends are bound by the host's launching, so the grouped_mm backend's extra
-# elementwise launches for swiglu_oai and the biases (GPT-OSS) decide it. Run 53, triton's time
-# over grouped_mm's: GPT-OSS LoRA 0.88x at 16 rows per expert and 0.75x at 32, full fine-tune
-# 0.77x at 32 (16 not measured); Qwen3 (swiglu) 1.08x (LoRA) and 1.02x (full) at 32, so it keeps
-# 64, where it won (LoRA 2.13 vs 2.90 ms in run 45, full 3.11 vs 3.26 in run 46).
-_AUTO_MIN_ROWS_PER_EXPERT = {
-    ("swiglu", "lora"): 64,
-    ("swiglu", "full"): 64,
-    ("swiglu_oai", "lora"): 16,
-    ("swiglu_oai", "full"): 32,
-}
+# (BENCHMARKS.md), by activation: the fewest measured where it won, in LoRA and full fine-tune
+# alike (every larger count measured won too). Below about 64 rows per expert both backends are
+# bound by the host's launching, so the grouped_mm backend's extra elementwise launches for
+# swiglu_oai and the biases (GPT-OSS) decide it. Triton's time over grouped_mm's: GPT-OSS at 16
+# rows per expert 0.88x (LoRA, run 53) and 0.91x (full, run 57), at 32 0.75x and 0.77x (run 53);
+# Qwen3 (swiglu) at 32 1.08x (LoRA) and 1.02x (full, run 53), so it keeps 64, where it won (LoRA
+# 2.13 vs 2.90 ms in run 45, full 3.11 vs 3.26 in run 46).
+_AUTO_MIN_ROWS_PER_EXPERT = {"swiglu": 64, "swiglu_oai": 16}
 
 
 def auto_reason(problem: ExpertProblem) -> str | None:
@@ -104,13 +99,12 @@ def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str
         return None
     if capability < (9, 0):
         return f"tuned and measured on sm90+ only, this GPU is sm{capability[0]}{capability[1]}"
-    mode = "lora" if problem.lora_rank else "full"
     rows = problem.num_tokens * problem.top_k / problem.num_experts
-    need = _AUTO_MIN_ROWS_PER_EXPERT[problem.activation, mode]
+    need = _AUTO_MIN_ROWS_PER_EXPERT[problem.activation]
     if rows < need:
         return (
             f"{rows:.0f} rows per expert; triton measured faster than grouped_mm from {need} "
-            f"with {problem.activation} in {mode} mode (BENCHMARKS.md)"
+            f"with {problem.activation} (BENCHMARKS.md)"
         )
     return None
 
