@@ -11,6 +11,7 @@ from test_experts import Case, make_problem, run_backend
 from moelab.kernels import launch as kl
 from moelab.kernels import triton as tr
 from moelab.kernels import triton_kernels as tk
+from moelab.kernels import triton_tuning as tuning
 from moelab.kernels.measured import MeasuredChoices
 
 
@@ -64,9 +65,9 @@ def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
     CUDA; faked here: always the last candidate) are stored per machine and product, and a
     fresh process reuses them without timing again."""
     timed = []
-    monkeypatch.setattr(tr, "_measures", lambda a: True)
-    monkeypatch.setattr(tr, "_scope", lambda device, kernels=(): "test machine")
-    monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(1) or choices[-1])
+    monkeypatch.setattr(tuning, "measures", lambda a: True)
+    monkeypatch.setattr(tuning, "scope", lambda device, kernels: "test machine")
+    monkeypatch.setattr(tuning, "fastest", lambda run, choices: timed.append(1) or choices[-1])
 
     def fresh_process():
         monkeypatch.setattr(
@@ -94,9 +95,11 @@ def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeyp
     """Where the torch main loop's transient copies would exceed the bound, it is not among
     the candidates timed (long sequences keep the other paths' memory)."""
     timed = []
-    monkeypatch.setattr(tr, "_measures", lambda a: True)
-    monkeypatch.setattr(tr, "_scope", lambda device, kernels=(): "test machine")
-    monkeypatch.setattr(tr, "_fastest", lambda run, choices: timed.append(choices) or choices[-1])
+    monkeypatch.setattr(tuning, "measures", lambda a: True)
+    monkeypatch.setattr(tuning, "scope", lambda device, kernels: "test machine")
+    monkeypatch.setattr(
+        tuning, "fastest", lambda run, choices: timed.append(choices) or choices[-1]
+    )
     monkeypatch.setattr(tr, "_main_loops", MeasuredChoices("main.json", tr._main_loops.allowed))
     monkeypatch.setattr(tr, "_TORCH_MAIN_LOOP_MAX_BYTES", 0)
     case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
@@ -120,7 +123,7 @@ class _FakeKernel:
 def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(monkeypatch):
     import triton
 
-    monkeypatch.setattr(tr, "_chosen", {})
+    monkeypatch.setattr(tuning, "_chosen", {})
     calls = []
     best = triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)
     plain, tuned = _FakeKernel(calls, "plain"), _FakeKernel(calls, "tuned", best)
@@ -129,8 +132,8 @@ def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(monkeypatch)
         return {"EVEN": config["BLOCK_N"] == 128}
 
     for _ in range(3):
-        tr._run_tuned(plain, lambda: tuned, ("k", 1), (4,), (1, 2), {"F": True}, derived)
-    tr._run_tuned(plain, lambda: tuned, ("k", 2), (4,), (1, 2), {"F": False}, derived)
+        tuning.run_tuned(plain, lambda: tuned, ("k", 1), (4,), (1, 2), {"F": True}, derived)
+    tuning.run_tuned(plain, lambda: tuned, ("k", 2), (4,), (1, 2), {"F": False}, derived)
     assert [c[0] for c in calls] == ["tuned", "plain", "plain", "tuned"]
     name, grid, args, kwargs = calls[1]
     assert grid == (4,) and args == (1, 2)
@@ -145,17 +148,21 @@ def test_a_cached_launch_boxes_this_calls_descriptors_for_the_chosen_configurati
     import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    monkeypatch.setattr(tr, "_chosen", {})
+    monkeypatch.setattr(tuning, "_chosen", {})
     calls = []
     best = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16})
     plain, tuned = _FakeKernel(calls, "plain"), _FakeKernel(calls, "tuned", best)
     flags = {"W_DESC": 2, "EPILOGUE": tk.STORE}
-    tr._run_tuned(plain, lambda: tuned, ("k",), (4,), (), flags)
+    tuning.run_tuned(plain, lambda: tuned, ("k",), (4,), (), flags)
     w, a = torch.zeros(3, 32, 64), torch.zeros(80, 32)
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 1, 1])
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [1, 1])
     descriptors = dict(w_desc=w_desc, a_desc=a_desc)
-    tr._run_tuned(plain, lambda: tuned, ("k",), (4,), (), flags, descriptors=descriptors)
+
+    def prepare(kwargs):  # as the GEMM launchers pass it
+        tr._fit_boxes(dict(kwargs, **descriptors))
+
+    tuning.run_tuned(plain, lambda: tuned, ("k",), (4,), (), flags, prepare=prepare)
     assert [c[0] for c in calls] == ["tuned", "plain"]
     assert w_desc.block_shape == [1, 16, 32]  # [E, K, N] box: (1, BLOCK_K, BLOCK_N)
     assert a_desc.block_shape == [64, 16]  # (BLOCK_M, BLOCK_K)
@@ -240,7 +247,7 @@ def test_a_tuned_configuration_is_kept_on_disk_for_later_processes(monkeypatch, 
     import triton
 
     monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tr, "_scope", lambda device, kernels: f"fake GPU {device} {kernels}")
+    monkeypatch.setattr(tuning, "scope", lambda device, kernels: f"fake GPU {device} {kernels}")
     small = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3)
     big = triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)
     calls = []
@@ -248,26 +255,26 @@ def test_a_tuned_configuration_is_kept_on_disk_for_later_processes(monkeypatch, 
     tuned = _FakeKernel(calls, "tuned", big, configs=(small, big))
 
     def run(device: str) -> None:
-        tr._run_tuned(plain, lambda: tuned, ("k", 1), (4,), (1,), {"F": 1}, device=device)
+        tuning.run_tuned(plain, lambda: tuned, ("k", 1), (4,), (1,), {"F": 1}, device=device)
 
-    monkeypatch.setattr(tr, "_chosen", {})
+    monkeypatch.setattr(tuning, "_chosen", {})
     run("cpu")
     assert [c[0] for c in calls] == ["tuned"]
-    assert "BLOCK_N=128" in (tmp_path / tr._TUNED_CONFIGS).read_text()
+    assert "BLOCK_N=128" in (tmp_path / tuning.TUNED_CONFIGS).read_text()
 
-    monkeypatch.setattr(tr, "_chosen", {})  # a new process
+    monkeypatch.setattr(tuning, "_chosen", {})  # a new process
     tuned.best_config = small  # what the tuner would pick now: not asked
     calls.clear()
     run("cpu")
     assert [c[0] for c in calls] == ["plain"]
     assert calls[0][3]["BLOCK_N"] == 128 and calls[0][3]["num_warps"] == 8
 
-    monkeypatch.setattr(tr, "_chosen", {})  # another GPU: tuned again
+    monkeypatch.setattr(tuning, "_chosen", {})  # another GPU: tuned again
     calls.clear()
     run("meta")
     assert [c[0] for c in calls] == ["tuned"]
 
-    monkeypatch.setattr(tr, "_chosen", {})  # the stored configuration left the kernel's list
+    monkeypatch.setattr(tuning, "_chosen", {})  # the stored configuration left the kernel's list
     tuned.configs = [small]
     calls.clear()
     run("cpu")

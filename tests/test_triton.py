@@ -12,6 +12,7 @@ from conftest import LOGITS_GRAD_TOLERANCE, TOLERANCE, rel_err
 from test_experts import CASES, VARIANTS, Case, make_problem, run_backend, run_reference, trainables
 
 from moelab.kernels import triton as tr
+from moelab.kernels import triton_grads as tg
 from moelab.kernels import triton_kernels as tk
 from moelab.ops import route
 
@@ -270,7 +271,7 @@ def test_expert_grad_kernel_against_float64(dtype, is_a, p_dim):
     out_shape = (5, p_dim, width) if is_a else (5, width, p_dim)
     out = torch.full(out_shape, float("nan"), dtype=dtype)
     strides = tr._t(out) if is_a else out.stride()
-    tr.expert_grad(q, p, offs_E, out, strides, scale, gather=token_N, row_scale=w)
+    tg.expert_grad(q, p, offs_E, out, strides, scale, gather=token_N, row_scale=w)
     ws = (p.float() * w[:, None]).to(dtype).double()
     qs = q.double()[token_N]
     start = 0
@@ -319,7 +320,7 @@ def test_weight_grad_paths_against_float64(monkeypatch, weight_grads_setting, pa
     tokens_TD = torch.randn(tokens, d_dim)
     rows_NJ = torch.randn(rows, j_dim)
     copy = tokens_TD.index_select(0, plan.token_N) if path == "given copy" else None
-    got = tr.weight_grad(tokens_TD, rows_NJ, plan, out_jd, gathered_ND=copy)
+    got = tg.weight_grad(tokens_TD, rows_NJ, plan, out_jd, gathered_ND=copy)
     expert_N = plan.expert_N.long()
     for e in range(experts):
         sel = expert_N == e
@@ -335,7 +336,7 @@ def test_weight_grad_paths_against_float64(monkeypatch, weight_grads_setting, pa
 def test_weight_grad_setting_refuses_an_unknown_path(weight_grads_setting):
     weight_grads_setting("cutlass")
     with pytest.raises(ValueError, match="MOELAB_TRITON_WEIGHT_GRADS='cutlass'"):
-        tr._weight_grads_setting()
+        tg._weight_grads_setting()
 
 
 def test_up_projection_without_the_activation_writes_the_same_h():

@@ -22,6 +22,7 @@ from moelab.bench.shapes import SHAPES
 from moelab.bench.timing import median_ms
 from moelab.kernels import grouped_mm as gmm
 from moelab.kernels import triton as tr
+from moelab.kernels import triton_grads as tg
 from moelab.kernels import triton_kernels as tk
 from moelab.ops import route
 
@@ -120,9 +121,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         def param_grads():
             grads = [None] * 13
             # fmt: off
-            tr.lora_down_grads(need, s, plan, dout, w_N, act_w, tr._z(low["bwd_down"]),
+            tg.lora_down_grads(need, s, plan, dout, w_N, act_w, tr._z(low["bwd_down"]),
                                tr._z(low["down"]), a2, b2, grads)
-            tr.lora_up_grads(need, s, plan, x, dh, tr._z(low["bwd_up"]), tr._z(low["up"]), a1,
+            tg.lora_up_grads(need, s, plan, x, dh, tr._z(low["bwd_up"]), tr._z(low["up"]), a1,
                              b1, grads)
             # fmt: on
 
@@ -131,8 +132,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         grads_name, grads_flops = "dW1, dW2", 2 * rows * h * i * 3
 
         def param_grads(path: str | None = None) -> None:
-            tr.weight_grad(dout, act_w, plan, out_jd=False, path=path)
-            tr.weight_grad(x, dh, plan, out_jd=True, path=path)
+            tg.weight_grad(dout, act_w, plan, out_jd=False, path=path)
+            tg.weight_grad(x, dh, plan, out_jd=True, path=path)
 
         for path, text in (("triton", "rows by index"), ("torch", "gathered copies")):
             stages[f"alt: dW1, dW2 [{path}: {text}]"] = (partial(param_grads, path), grads_flops)

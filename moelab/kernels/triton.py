@@ -32,27 +32,31 @@ The y and dxs products (plain stores over sorted rows, z in the K loop or no LoR
 persistent kernel where TMA can read A and W: the tile loop flattened into the K loop, so the
 next tile loads during this tile's epilogue (``MOELAB_TRITON_PERSISTENT=0``: the tiled kernel,
 the same bits).
+
+The weights' and LoRA factors' gradient launchers are :mod:`moelab.kernels.triton_grads`; tuning
+on this machine (configurations per launch key, measured choices) is
+:mod:`moelab.kernels.triton_tuning`.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import time
 from typing import NamedTuple
 
 import torch
+import triton
 
 from moelab.kernels import grouped_mm as gmm
 from moelab.kernels import launch as kl
+from moelab.kernels import triton_grads as tg
 from moelab.kernels import triton_kernels as tk
+from moelab.kernels import triton_tuning as tuning
 from moelab.kernels.measured import MeasuredChoices
 from moelab.kernels.problem import ExpertProblem
 from moelab.ops.dispatch import DispatchPlan
 from moelab.ops.lora import ExpertLoRA
 
 NAME = "triton"
-log = logging.getLogger("moelab")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_RANK = 128
 
@@ -140,15 +144,15 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     num_tokens, top_k = experts_TK.shape
     ids_N = experts_TK.reshape(-1)
     rows = ids_N.numel()
-    blocks = triton_cdiv(rows, _DISPATCH_BLOCK)
-    bins = triton_next_pow2(num_experts + 1)  # bin E: ids out of range, placed last
+    blocks = triton.cdiv(rows, _DISPATCH_BLOCK)
+    bins = triton.next_power_of_2(num_experts + 1)  # bin E: ids out of range, placed last
     device = ids_N.device
     hist = torch.empty(blocks, bins, dtype=torch.int32, device=device)
     offs_E = torch.empty(num_experts, dtype=torch.int32, device=device)
     order, token, expert, slot = torch.empty(4, rows, dtype=torch.int64, device=device)
-    slots = triton_cdiv(rows, tk.TILE_BLOCKS_M[0]) + num_experts
+    slots = triton.cdiv(rows, tk.TILE_BLOCKS_M[0]) + num_experts
     tiles = torch.empty(2, 4, slots, dtype=torch.int32, device=device)
-    per_program = triton_cdiv(triton_cdiv(slots, blocks), _TILE_SLOTS_BLOCK) * _TILE_SLOTS_BLOCK
+    per_program = triton.cdiv(triton.cdiv(slots, blocks), _TILE_SLOTS_BLOCK) * _TILE_SLOTS_BLOCK
     sizes = dict(BLOCK=_DISPATCH_BLOCK, BINS=bins)
     # fmt: off
     kl.launch(tk._dispatch_count_kernel, (blocks,), (ids_N, hist, rows, num_experts), sizes,
@@ -161,10 +165,6 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     # fmt: on
     plan = DispatchPlan(order, token, expert, offs_E, slot.view(num_tokens, top_k))
     return plan, tiles
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # Hopper-shaped candidates (BLOCK_N, BLOCK_K, warps, stages), each at both row-tile heights of
@@ -210,10 +210,8 @@ DOWN_BACKWARD_MAIN: str | None = None  # see down_backward
 # runs; above this it is not considered, so long sequences keep the other loops' memory.
 _TORCH_MAIN_LOOP_MAX_BYTES = 1 << 30
 _main_loops = MeasuredChoices("triton_down_backward.json", ("triton", "gathered", "torch"))
-
-
-def _autotune_enabled() -> bool:
-    return not kl.interpreting() and kl.setting("MOELAB_TRITON_AUTOTUNE", "1") != "0"
+# what the choices above are measured between: stored ones are kept while these are unchanged
+_GEMM_KERNELS = (tk._expert_gemm_kernel, tk._persistent_gemm_kernel)
 
 
 def _even(args: dict) -> dict:
@@ -228,8 +226,6 @@ _kernels: dict[int, object] = {}
 def _kernel(epilogue: int):
     """The GEMM kernel autotuned over ``_CONFIGS[epilogue]`` (with the EVEN_* heuristics)."""
     if epilogue not in _kernels:
-        import triton
-
         kernel = triton.heuristics(
             {"EVEN_K": lambda a: _even(a)["EVEN_K"], "EVEN_N": lambda a: _even(a)["EVEN_N"]}
         )(tk._expert_gemm_kernel)
@@ -242,8 +238,7 @@ def _kernel(epilogue: int):
 def _autotuned(kernel, configs: tuple, key: list[str], extra: tuple[dict, ...] = ({},)):
     """``kernel`` autotuned over ``configs`` (BLOCK_N, BLOCK_K, warps, stages), each with every
     one of ``extra``'s constexprs, at every row-tile height worth timing (the choice is kept on
-    disk by ``_run_tuned``)."""
-    import triton
+    disk by ``tuning.run_tuned``)."""
 
     tuned = [
         triton.Config(
@@ -347,64 +342,6 @@ def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> lis
     return [c for c in configs if c.kwargs["BLOCK_M"] in heights]
 
 
-# The plain kernel's keyword arguments per launch key: the flags, the configuration the
-# autotuner chose and what its heuristics derive from it, merged once. After the first call of a
-# key, launches go straight to the plain kernel with them: Triton's autotuner and heuristics
-# wrappers rebuild their keys from all ~60 arguments on every call, about 100 of the ~175 us the
-# host spent per launch (run 22), and the eager block step was bound by the host, not the GPU.
-_chosen: dict[tuple, dict] = {}
-# The configuration tuned per launch key on this machine, kept on disk: Triton's own results
-# cache skips configurations with a pre-hook, and every GEMM configuration has one (the TMA
-# boxes), so without this each process tuned every shape again.
-_TUNED_CONFIGS = "triton_tuned_configs.json"
-
-
-def _config_name(config) -> str:
-    """A Triton configuration as text: its constexprs, warps and stages, in a fixed order."""
-    return ",".join(f"{k}={v}" for k, v in sorted(config.all_kwargs().items()))
-
-
-def _run_tuned(
-    plain, tuned, key: tuple, grid, args: tuple, flags: dict, derived=lambda config: {},
-    descriptors: dict | None = None, device: torch.device | None = None,
-) -> None:  # fmt: skip
-    """Launch ``plain`` with the configuration the autotuned ``tuned()`` chose for ``key``
-    (``derived(config)``: the constexprs its heuristics would add). The first call of a key in
-    a process takes the choice stored on disk for ``device`` (scope: GPU, versions, ``plain``'s
-    source), else tunes, its cost logged once, and stores it; without ``device``, nothing is
-    stored. ``key`` must determine ``flags``. ``descriptors`` (this call's, by argument name)
-    are boxed for the configuration, as the tuner's pre-hook does."""
-    kwargs = _chosen.get(key)
-    if kwargs is None:
-        kernel = tuned()
-        configs = {_config_name(c): c for c in kernel.configs}
-        tuned_now = []
-
-        def tune() -> str:
-            t0 = time.perf_counter()
-            kernel[grid](*args, **flags)
-            tuned_now.append(True)
-            log.info(
-                "moelab: triton tuning for %s took %.1f s (then kept on disk)",
-                key[:4],
-                time.perf_counter() - t0,
-            )
-            return _config_name(kernel.best_config)
-
-        if device is None:
-            name = tune()
-        else:
-            store = MeasuredChoices(_TUNED_CONFIGS, tuple(configs))
-            name = store.get(_scope(device, (plain,)), repr(key), tune)
-        config = configs[name].all_kwargs()
-        kwargs = _chosen[key] = dict(flags, **config, **derived(config))
-        if tuned_now:  # the tuner launched this call
-            return
-    if descriptors:
-        _fit_boxes(dict(kwargs, **descriptors))
-    kl.launch(plain, grid, args, kwargs, key)
-
-
 class LowRank(NamedTuple):
     """Split-LoRA inside one product: ``z = A la^T`` (stored to ``z``), then ``+ s z lb^T``.
 
@@ -465,68 +402,17 @@ def expert_gemm(
 
     placement = None if lora is None else lora.placement
     if lora is not None and placement is None:
-        if not _measures(a):
+        if not tuning.measures(a):
             placement = tk.LORA_IN_LOOP
         else:
             key = (epilogue, n_out, k_dim, lora.z.shape[1], out.shape[0], gather is not None,
                    scatter is not None, str(a.dtype))  # fmt: skip
-            placement = _measured_choice(_placements, "LoRA placement", key, run, a.device)
+            # fmt: off
+            placement = tuning.measured_choice(_placements, "LoRA placement", key, run, a.device,
+                                               _GEMM_KERNELS)
+            # fmt: on
     run(placement)
     return out
-
-
-def _measures(a: torch.Tensor) -> bool:
-    """Whether launch choices are timed here (else each takes its default)."""
-    return _autotune_enabled() and a.is_cuda
-
-
-def _measured_choice(
-    store: MeasuredChoices, what: str, key: tuple, run, device, candidates: tuple = (),
-    kernels: tuple = (),
-):  # fmt: skip
-    """``store``'s choice for ``key`` on this machine; on first use the fastest of
-    ``candidates`` (default: all it allows) by ``run(candidate)``, logged once, kept on disk
-    (scoped by ``kernels``' sources, default the GEMM kernels', see ``_scope``)."""
-
-    def measure():
-        choice = _fastest(run, candidates or store.allowed)
-        log.info("moelab: triton %s for %s measured: %s", what, key, choice)
-        return choice
-
-    return store.get(_scope(device, kernels), repr(key), measure)
-
-
-@functools.lru_cache(maxsize=8)
-def _scope(device: torch.device, kernels: tuple = ()) -> str:
-    """What a measured choice depends on besides the problem: the GPU, the compilers and the
-    kernels' sources (Triton's hashes of them and the functions they call; default: both GEMM
-    kernels)."""
-    import triton
-
-    name = torch.cuda.get_device_name(device)
-    hashes = "/".join(
-        k.cache_key[:12] for k in kernels or (tk._expert_gemm_kernel, tk._persistent_gemm_kernel)
-    )
-    return f"{name} | triton {triton.__version__} | torch {torch.__version__} | kernels {hashes}"
-
-
-def _fastest(run, choices: tuple, reps: int = 5, rounds: int = 3):
-    """The choice whose ``run(choice)`` takes least GPU time: each tuned and warmed first, then
-    timed in alternating rounds (best round each), so clock drift favours none."""
-    for choice in choices:
-        run(choice)
-    times = {choice: float("inf") for choice in choices}
-    for _ in range(rounds):
-        for choice in choices:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                run(choice)
-            end.record()
-            end.synchronize()
-            times[choice] = min(times[choice], start.elapsed_time(end))
-    return min(times, key=times.get)
 
 
 def _launch(
@@ -585,23 +471,23 @@ def _launch(
         W_DESC=w_mode,
         UPCAST=kl.interpreting(),
         PRECISION="ieee" if a.dtype == torch.float32 else None,
-        BLOCK_R=max(16, triton_next_pow2(rank)),
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
         GROUP_M=_GROUP_M,
     )
 
     def grid(meta: dict) -> tuple[int]:
-        row_tiles = triton_cdiv(num_rows, meta["BLOCK_M"]) + num_experts
-        return (row_tiles * triton_cdiv(n_out, meta["BLOCK_N"]),)
+        row_tiles = triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts
+        return (row_tiles * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
     def derived(config: dict) -> dict:
         """What the tuned kernel's heuristics set: EVEN_*."""
         return _even(dict(config, k_dim=k_dim, n_out=n_out))
 
-    if _autotune_enabled():
+    if tuning.autotune_enabled():
         key = (tuned_as, n_out, k_dim, rank, num_rows, str(a.dtype), *flags.values())
         # fmt: off
-        _run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args, flags,
-                   derived, dict(w_desc=w_desc), a.device)
+        tuning.run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args,
+                         flags, derived, lambda kw: _fit_boxes(dict(kw, w_desc=w_desc)), a.device)
         # fmt: on
         return
     fixed = dict(_FIXED, BLOCK_N=16) if tuned_as == _LOW_RANK else _FIXED
@@ -696,22 +582,23 @@ def _launch_persistent(
         PRECISION="ieee" if out.dtype == torch.float32 else None,
         W_DESC=w_mode,
         LB_DESC=lb_mode,
-        BLOCK_R=max(16, triton_next_pow2(rank)),
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
         GROUP_M=_GROUP_M,
     )
 
     def grid(meta: dict) -> tuple[int]:
-        row_tiles = triton_cdiv(num_rows, meta["BLOCK_M"]) + num_experts
-        tiles_at_most = row_tiles * triton_cdiv(n_out, meta["BLOCK_N"])
+        row_tiles = triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts
+        tiles_at_most = row_tiles * triton.cdiv(n_out, meta["BLOCK_N"])
         return (_programs(out.device, tiles_at_most, meta["SM_PROGRAMS"]),)
 
-    if _autotune_enabled():
+    if tuning.autotune_enabled():
         key = ("persistent", tuned_as, n_out, k_dim, rank, num_rows, str(out.dtype),
                *flags.values())  # fmt: skip
         # fmt: off
-        _run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags,
-                   descriptors=dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc,
-                                    lb_desc=lb_desc), device=out.device)
+        descriptors = dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc)
+        tuning.run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags,
+                         prepare=lambda kw: _fit_boxes(dict(kw, **descriptors)),
+                         device=out.device)
         # fmt: on
         return
     kwargs = dict(flags, **_FIXED, SM_PROGRAMS=1)
@@ -728,189 +615,6 @@ def _persistent_kernel():
     return _autotuned(tk._persistent_gemm_kernel, _CONFIGS[tk.STORE], key, per_sm)
 
 
-# (BLOCK_M, BLOCK_D, warps, stages) of the rank-r weight gradients: memory-bound reductions over
-# each expert's rows, so deep pipelines over wide row blocks; p's columns (the rank) in one block
-_RANK_GRAD_CONFIGS = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3),
-                      (64, 128, 4, 4), (128, 128, 4, 4))  # fmt: skip
-_RANK_GRAD_FIXED = dict(BLOCK_M=32, BLOCK_D=32, num_warps=4, num_stages=3)
-# (BLOCK_M, BLOCK_D, BLOCK_P, warps, stages) of the expert weights' gradients: GEMMs whose
-# reduction runs over an expert's rows (a few hundred at 8192 tokens), so wide output tiles
-_WIDE_GRAD_CONFIGS = ((64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3),
-                      (128, 128, 256, 8, 3), (64, 256, 128, 8, 3), (32, 128, 128, 4, 4),
-                      (64, 64, 128, 4, 4))  # fmt: skip
-_WIDE_GRAD_FIXED = dict(BLOCK_M=32, BLOCK_D=32, BLOCK_P=32, num_warps=4, num_stages=3)
-_ONE_BLOCK_MAX = 128  # p's columns up to this in one block (LoRA ranks)
-
-
-@functools.cache
-def _expert_grad_kernel(wide: bool):
-    """The per-expert gradient kernel autotuned over ``_WIDE_GRAD_CONFIGS`` (``wide``: p's
-    columns in tuned blocks) or ``_RANK_GRAD_CONFIGS`` (one block, sized by the caller)."""
-    import triton
-
-    if wide:
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_P": bp}, num_warps=w, num_stages=st)
-            for bm, bd, bp, w, st in _WIDE_GRAD_CONFIGS
-        ]
-    else:
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
-            for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
-        ]
-    key = ["d_dim", "p_dim", "GATHER", "ROW_SCALE"]
-    return triton.autotune(configs, key=key)(tk._expert_grad_kernel)
-
-
-def expert_grad(
-    q_MD: torch.Tensor,
-    p_NP: torch.Tensor,
-    offs_E: torch.Tensor,
-    out: torch.Tensor,
-    out_strides: tuple[int, int, int],
-    scale: float,
-    *,
-    gather: torch.Tensor | None = None,
-    row_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``out[e, d, j] = s * sum_{n of e} q[n, d] p[n, j]`` written through ``out_strides``
-    (expert, d, j), so LoRA's A ``[E, r, D]`` and B ``[E, D, r]`` and the weights' ``[E, N, K]``
-    all come out in place; ``q`` rows through ``gather`` (token order), ``p`` rows times
-    ``row_scale``."""
-    d_dim, p_dim = q_MD.shape[1], p_NP.shape[1]
-    args = (
-        q_MD,
-        gather if gather is not None else offs_E,
-        q_MD.stride(0),
-        q_MD.stride(1),
-        p_NP,
-        p_NP.stride(0),
-        p_NP.stride(1),
-        row_scale if row_scale is not None else p_NP,
-        offs_E,
-        out,
-        *out_strides,
-        d_dim,
-        p_dim,
-        float(scale),
-    )
-    wide = p_dim > _ONE_BLOCK_MAX
-    flags = dict(
-        GATHER=gather is not None,
-        ROW_SCALE=row_scale is not None,
-        UPCAST=kl.interpreting(),
-        PRECISION="ieee" if q_MD.dtype == torch.float32 else None,
-    )
-    if not wide:
-        flags["BLOCK_P"] = max(16, triton_next_pow2(p_dim))
-
-    def grid(meta: dict) -> tuple[int, int, int]:
-        blocks_p = triton_cdiv(p_dim, meta["BLOCK_P"])
-        return (offs_E.numel(), triton_cdiv(d_dim, meta["BLOCK_D"]), blocks_p)
-
-    if _autotune_enabled():
-        key = ("expert_grad", d_dim, p_dim, str(q_MD.dtype), *flags.values())
-        # fmt: off
-        _run_tuned(tk._expert_grad_kernel, lambda: _expert_grad_kernel(wide), key, grid, args,
-                   flags, device=q_MD.device)
-        # fmt: on
-    else:
-        fixed = _WIDE_GRAD_FIXED if wide else _RANK_GRAD_FIXED
-        tk._expert_grad_kernel[grid](*args, **flags, **fixed)
-    return out
-
-
-def _factor_grad(factor, q, p, s, offs_E, *, is_a: bool, gather=None, row_scale=None):
-    """A LoRA factor's gradient by :func:`expert_grad`: A is ``[E, r, D]`` (the reduction's d
-    on its last axis), B is ``[E, D, r]``."""
-    out = torch.empty_like(factor)
-    strides = _t(out) if is_a else out.stride()
-    return expert_grad(q, p, offs_E, out, strides, s, gather=gather, row_scale=row_scale)
-
-
-# How dW1 and dW2 are computed: "triton" (expert_grad, the token-order operand read through
-# the row index) or "torch" (a gathered copy of it, then torch's grouped GEMM): the
-# MOELAB_TRITON_WEIGHT_GRADS setting, else measured once per shape on this machine (with
-# autotuning on; else "triton") and kept on disk.
-_weight_grad_paths = MeasuredChoices("triton_weight_grads.json", ("triton", "torch"))
-
-
-def _weight_grads_setting() -> str | None:
-    value = kl.setting("MOELAB_TRITON_WEIGHT_GRADS", "")
-    if value and value not in _weight_grad_paths.allowed:
-        allowed = " or ".join(_weight_grad_paths.allowed)
-        raise ValueError(f"MOELAB_TRITON_WEIGHT_GRADS={value!r}: expected {allowed} (or unset)")
-    return value or None
-
-
-def weight_grad(
-    tokens_TD: torch.Tensor,
-    rows_NJ: torch.Tensor,
-    plan: DispatchPlan,
-    out_jd: bool,
-    path: str | None = None,
-    gathered_ND: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """An expert weight's gradient, ``sum_{n of e} tokens[token(n)]^T rows[n]`` per expert:
-    ``[E, J, D]`` when ``out_jd`` (dW1 = dh^T x), else ``[E, D, J]`` (dW2 = dout^T (w act)).
-    ``tokens`` stays in token order: the triton path reads its rows through ``plan.token_N``;
-    the torch path gathers a ``[N, D]`` copy for torch's grouped GEMM, or takes
-    ``gathered_ND``, a copy already made (then nothing is measured). ``path`` overrides the
-    setting and the measured choice."""
-    num_experts = plan.offs_E.numel()
-    d_dim, j_dim = tokens_TD.shape[1], rows_NJ.shape[1]
-
-    def run(path: str) -> torch.Tensor:
-        if path == "torch":
-            copy_ND = gathered_ND
-            if copy_ND is None:
-                copy_ND = tokens_TD.index_select(0, plan.token_N)
-            if out_jd:
-                return gmm._gmm_wgrad(rows_NJ, copy_ND, plan.offs_E)
-            return gmm._gmm_wgrad(copy_ND, rows_NJ, plan.offs_E)
-        if out_jd:
-            out = rows_NJ.new_empty(num_experts, j_dim, d_dim)
-            strides = (j_dim * d_dim, 1, d_dim)
-        else:
-            out = rows_NJ.new_empty(num_experts, d_dim, j_dim)
-            strides = (d_dim * j_dim, j_dim, 1)
-        return expert_grad(tokens_TD, rows_NJ, plan.offs_E, out, strides, 1.0, gather=plan.token_N)
-
-    if gathered_ND is not None:
-        path = "torch"
-    path = path or _weight_grads_setting()
-    if path is None:
-        if not _measures(tokens_TD):
-            path = "triton"
-        else:
-            rows = rows_NJ.shape[0]
-            key = ("weight_grad", d_dim, j_dim, rows, num_experts, out_jd, str(rows_NJ.dtype))
-            # fmt: off
-            path = _measured_choice(_weight_grad_paths, "weight gradient", key, run,
-                                    tokens_TD.device, kernels=(tk._expert_grad_kernel,))
-            # fmt: on
-    return run(path)
-
-
-def lora_down_grads(need, s, plan, dout_TH, w_N, act_w_NI, u2_NR, z2_NR, a2, b2, grads) -> None:
-    """dA2 (9) = s u2^T (w act) and dB2 (10) = s dout[token]^T (w z2) per expert."""
-    if need[9]:
-        grads[9] = _factor_grad(a2, act_w_NI, u2_NR, s, plan.offs_E, is_a=True)
-    if need[10]:
-        # fmt: off
-        grads[10] = _factor_grad(b2, dout_TH, z2_NR, s, plan.offs_E, is_a=False,
-                                 gather=plan.token_N, row_scale=w_N)
-        # fmt: on
-
-
-def lora_up_grads(need, s, plan, x_TH, dh_NG, u1_NR, z1_NR, a1, b1, grads) -> None:
-    """dA1 (7) = s u1^T x[token] and dB1 (8) = s dh^T z1 per expert."""
-    if need[7]:
-        grads[7] = _factor_grad(a1, x_TH, u1_NR, s, plan.offs_E, is_a=True, gather=plan.token_N)
-    if need[8]:
-        grads[8] = _factor_grad(b1, dh_NG, z1_NR, s, plan.offs_E, is_a=False)
-
-
 def best_configs() -> dict[int, str]:
     """The autotuner's choice per epilogue (for benchmark reports)."""
     return {
@@ -920,16 +624,12 @@ def best_configs() -> dict[int, str]:
     }
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
 def combine_rows(y_NH: torch.Tensor, top_k: int, weights_N: torch.Tensor | None) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] y[t * K + j]`` (rows in slot order), fp32, fixed order."""
     rows, hidden = y_NH.shape
     out = y_NH.new_empty(rows // top_k, hidden)
-    block = min(1024, max(16, triton_next_pow2(hidden)))
-    grid = (rows // top_k, triton_cdiv(hidden, block))
+    block = min(1024, max(16, triton.next_power_of_2(hidden)))
+    grid = (rows // top_k, triton.cdiv(hidden, block))
     w = weights_N if weights_N is not None else y_NH
     flags = dict(TOP_K=top_k, HAS_W=weights_N is not None, UPCAST=kl.interpreting(), BLOCK_H=block)
     # fmt: off
@@ -1018,7 +718,7 @@ def down_backward(
     hidden, inter = down.shape[1:]
     rows = h_NG.shape[0]
     dh_NG = h_NG.new_empty(rows, 2 * inter)
-    dw_parts = h_NG.new_empty(rows, triton_cdiv(inter, _DW_COLS), dtype=torch.float32)
+    dw_parts = h_NG.new_empty(rows, triton.cdiv(inter, _DW_COLS), dtype=torch.float32)
     act_w = h_NG.new_empty(rows, inter) if want_actw else None
     epilogue = dict(epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N, dw=dw_parts, act_w=act_w, oai=oai)
 
@@ -1058,7 +758,7 @@ def down_backward(
 
     main = main or DOWN_BACKWARD_MAIN
     if main is None:
-        if not _measures(dout_TH):
+        if not tuning.measures(dout_TH):
             main = "triton"
         else:
             extra = rows * (hidden + inter) * dout_TH.element_size()
@@ -1067,8 +767,8 @@ def down_backward(
                    torch_ok)  # fmt: skip
             # fmt: off
             candidates = _main_loops.allowed if torch_ok else ("triton", "gathered")
-            main = _measured_choice(_main_loops, "down-projection backward", key, run,
-                                    dout_TH.device, candidates)
+            main = tuning.measured_choice(_main_loops, "down-projection backward", key, run,
+                                          dout_TH.device, _GEMM_KERNELS, candidates)
             # fmt: on
     return dh_NG, dw_parts, act_w, run(main)
 
@@ -1164,10 +864,10 @@ class _TritonExperts(torch.autograd.Function):
         # the down projection's weight and LoRA gradients now, so that w * act and the gathered
         # dout are freed before the up projection's [N, H] dX buffer exists (a lower peak)
         # fmt: off
-        lora_down_grads(need, s, plan, dout_TH, w_N, act_w, _z(low["bwd_down"]), z2, a2, b2,
+        tg.lora_down_grads(need, s, plan, dout_TH, w_N, act_w, _z(low["bwd_down"]), z2, a2, b2,
                         grads)
         if need[4]:  # on the torch main loop's gathered copy of dout where it made one
-            grads[4] = weight_grad(dout_TH, act_w, plan, out_jd=False, gathered_ND=dout_NH)
+            grads[4] = tg.weight_grad(dout_TH, act_w, plan, out_jd=False, gathered_ND=dout_NH)
         del dout_NH
         gmm.down_grads(_only(need, 6), s, plan, dout_TH, None, None, None, None, None,
                        weights_TK, experts_TK, down_bias, num_experts, grads)
@@ -1181,9 +881,9 @@ class _TritonExperts(torch.autograd.Function):
                 grads[0] = combine_rows(dx_slots, top_k, None)
             del dx_slots
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
-        lora_up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, a1, b1, grads)
+        tg.lora_up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, a1, b1, grads)
         if need[3]:
-            grads[3] = weight_grad(x_TH, dh_NG, plan, out_jd=True)
+            grads[3] = tg.weight_grad(x_TH, dh_NG, plan, out_jd=True)
         gmm.up_grads(_only(need, 5), s, plan, x_TH, dh_NG, None, None, grads)
         return tuple(grads)
 

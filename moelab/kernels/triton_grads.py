@@ -1,0 +1,201 @@
+"""Gradients of the expert weights and the LoRA factors: per-expert reductions over each
+expert's sorted rows (``sum_{n of e} q[n]^T p[n]``), by ``tk._expert_grad_kernel`` or, for the
+weights, torch's grouped GEMM over a gathered copy where that measured faster.
+
+Gradient slots follow the autograd function of :mod:`moelab.kernels.triton`: 3 dW1, 4 dW2,
+7-10 the LoRA factors A1, B1, A2, B2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from moelab.kernels import grouped_mm as gmm
+from moelab.kernels import launch as kl
+from moelab.kernels import triton_kernels as tk
+from moelab.kernels import triton_tuning as tuning
+from moelab.kernels.measured import MeasuredChoices
+from moelab.ops.dispatch import DispatchPlan
+
+# (BLOCK_M, BLOCK_D, warps, stages) of the rank-r weight gradients: memory-bound reductions over
+# each expert's rows, so deep pipelines over wide row blocks; p's columns (the rank) in one block
+_RANK_GRAD_CONFIGS = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3),
+                      (64, 128, 4, 4), (128, 128, 4, 4))  # fmt: skip
+_RANK_GRAD_FIXED = dict(BLOCK_M=32, BLOCK_D=32, num_warps=4, num_stages=3)
+# (BLOCK_M, BLOCK_D, BLOCK_P, warps, stages) of the expert weights' gradients: GEMMs whose
+# reduction runs over an expert's rows (a few hundred at 8192 tokens), so wide output tiles
+_WIDE_GRAD_CONFIGS = ((64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3),
+                      (128, 128, 256, 8, 3), (64, 256, 128, 8, 3), (32, 128, 128, 4, 4),
+                      (64, 64, 128, 4, 4))  # fmt: skip
+_WIDE_GRAD_FIXED = dict(BLOCK_M=32, BLOCK_D=32, BLOCK_P=32, num_warps=4, num_stages=3)
+_ONE_BLOCK_MAX = 128  # p's columns up to this in one block (LoRA ranks)
+
+
+@functools.cache
+def _expert_grad_kernel(wide: bool):
+    """The per-expert gradient kernel autotuned over ``_WIDE_GRAD_CONFIGS`` (``wide``: p's
+    columns in tuned blocks) or ``_RANK_GRAD_CONFIGS`` (one block, sized by the caller)."""
+    if wide:
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_P": bp}, num_warps=w, num_stages=st)
+            for bm, bd, bp, w, st in _WIDE_GRAD_CONFIGS
+        ]
+    else:
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+            for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
+        ]
+    key = ["d_dim", "p_dim", "GATHER", "ROW_SCALE"]
+    return triton.autotune(configs, key=key)(tk._expert_grad_kernel)
+
+
+def expert_grad(
+    q_MD: torch.Tensor,
+    p_NP: torch.Tensor,
+    offs_E: torch.Tensor,
+    out: torch.Tensor,
+    out_strides: tuple[int, int, int],
+    scale: float,
+    *,
+    gather: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[e, d, j] = s * sum_{n of e} q[n, d] p[n, j]`` written through ``out_strides``
+    (expert, d, j), so LoRA's A ``[E, r, D]`` and B ``[E, D, r]`` and the weights' ``[E, N, K]``
+    all come out in place; ``q`` rows through ``gather`` (token order), ``p`` rows times
+    ``row_scale``."""
+    d_dim, p_dim = q_MD.shape[1], p_NP.shape[1]
+    args = (
+        q_MD,
+        gather if gather is not None else offs_E,
+        q_MD.stride(0),
+        q_MD.stride(1),
+        p_NP,
+        p_NP.stride(0),
+        p_NP.stride(1),
+        row_scale if row_scale is not None else p_NP,
+        offs_E,
+        out,
+        *out_strides,
+        d_dim,
+        p_dim,
+        float(scale),
+    )
+    wide = p_dim > _ONE_BLOCK_MAX
+    flags = dict(
+        GATHER=gather is not None,
+        ROW_SCALE=row_scale is not None,
+        UPCAST=kl.interpreting(),
+        PRECISION="ieee" if q_MD.dtype == torch.float32 else None,
+    )
+    if not wide:
+        flags["BLOCK_P"] = max(16, triton.next_power_of_2(p_dim))
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        blocks_p = triton.cdiv(p_dim, meta["BLOCK_P"])
+        return (offs_E.numel(), triton.cdiv(d_dim, meta["BLOCK_D"]), blocks_p)
+
+    if tuning.autotune_enabled():
+        key = ("expert_grad", d_dim, p_dim, str(q_MD.dtype), *flags.values())
+        # fmt: off
+        tuning.run_tuned(tk._expert_grad_kernel, lambda: _expert_grad_kernel(wide), key, grid, args,
+                   flags, device=q_MD.device)
+        # fmt: on
+    else:
+        fixed = _WIDE_GRAD_FIXED if wide else _RANK_GRAD_FIXED
+        tk._expert_grad_kernel[grid](*args, **flags, **fixed)
+    return out
+
+
+def _factor_grad(factor, q, p, s, offs_E, *, is_a: bool, gather=None, row_scale=None):
+    """A LoRA factor's gradient by :func:`expert_grad`: A is ``[E, r, D]`` (the reduction's d
+    on its last axis), B is ``[E, D, r]``."""
+    out = torch.empty_like(factor)
+    strides = (out.stride(0), out.stride(2), out.stride(1)) if is_a else out.stride()
+    return expert_grad(q, p, offs_E, out, strides, s, gather=gather, row_scale=row_scale)
+
+
+# How dW1 and dW2 are computed: "triton" (expert_grad, the token-order operand read through
+# the row index) or "torch" (a gathered copy of it, then torch's grouped GEMM): the
+# MOELAB_TRITON_WEIGHT_GRADS setting, else measured once per shape on this machine (with
+# autotuning on; else "triton") and kept on disk.
+_weight_grad_paths = MeasuredChoices("triton_weight_grads.json", ("triton", "torch"))
+
+
+def _weight_grads_setting() -> str | None:
+    value = kl.setting("MOELAB_TRITON_WEIGHT_GRADS", "")
+    if value and value not in _weight_grad_paths.allowed:
+        allowed = " or ".join(_weight_grad_paths.allowed)
+        raise ValueError(f"MOELAB_TRITON_WEIGHT_GRADS={value!r}: expected {allowed} (or unset)")
+    return value or None
+
+
+def weight_grad(
+    tokens_TD: torch.Tensor,
+    rows_NJ: torch.Tensor,
+    plan: DispatchPlan,
+    out_jd: bool,
+    path: str | None = None,
+    gathered_ND: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """An expert weight's gradient, ``sum_{n of e} tokens[token(n)]^T rows[n]`` per expert:
+    ``[E, J, D]`` when ``out_jd`` (dW1 = dh^T x), else ``[E, D, J]`` (dW2 = dout^T (w act)).
+    ``tokens`` stays in token order: the triton path reads its rows through ``plan.token_N``;
+    the torch path gathers a ``[N, D]`` copy for torch's grouped GEMM, or takes
+    ``gathered_ND``, a copy already made (then nothing is measured). ``path`` overrides the
+    setting and the measured choice."""
+    num_experts = plan.offs_E.numel()
+    d_dim, j_dim = tokens_TD.shape[1], rows_NJ.shape[1]
+
+    def run(path: str) -> torch.Tensor:
+        if path == "torch":
+            copy_ND = gathered_ND
+            if copy_ND is None:
+                copy_ND = tokens_TD.index_select(0, plan.token_N)
+            if out_jd:
+                return gmm._gmm_wgrad(rows_NJ, copy_ND, plan.offs_E)
+            return gmm._gmm_wgrad(copy_ND, rows_NJ, plan.offs_E)
+        if out_jd:
+            out = rows_NJ.new_empty(num_experts, j_dim, d_dim)
+            strides = (j_dim * d_dim, 1, d_dim)
+        else:
+            out = rows_NJ.new_empty(num_experts, d_dim, j_dim)
+            strides = (d_dim * j_dim, j_dim, 1)
+        return expert_grad(tokens_TD, rows_NJ, plan.offs_E, out, strides, 1.0, gather=plan.token_N)
+
+    if gathered_ND is not None:
+        path = "torch"
+    path = path or _weight_grads_setting()
+    if path is None:
+        if not tuning.measures(tokens_TD):
+            path = "triton"
+        else:
+            rows = rows_NJ.shape[0]
+            key = ("weight_grad", d_dim, j_dim, rows, num_experts, out_jd, str(rows_NJ.dtype))
+            # fmt: off
+            path = tuning.measured_choice(_weight_grad_paths, "weight gradient", key, run,
+                                    tokens_TD.device, kernels=(tk._expert_grad_kernel,))
+            # fmt: on
+    return run(path)
+
+
+def lora_down_grads(need, s, plan, dout_TH, w_N, act_w_NI, u2_NR, z2_NR, a2, b2, grads) -> None:
+    """dA2 (9) = s u2^T (w act) and dB2 (10) = s dout[token]^T (w z2) per expert."""
+    if need[9]:
+        grads[9] = _factor_grad(a2, act_w_NI, u2_NR, s, plan.offs_E, is_a=True)
+    if need[10]:
+        # fmt: off
+        grads[10] = _factor_grad(b2, dout_TH, z2_NR, s, plan.offs_E, is_a=False,
+                                 gather=plan.token_N, row_scale=w_N)
+        # fmt: on
+
+
+def lora_up_grads(need, s, plan, x_TH, dh_NG, u1_NR, z1_NR, a1, b1, grads) -> None:
+    """dA1 (7) = s u1^T x[token] and dB1 (8) = s dh^T z1 per expert."""
+    if need[7]:
+        grads[7] = _factor_grad(a1, x_TH, u1_NR, s, plan.offs_E, is_a=True, gather=plan.token_N)
+    if need[8]:
+        grads[8] = _factor_grad(b1, dh_NG, z1_NR, s, plan.offs_E, is_a=False)
