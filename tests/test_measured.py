@@ -110,14 +110,67 @@ def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeyp
 
 
 class _FakeKernel:
-    """Records ``kernel[grid](*args, **kwargs)`` launches; ``best_config`` as Triton's tuner."""
+    """Records ``kernel[grid](*args, **kwargs)`` launches; ``best_config``, ``configs`` and the
+    candidate pruning as Triton's tuner; ``fn.warmup`` (compiling without launching) recorded
+    in ``warmups``."""
 
-    def __init__(self, calls: list, name: str, best=None, configs=()):
+    def __init__(self, calls: list, name: str, best=None, configs=(), arg_names=()):
         self.calls, self.name, self.best_config = calls, name, best
         self.configs = list(configs) or [best]
+        self.arg_names, self.nargs, self.fn, self.warmups = list(arg_names), None, self, []
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.calls.append((self.name, grid, args, kwargs))
+
+    def prune_configs(self, kwargs):
+        # as a tuner's early_config_prune: sees the launch's named arguments
+        return [c for c in self.configs if self.nargs.get("n", 0) >= c.kwargs["BLOCK_N"]]
+
+    def warmup(self, *args, grid, **kwargs):
+        self.warmups.append((grid, args, kwargs))
+
+
+@pytest.fixture
+def compile_threads(monkeypatch):
+    """Sets ``MOELAB_TRITON_COMPILE_THREADS`` for one test (settings are read once: cleared)."""
+
+    def set_to(value: str) -> None:
+        monkeypatch.setenv("MOELAB_TRITON_COMPILE_THREADS", value)
+        kl.setting.cache_clear()
+
+    yield set_to
+    monkeypatch.delenv("MOELAB_TRITON_COMPILE_THREADS", raising=False)
+    kl.setting.cache_clear()
+
+
+def test_a_first_tuning_compiles_the_pruned_candidates_first(compile_threads):
+    """Before the tuner times them, every candidate left by its pruning is compiled (warmed up
+    with the launch's arguments, flags and the candidate's constexprs), each after its own
+    pre-hook, which sizes the descriptors whose boxes are part of the compiled signature."""
+    import triton
+
+    compile_threads("4")
+    seen = []  # (the pre-hook's view of BLOCK_N, the warmups so far)
+    calls = []
+    configs = [
+        triton.Config({"BLOCK_N": n}, num_warps=4, num_stages=3, pre_hook=lambda nargs: seen.append(
+            (nargs["BLOCK_N"], nargs["F"], nargs["n"], len(tuned.warmups))))
+        for n in (32, 64, 128)
+    ]  # fmt: skip
+    tuned = _FakeKernel(calls, "tuned", configs[0], configs, arg_names=("x", "n"))
+    assert tuning.compile_candidates(tuned, (4,), ("x", 64), {"F": True}) == 2  # 128 > n: pruned
+    assert seen == [(32, True, 64, 0), (64, True, 64, 1)]
+    assert [w[2]["BLOCK_N"] for w in tuned.warmups] == [32, 64]
+    assert all(w[0] == (4,) and w[1] == ("x", 64) and w[2]["F"] is True for w in tuned.warmups)
+    assert tuned.warmups[0][2]["num_warps"] == 4 and tuned.nargs is None
+    assert not calls  # compiled, nothing launched
+
+    compile_threads("1")  # one by one: left to the tuner
+    assert tuning.compile_candidates(tuned, (4,), ("x", 64), {"F": True}) == 0
+    assert len(tuned.warmups) == 2
+    compile_threads("0")
+    with pytest.raises(ValueError, match="MOELAB_TRITON_COMPILE_THREADS='0'"):
+        tuning.compile_candidates(tuned, (4,), ("x", 64), {"F": True})
 
 
 def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(monkeypatch):

@@ -3,15 +3,19 @@ launch key, and choices between kernels timed against each other, both kept on d
 (:class:`moelab.kernels.measured.MeasuredChoices`) so that later processes skip the work.
 
 ``MOELAB_TRITON_AUTOTUNE=0`` turns both off (CI, reproducibility): every launch takes its fixed
-configuration and every choice its default.
+configuration and every choice its default. A first tuning compiles every candidate
+configuration before timing it; those compiles run in ``MOELAB_TRITON_COMPILE_THREADS`` threads
+(default: one per CPU; 1: one by one, as Triton's tuner alone does).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -67,12 +71,17 @@ def run_tuned(
 
         def tune() -> str:
             t0 = time.perf_counter()
+            compiled = compile_candidates(kernel, grid, args, flags)
+            t1 = time.perf_counter()
             kernel[grid](*args, **flags)
             tuned_now.append(True)
             log.info(
-                "moelab: triton tuning for %s took %.1f s (then kept on disk)",
+                "moelab: triton tuning for %s took %.1f s (%s; then kept on disk)",
                 key[:4],
                 time.perf_counter() - t0,
+                f"{compiled} candidates compiled in parallel in {t1 - t0:.1f} s"
+                if compiled
+                else "candidates compiled one by one",
             )
             return config_name(kernel.best_config)
 
@@ -88,6 +97,44 @@ def run_tuned(
     if prepare is not None:
         prepare(kwargs)
     kl.launch(plain, grid, args, kwargs, key)
+
+
+def compile_threads() -> int:
+    value = kl.setting("MOELAB_TRITON_COMPILE_THREADS", "")
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MOELAB_TRITON_COMPILE_THREADS={value!r}: expected a positive integer")
+    return int(value)
+
+
+def compile_candidates(tuned, grid, args: tuple, flags: dict) -> int:
+    """Compile the autotuned kernel's candidate configurations for this launch in parallel
+    threads, so that its tuner, which compiles each just before timing it, finds them compiled;
+    returns how many (0: left to the tuner). Compiling, not timing, is most of a first tuning
+    (minutes per shape on a fresh cache, BENCHMARKS.md run 51), and Triton's compiler releases
+    the GIL for most of its work. A candidate that fails to compile is left to the tuner, which
+    skips it as before. Each candidate's pre-hook runs first, as the tuner runs it before each
+    launch: it sizes the TMA descriptors' boxes, which are part of the compiled signature."""
+    threads = compile_threads()
+    tuned.nargs = named = dict(zip(tuned.arg_names, args))
+    try:
+        candidates = tuned.prune_configs(flags)
+    finally:
+        tuned.nargs = None
+    if threads < 2 or len(candidates) < 2:
+        return 0
+    workers = min(threads, len(candidates))
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        triton.AsyncCompileMode(pool, ignore_errors=True),
+    ):
+        for config in candidates:
+            meta = dict(flags, **config.all_kwargs())
+            if config.pre_hook is not None:
+                config.pre_hook(dict(named, **meta))
+            tuned.fn.warmup(*args, grid=grid, **meta)
+    return len(candidates)
 
 
 def measured_choice(
