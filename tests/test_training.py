@@ -288,6 +288,7 @@ def test_two_job_multirun_and_report(tmp_path):
         (["model=qwen3_moe", "model.path=/no/such/ckpt"], "is not a folder"),
         (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid"),
         (["backend=grouped_mm", "trainer.moe_recompute=true"], "recompute is triton's"),
+        (["trainer.cuda_graph=true", "trainer.device=cpu"], "trainer.cuda_graph=true replays"),
     ],
 )
 def test_bad_values_stop_before_any_work(tmp_path, overrides, message):

@@ -91,6 +91,8 @@ class TrainerConfig:
     z_loss_coef: float = 0.0
     resume: bool = False
     resume_from: str | None = None
+    # replay each step from a CUDA graph captured at the first (fixed shapes; no host launching)
+    cuda_graph: bool = False
 
 
 @dataclass
@@ -166,7 +168,20 @@ def validate(cfg: RunConfig) -> None:
             t.micro_batch_tokens,
             f">= data.seq_len ({cfg.data.seq_len})",
         )
+    if t.cuda_graph and not _is_cuda(t.device):
+        raise ValueError(
+            f"trainer.cuda_graph=true replays each step from a CUDA graph: it needs a CUDA device, "
+            f"and trainer.device={t.device!r} is not one here"
+        )
     if cfg.optim.lr <= 0:
         raise bad("optim.lr", cfg.optim.lr, "> 0")
     if cfg.logger.mode not in LOGGER_MODES:
         raise bad("logger.mode", cfg.logger.mode, f"one of {LOGGER_MODES}")
+
+
+def _is_cuda(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")

@@ -1,12 +1,16 @@
 """The training loop: one step = grad-accumulated micro-batches, clip, AdamW, schedule.
 
 ``train(cfg, run_dir)`` is the whole run; ``experiments/train.py`` calls it from Hydra. Host
-synchronisation happens only at log, eval and checkpoint steps.
+synchronisation happens only at log, eval and checkpoint steps. With ``trainer.cuda_graph`` the
+step (micro-batches, clipping, the optimizer) is captured as a CUDA graph at its first call and
+replayed after (:class:`moelab.train.graphs.CapturedStep`); the schedule sets the learning rate
+in place between replays, and evaluation and checkpoints run eagerly as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -22,6 +26,8 @@ from moelab.models.options import ForwardOptions
 from moelab.train import lora as lora_mod
 from moelab.train import setup, state
 from moelab.train.config import RunConfig, validate
+from moelab.train.data import Batch
+from moelab.train.graphs import CapturedStep
 from moelab.train.loss import chunked_cross_entropy
 from moelab.train.optim import MasterWeights, build_optimizer, build_schedule
 from moelab.train.tracking import Tracker
@@ -94,7 +100,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         if trains(path):
             trainable.append((path, t))
     masters = MasterWeights(trainable)
-    optimizer = build_optimizer(masters, cfg.optim)
+    optimizer = build_optimizer(masters, cfg.optim, capturable=cfg.trainer.cuda_graph)
     schedule = build_schedule(optimizer, cfg.optim, cfg.trainer.steps)
     data = setup.build_data(cfg, model)
     start = 0
@@ -109,6 +115,11 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         start = saved["step"]
         state.restore_rng(saved)
         log.info("moelab: resumed from %s at step %d", ckpt, start)
+    if cfg.trainer.cuda_graph:
+        # a captured optimizer step reads the learning rate from memory, which the schedule
+        # then sets in place between replays (a float would be recorded as a constant)
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
     scale = lora.alpha / lora.rank if lora.rank else 1.0
     train_opts = ForwardOptions(
@@ -129,7 +140,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     mode = "full" if lora.rank is None else f"LoRA r={lora.rank} on {', '.join(lora.targets)}"
     log.info(
         "moelab: model %s (%s), %.2fM parameters, %.3fM trainable (%s), backend %s, "
-        "%s on %s, %d train tokens",
+        "%s on %s, %d train tokens%s",
         model.config.model_type,
         cfg.model.name,
         n_total / 1e6,
@@ -139,6 +150,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         str(dtype).removeprefix("torch."),
         device,
         data.train_tokens,
+        ", steps replayed from a CUDA graph" if cfg.trainer.cuda_graph else "",
     )
 
     resolved = dataclasses.asdict(cfg)
@@ -206,32 +218,25 @@ class _Run:
 
 
 def _loop(run: _Run, start: int) -> dict:
-    cfg, model, data, masters, device = run.cfg, run.model, run.data, run.masters, run.device
+    cfg, model, data, device = run.cfg, run.model, run.data, run.device
     optimizer, schedule, tracker = run.optimizer, run.schedule, run.tracker
-    train_opts, eval_opts = run.train_opts, run.eval_opts
+    eval_opts = run.eval_opts
     t = cfg.trainer
     tokens_per_step = t.micro_batch_tokens * t.grad_accum
     window = _Window(device)
+    step_fn = functools.partial(_train_step, run, window)
+    train_step = CapturedStep(step_fn) if t.cuda_graph else step_fn
     eval_loss, postfix = None, {}
     if start == 0:  # the untrained baseline, so the eval curve starts where training does
         tracker.log({"eval_loss": evaluate(model, data.eval, eval_opts, cfg, device)}, 0)
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     for step in range(start, t.steps):
-        for _ in range(t.grad_accum):
-            batch = data.train.next().to(device)
-            loss, ce_sum, count, stats = step_loss(model, batch, train_opts, cfg)
-            (loss / t.grad_accum).backward()
-            window.add(loss.detach(), ce_sum.detach(), count, stats)
-        masters.grads_to_masters()
-        grad_norm = torch.nn.utils.clip_grad_norm_(masters.masters, cfg.optim.grad_clip)
-        optimizer.step()
+        train_step(_stack([data.train.next() for _ in range(t.grad_accum)]).to(device))
         schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        masters.masters_to_params()
-        window.end_step(grad_norm.detach())
+        window.end_step(t.grad_accum)
         done = step + 1
         if done % t.log_interval == 0 or done == t.steps:
-            record = window.flush(tokens_per_step, schedule.get_last_lr()[0])
+            record = window.flush(tokens_per_step, float(schedule.get_last_lr()[0]))
             tracker.log(record, done)
             postfix.update(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.set_postfix(postfix)
@@ -241,7 +246,7 @@ def _loop(run: _Run, start: int) -> dict:
             postfix["eval"] = f"{eval_loss:.3f}"
             bar.set_postfix(postfix)
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
-            resume_state = _resume_state(optimizer, schedule, data, masters, cfg.lora)
+            resume_state = _resume_state(optimizer, schedule, data, run.masters, cfg.lora)
             state.save(run.run_dir, done, model, cfg.lora, run.names, resume_state, run.base_model)
         bar.update(1)
     bar.close()
@@ -254,12 +259,42 @@ def _loop(run: _Run, start: int) -> dict:
     }
 
 
+def _stack(batches: list[Batch]) -> torch.Tensor:
+    """A step's micro-batches as one ``[A, 3, B, S]`` tensor (input ids, labels, document ids):
+    one copy to the device, and one fixed-shape input for a captured step."""
+    return torch.stack([torch.stack((b.input_ids, b.labels, b.document_ids)) for b in batches])
+
+
+def _train_step(run: _Run, window: _Window, batches_A3BS: torch.Tensor) -> None:
+    """One optimizer step over the micro-batches: no host synchronisation and no host-side
+    state, so that a CUDA graph can replay it (the window's sums are added in place)."""
+    cfg, masters, optimizer = run.cfg, run.masters, run.optimizer
+    micro = batches_A3BS.shape[0]
+    for input_ids, labels, document_ids in batches_A3BS:
+        batch = Batch(input_ids, labels, document_ids)
+        loss, ce_sum, count, stats = step_loss(run.model, batch, run.train_opts, cfg)
+        (loss / micro).backward()
+        window.add(loss.detach(), ce_sum.detach(), count, stats)
+    masters.grads_to_masters()
+    grad_norm = torch.nn.utils.clip_grad_norm_(masters.masters, cfg.optim.grad_clip)
+    window.add_grad_norm(grad_norm.detach())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    masters.masters_to_params()
+
+
 def _resume_state(optimizer, schedule, data, masters: MasterWeights, lora) -> dict:
     """What a resume needs beyond the exported model: optimizer, schedule, data position, the
     fp32 masters of bf16 params, and in LoRA runs the trained tensors themselves."""
+    optimizer_state, schedule_state = optimizer.state_dict(), schedule.state_dict()
+    # a graphed run keeps learning rates in device tensors: saved as floats, so that either
+    # kind of run resumes from either
+    for group in optimizer_state["param_groups"]:
+        group["lr"] = float(group["lr"])
+    schedule_state["_last_lr"] = [float(lr) for lr in schedule_state["_last_lr"]]
     resume = {
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
+        "optimizer": optimizer_state,
+        "schedule": schedule_state,
         "data": data.train.state_dict(),
         "masters": [
             m.detach().cpu() for m, p in zip(masters.masters, masters.params) if m is not p
@@ -273,35 +308,42 @@ def _resume_state(optimizer, schedule, data, masters: MasterWeights, lora) -> di
 
 
 class _Window:
-    """Device-side sums over the steps since the last log line; synced only when flushed."""
+    """Device-side sums over the steps since the last log line, synced only when flushed. The
+    sums are added in place (a replayed CUDA graph adds into the tensors it recorded); the
+    step and micro-batch counts are the host's."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.rates: list[float] = []
         self.last_loss = None
-        self._reset()
-
-    def _reset(self) -> None:
-        z = torch.zeros((), device=self.device)
+        z = torch.zeros((), device=device)
         self.loss, self.ce, self.count, self.grad_norm = z.clone(), z.clone(), z.clone(), z.clone()
         self.aux, self.z_loss, self.entropy = z.clone(), z.clone(), z.clone()
-        self.micro, self.steps, self.counts = 0, 0, {}
-        self.t0 = time.perf_counter()
+        self.counts: dict[int, torch.Tensor] = {}  # per layer, made at the first step
+        self._restart()
 
-    def end_step(self, grad_norm: torch.Tensor) -> None:
-        self.grad_norm += grad_norm
-        self.steps += 1
+    def _restart(self) -> None:
+        self.micro, self.steps = 0, 0
+        self.t0 = time.perf_counter()
 
     def add(self, loss, ce_sum, count, stats) -> None:
         self.loss += loss
         self.ce += ce_sum
         self.count += count
-        self.micro += 1
         for layer, s in enumerate(stats):
             self.aux += s.aux_loss.detach() / len(stats)
             self.z_loss += s.z_loss.detach() / len(stats)
             self.entropy += s.entropy / len(stats)
-            self.counts[layer] = self.counts.get(layer, 0) + s.counts
+            if layer not in self.counts:
+                self.counts[layer] = torch.zeros_like(s.counts)
+            self.counts[layer] += s.counts
+
+    def add_grad_norm(self, grad_norm: torch.Tensor) -> None:
+        self.grad_norm += grad_norm
+
+    def end_step(self, micro_batches: int) -> None:
+        self.micro += micro_batches
+        self.steps += 1
 
     def flush(self, tokens_per_step: int, lr: float) -> dict:
         if self.device.type == "cuda":
@@ -326,7 +368,10 @@ class _Window:
                 layer: (c.float() / c.sum()).tolist() for layer, c in self.counts.items()
             },
         }
-        self._reset()
+        sums = (self.loss, self.ce, self.count, self.grad_norm, self.aux, self.z_loss, self.entropy)
+        for t in (*sums, *self.counts.values()):
+            t.zero_()
+        self._restart()
         return record
 
     def peak_mib(self) -> float | None:

@@ -1,0 +1,115 @@
+"""The Hydra trainer's CUDA-graph mode (``trainer.cuda_graph=true``): the same training as eager
+steps, learning rates set in place between replays, checkpoints that either kind of run resumes
+from; and the host-side pieces it relies on, checked on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_training import SMOKE, metrics, run_config
+
+from moelab.ops.moe import RouterStats
+from moelab.train import state
+from moelab.train.config import LoraConfig, OptimConfig
+from moelab.train.optim import MasterWeights, build_optimizer, build_schedule
+from moelab.train.trainer import _resume_state, _Window
+from moelab.train.trainer import train as run_training
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def test_the_window_adds_into_the_same_tensors_and_clears_them_in_place():
+    """A replayed graph adds into the tensors it recorded: the window's sums must stay the same
+    objects across flushes, and each flush report only its own steps."""
+    window = _Window(torch.device("cpu"))
+    stats = [RouterStats(torch.tensor(0.5), torch.tensor(0.25), torch.tensor([3, 1]),
+                         torch.tensor(0.7))]  # fmt: skip
+    window.add(torch.tensor(2.0), torch.tensor(6.0), torch.tensor(3.0), stats)
+    window.add_grad_norm(torch.tensor(4.0))
+    window.end_step(1)
+    held = [id(t) for t in (window.loss, window.ce, window.count, window.grad_norm)]
+    counts = window.counts[0]
+    first = window.flush(tokens_per_step=8, lr=1e-3)
+    assert first["loss"] == 2.0 and first["grad_norm"] == 4.0 and first["aux_loss"] == 0.5
+    assert first["expert_load"] == {0: [0.75, 0.25]}
+    assert [id(t) for t in (window.loss, window.ce, window.count, window.grad_norm)] == held
+    assert window.counts[0] is counts and counts.tolist() == [0, 0]
+    for _ in range(2):  # two steps of one micro-batch each
+        window.add(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0), stats)
+        window.add_grad_norm(torch.tensor(1.0))
+        window.end_step(1)
+    second = window.flush(tokens_per_step=8, lr=1e-3)
+    assert second["loss"] == 0.5 and second["total_loss"] == 1.0 and second["grad_norm"] == 1.0
+    assert second["expert_load"] == {0: [0.75, 0.25]} and counts.tolist() == [0, 0]
+
+
+def test_saved_learning_rates_are_floats_when_the_run_keeps_them_in_tensors():
+    """A graphed run holds each group's learning rate in a tensor the schedule fills in place;
+    its checkpoints store floats, so an eager run resumes from them (and the other way)."""
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    masters = MasterWeights([(("w",), weight)])
+    optim = OptimConfig(lr=1e-2, warmup_steps=4)
+    optimizer = build_optimizer(masters, optim)
+    schedule = build_schedule(optimizer, optim, total_steps=10)
+    for group in optimizer.param_groups:  # as train() does for trainer.cuda_graph
+        group["lr"] = torch.tensor(float(group["lr"]))
+    held = optimizer.param_groups[0]["lr"]
+    optimizer.step()  # no gradients: moves nothing
+    schedule.step()
+    assert optimizer.param_groups[0]["lr"] is held and held.item() == pytest.approx(5e-3)
+
+    class Data:
+        train = type("S", (), {"state_dict": lambda self: {}})()
+
+    saved = _resume_state(optimizer, schedule, Data(), masters, LoraConfig())
+    assert all(type(g["lr"]) is float for g in saved["optimizer"]["param_groups"])
+    assert all(type(lr) is float for lr in saved["schedule"]["_last_lr"])
+    eager = build_optimizer(masters, optim)
+    eager_schedule = build_schedule(eager, optim, total_steps=10)
+    eager.load_state_dict(saved["optimizer"])
+    eager_schedule.load_state_dict(saved["schedule"])
+    eager.step()
+    eager_schedule.step()
+    assert eager.param_groups[0]["lr"] == pytest.approx(7.5e-3)
+
+
+def _masters(run_dir, step: int) -> list[torch.Tensor]:
+    return state.load_trainer_state(run_dir / "checkpoints" / f"step_{step:06d}")["masters"]
+
+
+def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return sum(float((x - y).norm()) ** 2 for x, y in zip(a, b, strict=True)) ** 0.5
+
+
+@gpu
+@pytest.mark.parametrize(
+    "mode", [["lora.rank=8", "backend=triton"], ["backend=grouped_mm"]], ids=["lora", "full"]
+)
+def test_a_graphed_run_trains_as_the_eager_run(tmp_path, mode):
+    """Six steps of two micro-batches each way (bf16, fp32 masters; the warmup raises the
+    learning rate every step, so a rate recorded as a constant would show): the same losses and
+    trained weights, and an eager run resumed from the graphed run's step-3 checkpoint goes on
+    as the graphed run did."""
+    common = [*SMOKE, *mode, "trainer.device=cuda", "trainer.grad_accum=2"]
+    run_training(run_config(common), tmp_path / "eager")
+    run_training(run_config([*common, "trainer.cuda_graph=true"]), tmp_path / "graph")
+    eager, eager_eval = metrics(tmp_path / "eager")
+    graph, graph_eval = metrics(tmp_path / "graph")
+    assert sorted(graph) == [1, 2, 3, 4, 5, 6] and graph_eval[6] < graph_eval[0]
+    for step in eager:
+        assert graph[step] == pytest.approx(eager[step], rel=5e-3), step
+    for step in eager_eval:
+        assert graph_eval[step] == pytest.approx(eager_eval[step], rel=5e-3), step
+    # trained weights: the two runs differ by far less than three steps of updates
+    moved = _distance(_masters(tmp_path / "eager", 6), _masters(tmp_path / "eager", 3))
+    apart = _distance(_masters(tmp_path / "graph", 6), _masters(tmp_path / "eager", 6))
+    assert moved > 0 and apart <= 0.02 * moved, (apart, moved)
+
+    ckpt = tmp_path / "graph" / "checkpoints" / "step_000003"
+    resumed = tmp_path / "resumed"
+    resume = ["trainer.resume=true", f"trainer.resume_from={ckpt}"]
+    run_training(run_config([*common, *resume]), resumed)
+    got, _ = metrics(resumed)
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(graph[step], rel=5e-3), step
