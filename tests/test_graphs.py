@@ -68,3 +68,22 @@ def test_each_call_is_one_step():
         captured(ones)
     torch.cuda.synchronize()
     assert counter.item() == 9.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_each_replay_draws_new_random_numbers():
+    """Dropout in a captured step (LoRA dropout) takes a new mask on every replay, not the
+    recorded one: the CUDA generator's offset advances per replay."""
+    out = torch.zeros(4096, device="cuda")
+
+    def step(batch):
+        out.copy_(torch.nn.functional.dropout(batch, 0.5))
+
+    captured = CapturedStep(step)
+    ones = torch.ones(4096, device="cuda")
+    masks = []
+    for _ in range(3):  # the capture's eager step, then two replays
+        captured(ones)
+        masks.append(out.clone())
+    assert all(0.3 < (m == 0).float().mean() < 0.7 for m in masks)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])

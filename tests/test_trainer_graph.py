@@ -113,3 +113,35 @@ def test_a_graphed_run_trains_as_the_eager_run(tmp_path, mode):
     assert sorted(got) == [4, 5, 6]
     for step in got:
         assert got[step] == pytest.approx(graph[step], rel=5e-3), step
+
+
+@gpu
+def test_a_graphed_run_resumes_as_a_graphed_run_with_checkpointed_layers(tmp_path):
+    """Activation checkpointing recomputes layers inside the captured backward; a graphed run
+    resumed from its own step-3 checkpoint captures again and goes on as the whole run did."""
+    common = [*SMOKE, "lora.rank=8", "backend=triton", "trainer.device=cuda",
+              "trainer.cuda_graph=true", "trainer.activation_checkpointing=true"]  # fmt: skip
+    run_training(run_config(common), tmp_path / "whole")
+    whole, whole_eval = metrics(tmp_path / "whole")
+    assert whole_eval[6] < whole_eval[0]
+    ckpt = tmp_path / "whole" / "checkpoints" / "step_000003"
+    resume = ["trainer.resume=true", f"trainer.resume_from={ckpt}"]
+    run_training(run_config([*common, *resume]), tmp_path / "resumed")
+    got, _ = metrics(tmp_path / "resumed")
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(whole[step], rel=5e-3), step
+
+
+@gpu
+def test_a_graphed_run_trains_with_lora_dropout(tmp_path):
+    """LoRA dropout inside the graph (new masks on each replay: tests/test_graphs.py): the run
+    trains, and its losses are not those of the same run without dropout."""
+    common = [*SMOKE, "lora.rank=8", "backend=triton", "trainer.device=cuda",
+              "trainer.cuda_graph=true"]  # fmt: skip
+    run_training(run_config([*common, "lora.dropout=0.5"]), tmp_path / "dropout")
+    run_training(run_config(common), tmp_path / "plain")
+    dropout, dropout_eval = metrics(tmp_path / "dropout")
+    plain, _ = metrics(tmp_path / "plain")
+    assert dropout_eval[6] < dropout_eval[0]
+    assert all(dropout[s] != plain[s] for s in (2, 3, 4, 5, 6))
