@@ -591,18 +591,18 @@ def _launch_persistent(
         tiles_at_most = row_tiles * triton.cdiv(n_out, meta["BLOCK_N"])
         return (_programs(out.device, tiles_at_most, meta["SM_PROGRAMS"]),)
 
+    descriptors = dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc)
     if tuning.autotune_enabled():
         key = ("persistent", tuned_as, n_out, k_dim, rank, num_rows, str(out.dtype),
                *flags.values())  # fmt: skip
         # fmt: off
-        descriptors = dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc)
         tuning.run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags,
                          prepare=lambda kw: _fit_boxes(dict(kw, **descriptors)),
                          device=out.device)
         # fmt: on
         return
     kwargs = dict(flags, **_FIXED, SM_PROGRAMS=1)
-    _fit_boxes(dict(kwargs, w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc))
+    _fit_boxes(dict(kwargs, **descriptors))
     tk._persistent_gemm_kernel[grid](*args, **kwargs)
 
 
@@ -865,7 +865,7 @@ class _TritonExperts(torch.autograd.Function):
         # dout are freed before the up projection's [N, H] dX buffer exists (a lower peak)
         # fmt: off
         tg.lora_down_grads(need, s, plan, dout_TH, w_N, act_w, _z(low["bwd_down"]), z2, a2, b2,
-                        grads)
+                           grads)
         if need[4]:  # on the torch main loop's gathered copy of dout where it made one
             grads[4] = tg.weight_grad(dout_TH, act_w, plan, out_jd=False, gathered_ND=dout_NH)
         del dout_NH

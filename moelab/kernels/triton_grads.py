@@ -101,8 +101,8 @@ def expert_grad(
     if tuning.autotune_enabled():
         key = ("expert_grad", d_dim, p_dim, str(q_MD.dtype), *flags.values())
         # fmt: off
-        tuning.run_tuned(tk._expert_grad_kernel, lambda: _expert_grad_kernel(wide), key, grid, args,
-                   flags, device=q_MD.device)
+        tuning.run_tuned(tk._expert_grad_kernel, lambda: _expert_grad_kernel(wide), key, grid,
+                         args, flags, device=q_MD.device)
         # fmt: on
     else:
         fixed = _WIDE_GRAD_FIXED if wide else _RANK_GRAD_FIXED
@@ -177,7 +177,7 @@ def weight_grad(
             key = ("weight_grad", d_dim, j_dim, rows, num_experts, out_jd, str(rows_NJ.dtype))
             # fmt: off
             path = tuning.measured_choice(_weight_grad_paths, "weight gradient", key, run,
-                                    tokens_TD.device, kernels=(tk._expert_grad_kernel,))
+                                          tokens_TD.device, (tk._expert_grad_kernel,))
             # fmt: on
     return run(path)
 
