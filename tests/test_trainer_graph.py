@@ -11,7 +11,12 @@ from test_training import SMOKE, metrics, run_config
 from moelab.ops.moe import RouterStats
 from moelab.train import state
 from moelab.train.config import LoraConfig, OptimConfig
-from moelab.train.optim import MasterWeights, build_optimizer, build_schedule
+from moelab.train.optim import (
+    MasterWeights,
+    build_optimizer,
+    build_schedule,
+    load_optimizer_state,
+)
 from moelab.train.trainer import _resume_state, _Window
 from moelab.train.trainer import train as run_training
 
@@ -73,6 +78,27 @@ def test_saved_learning_rates_are_floats_when_the_run_keeps_them_in_tensors():
     assert eager.param_groups[0]["lr"] == pytest.approx(7.5e-3)
 
 
+@pytest.mark.parametrize("saved_capturable", [False, True], ids=["eager_ckpt", "graph_ckpt"])
+def test_a_resumed_optimizer_keeps_its_own_capturable_setting(saved_capturable):
+    """torch's load_state_dict takes every group option from the checkpoint: an eager run's
+    would leave a graphed run's AdamW non-capturable, and its capture fails (run 62). The
+    trained state comes from the checkpoint, how the update runs from this run."""
+    weight = torch.nn.Parameter(torch.randn(3, 2))
+    weight.grad = torch.randn(3, 2)
+    masters = MasterWeights([(("w",), weight)])
+    optim = OptimConfig(lr=1e-2, warmup_steps=1)
+    source = build_optimizer(masters, optim, capturable=saved_capturable)
+    if not saved_capturable:  # a capturable update needs a GPU: the saved state is enough here
+        source.step()
+    saved = source.state_dict()
+    resumed = build_optimizer(masters, optim, capturable=not saved_capturable)
+    load_optimizer_state(resumed, saved)
+    assert [g["capturable"] for g in resumed.param_groups] == [not saved_capturable]
+    assert [g["capturable"] for g in source.param_groups] == [saved_capturable]
+    for name, value in source.state.get(weight, {}).items():
+        assert torch.equal(resumed.state[weight][name], value), name
+
+
 def _masters(run_dir, step: int) -> list[torch.Tensor]:
     return state.load_trainer_state(run_dir / "checkpoints" / f"step_{step:06d}")["masters"]
 
@@ -88,8 +114,8 @@ def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def test_a_graphed_run_trains_as_the_eager_run(tmp_path, mode):
     """Six steps of two micro-batches each way (bf16, fp32 masters; the warmup raises the
     learning rate every step, so a rate recorded as a constant would show): the same losses and
-    trained weights, and an eager run resumed from the graphed run's step-3 checkpoint goes on
-    as the graphed run did."""
+    trained weights; an eager run resumed from the graphed run's step-3 checkpoint goes on as the
+    graphed run did, and a graphed run resumed from the eager run's as the eager run did."""
     common = [*SMOKE, *mode, "trainer.device=cuda", "trainer.grad_accum=2"]
     run_training(run_config(common), tmp_path / "eager")
     run_training(run_config([*common, "trainer.cuda_graph=true"]), tmp_path / "graph")
@@ -105,14 +131,17 @@ def test_a_graphed_run_trains_as_the_eager_run(tmp_path, mode):
     apart = _distance(_masters(tmp_path / "graph", 6), _masters(tmp_path / "eager", 6))
     assert moved > 0 and apart <= 0.02 * moved, (apart, moved)
 
-    ckpt = tmp_path / "graph" / "checkpoints" / "step_000003"
-    resumed = tmp_path / "resumed"
-    resume = ["trainer.resume=true", f"trainer.resume_from={ckpt}"]
-    run_training(run_config([*common, *resume]), resumed)
-    got, _ = metrics(resumed)
-    assert sorted(got) == [4, 5, 6]
-    for step in got:
-        assert got[step] == pytest.approx(graph[step], rel=5e-3), step
+    # either kind of run resumes from the other's step-3 checkpoint and goes on as that run did
+    graphed = ["trainer.cuda_graph=true"]
+    for resumed, source, extra in (("eager", "graph", []), ("graph", "eager", graphed)):
+        ckpt = tmp_path / source / "checkpoints" / "step_000003"
+        resume = ["trainer.resume=true", f"trainer.resume_from={ckpt}"]
+        run_training(run_config([*common, *extra, *resume]), tmp_path / f"resumed_{resumed}")
+        got, _ = metrics(tmp_path / f"resumed_{resumed}")
+        expected = graph if source == "graph" else eager
+        assert sorted(got) == [4, 5, 6], resumed
+        for step in got:
+            assert got[step] == pytest.approx(expected[step], rel=5e-3), (resumed, step)
 
 
 @gpu

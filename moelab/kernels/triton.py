@@ -252,7 +252,7 @@ def _autotuned(kernel, configs: tuple, key: list[str], extra: tuple[dict, ...] =
         for more in extra
     ]
     prune = {"early_config_prune": _tile_heights_worth_timing}
-    return triton.autotune(tuned, key=key, prune_configs_by=prune)(kernel)
+    return triton.autotune(tuned, key=key, prune_configs_by=prune, do_bench=tuning.bench)(kernel)
 
 
 def _tma_enabled() -> bool:

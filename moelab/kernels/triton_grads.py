@@ -49,7 +49,7 @@ def _expert_grad_kernel(wide: bool):
             for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
         ]
     key = ["d_dim", "p_dim", "GATHER", "ROW_SCALE"]
-    return triton.autotune(configs, key=key)(tk._expert_grad_kernel)
+    return triton.autotune(configs, key=key, do_bench=tuning.bench)(tk._expert_grad_kernel)
 
 
 def expert_grad(

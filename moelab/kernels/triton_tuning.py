@@ -5,7 +5,8 @@ launch key, and choices between kernels timed against each other, both kept on d
 ``MOELAB_TRITON_AUTOTUNE=0`` turns both off (CI, reproducibility): every launch takes its fixed
 configuration and every choice its default. A first tuning compiles every candidate
 configuration before timing it; those compiles run in ``MOELAB_TRITON_COMPILE_THREADS`` threads
-(default: one per CPU; 1: one by one, as Triton's tuner alone does).
+(default: one per CPU; 1: one by one, as Triton's tuner alone does), and each candidate is then
+timed for ``TUNE_REP_MS``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
+import triton.testing
 
 from moelab.kernels import launch as kl
 from moelab.kernels.measured import MeasuredChoices
@@ -97,6 +99,20 @@ def run_tuned(
     if prepare is not None:
         prepare(kwargs)
     kl.launch(plain, grid, args, kwargs, key)
+
+
+# Triton's benchmark of one candidate configuration, in ms: its defaults (25 warm-up, 100 timed)
+# made timing about half of a first tuning once the compiles ran in parallel (run 59), at ~10
+# candidates per launch; the candidates have run once before (compile) and then while Triton
+# estimates their time, and 20 ms is still 20+ runs of the slowest 8192-token GEMM.
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 20
+
+
+def bench(kernel_call: Callable, quantiles: tuple) -> list[float]:
+    """The autotuners' ``do_bench``: Triton's benchmark over ``TUNE_REP_MS``."""
+    return triton.testing.do_bench(
+        kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles
+    )
 
 
 def compile_threads() -> int:

@@ -66,6 +66,28 @@ def build_optimizer(
     )
 
 
+# How the update runs, not what it has learned: a resumed run keeps its own (torch's
+# load_state_dict takes every group option from the checkpoint, so an eager run's checkpoint
+# made a graphed run's AdamW non-capturable and its capture failed, run 62)
+_EXECUTION_OPTIONS = ("capturable", "fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping this run's execution options and putting
+    the step counts where they then belong: on the parameter's device for a capturable or fused
+    update, else on the CPU."""
+    own = [{k: g[k] for k in _EXECUTION_OPTIONS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, options in zip(optimizer.param_groups, own, strict=True):
+        group.update(options)
+        on_device = group.get("capturable") or group.get("fused")
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                where = p.device if on_device else torch.device("cpu")
+                state["step"] = state["step"].to(where)
+
+
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
     if step < warmup_steps:

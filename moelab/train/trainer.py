@@ -29,7 +29,12 @@ from moelab.train.config import RunConfig, validate
 from moelab.train.data import Batch
 from moelab.train.graphs import CapturedStep
 from moelab.train.loss import chunked_cross_entropy
-from moelab.train.optim import MasterWeights, build_optimizer, build_schedule
+from moelab.train.optim import (
+    MasterWeights,
+    build_optimizer,
+    build_schedule,
+    load_optimizer_state,
+)
 from moelab.train.tracking import Tracker
 
 log = logging.getLogger("moelab")
@@ -105,7 +110,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     data = setup.build_data(cfg, model)
     start = 0
     if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(optimizer, saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         data.train.load_state_dict(saved["data"])
         for m, value in zip(
