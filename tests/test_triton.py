@@ -369,7 +369,7 @@ def _reference_tile_table(offs_E: torch.Tensor, block_m: int, slots: int) -> tor
     [
         [5, 0, 130, 64, 0, 1],
         [0, 0, 0, 1],  # T = 1
-        [2500, 1, 3000],  # several programs of 1024 rows
+        [2500, 1, 3000],  # several programs of either size
         [0, 300, 0],  # all rows on one expert
         [7],  # a single expert
         [128] * 40,  # exact multiples of both heights
@@ -377,12 +377,16 @@ def _reference_tile_table(offs_E: torch.Tensor, block_m: int, slots: int) -> tor
     ],
 )
 @pytest.mark.parametrize("top_k", [1, 3])
-def test_dispatch_kernels_give_the_sorted_plan_and_every_experts_row_tiles(counts, top_k):
-    """The three dispatch launches against torch's stable sort (moelab.ops.dispatch, bit for
-    bit) and the tile tables against a Python listing. The routed rows come in a random order,
-    so each block of rows (1024 per program, placed 128 at a time) mixes experts."""
+@pytest.mark.parametrize("block", [256, 1024])
+def test_dispatch_kernels_give_the_sorted_plan_and_every_experts_row_tiles(
+    monkeypatch, counts, top_k, block
+):
+    """The two dispatch launches against torch's stable sort (moelab.ops.dispatch, bit for
+    bit) and the tile tables against a Python listing, at the smallest and largest rows per
+    program. The routed rows come in a random order, so each block of rows mixes experts."""
     from moelab.ops.dispatch import dispatch
 
+    monkeypatch.setattr(tr, "_dispatch_block", lambda rows: block)
     counts_E = torch.tensor(counts)
     rows = int(counts_E.sum())
     rows += -rows % top_k  # whole tokens: the remainder goes to the last expert
@@ -399,6 +403,13 @@ def test_dispatch_kernels_give_the_sorted_plan_and_every_experts_row_tiles(count
         ref = _reference_tile_table(offs_E, block_m, slots)
         assert torch.equal(got[i, :3, :slots], ref)
         assert int(got[i, 3, 0]) == int((ref[0] >= 0).sum())  # the row tiles listed
+
+
+@pytest.mark.parametrize(
+    "rows, block", [(1, 256), (32768, 256), (65536, 512), (131072, 1024), (524288, 1024)]
+)
+def test_dispatch_runs_about_128_programs_of_256_to_1024_rows(rows, block):
+    assert tr._dispatch_block(rows) == block
 
 
 def test_dispatch_places_ids_out_of_range_after_every_expert():
