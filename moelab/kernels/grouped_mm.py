@@ -66,7 +66,7 @@ def grouped_products_reason(problem: ExpertProblem) -> str | None:
         return f"grouped_mm takes bf16, fp16 or fp32, not {problem.dtype}"
     if problem.num_experts > _MAX_GROUPS:
         return f"grouped_mm takes at most {_MAX_GROUPS} groups, got E={problem.num_experts}"
-    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    itemsize = problem.dtype.itemsize
     dims = {"H": problem.hidden, "I": problem.inter}
     if problem.lora_rank:
         dims["r"] = problem.lora_rank
