@@ -104,7 +104,8 @@ def run_tuned(
 # Triton's benchmark of one candidate configuration, in ms: its defaults (25 warm-up, 100 timed)
 # made timing about half of a first tuning once the compiles ran in parallel (run 59), at ~10
 # candidates per launch; the candidates have run once before (compile) and then while Triton
-# estimates their time, and 20 ms is still 20+ runs of the slowest 8192-token GEMM.
+# estimates their time, and 20 ms is still 8 runs of the slowest 8192-token GEMM (GPT-OSS's up
+# projection, 2.3 ms).
 TUNE_WARMUP_MS, TUNE_REP_MS = 5, 20
 
 
