@@ -165,12 +165,13 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     sizes = dict(BLOCK=block, BINS=bins)
     # fmt: off
     kl.launch(tk._dispatch_count_kernel, (blocks,), (ids_N, hist, rows, num_experts), sizes,
-              ("count", bins))
+              ("count", bins, block))
     kl.launch(
         tk._dispatch_place_kernel, (blocks,),
         (ids_N, hist, blocks, offs_E, order, token, expert, slot, tiles, tiles.stride(0),
          tiles.stride(1), rows, num_experts, top_k, per_program),
-        dict(sizes, SUB=_DISPATCH_SUB, CHUNK=16, BLOCK_T=_TILE_SLOTS_BLOCK), ("place", bins))
+        dict(sizes, SUB=_DISPATCH_SUB, CHUNK=16, BLOCK_T=_TILE_SLOTS_BLOCK),
+        ("place", bins, block))
     # fmt: on
     plan = DispatchPlan(order, token, expert, offs_E, slot.view(num_tokens, top_k))
     return plan, tiles
