@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LOGITS_GRAD_TOLERANCE, TOLERANCE, rel_err
+from conftest import LOGITS_GRAD_TOLERANCE, TEST_DEVICE, TOLERANCE, rel_err
 from test_experts import CASES, VARIANTS, Case, make_problem, run_backend, run_reference, trainables
 
 from moelab.kernels import triton as tr
@@ -283,6 +283,36 @@ def test_expert_grad_kernel_against_float64(dtype, is_a, p_dim):
         else:
             assert rel_err(got, ref) <= TOLERANCE[dtype]
         start += n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "down bias"])
+@pytest.mark.parametrize(
+    "tokens, top_k, parts, hidden",
+    [(1, 1, 1, 8), (29, 3, 24, 200), (70, 4, 90, 130)],
+    ids=["T=1 k=1", "24 partials", "90 partials, two programs"],
+)
+def test_router_grad_kernel_against_float64(dtype, bias, tokens, top_k, parts, hidden):
+    """``router_grad``: each routed row's partials summed and returned to its (token, slot),
+    plus ``<dout_t, b2[e]>`` with a down bias, against float64; partial counts and widths that
+    are not powers of two (a partial last block of each), an expert that gets no rows."""
+    from moelab.ops.dispatch import dispatch
+
+    torch.manual_seed(9)
+    num_experts = 6
+    logits = torch.randn(tokens, num_experts)
+    logits[:, 2] = -1e4  # expert 2 gets no rows
+    experts_TK = logits.topk(top_k, dim=1).indices.to(TEST_DEVICE)
+    plan = dispatch(experts_TK, num_experts)
+    parts_NP = torch.randn(tokens * top_k, parts).to(TEST_DEVICE)
+    dout_TH = torch.randn(tokens, hidden).to(TEST_DEVICE, dtype)
+    down_bias = torch.randn(num_experts, hidden).to(TEST_DEVICE, dtype) if bias else None
+    got = tr.router_grad(parts_NP, plan, dout_TH, down_bias, experts_TK)
+    ref = parts_NP.double().sum(1)[plan.slot_TK]
+    if bias:
+        ref += (dout_TH.double() @ down_bias.double().t()).gather(1, experts_TK)
+    assert got.dtype == torch.float32 and got.shape == (tokens, top_k)
+    assert rel_err(got, ref) <= 1e-5
 
 
 @pytest.fixture

@@ -649,6 +649,34 @@ def combine_rows(y_NH: torch.Tensor, top_k: int, weights_N: torch.Tensor | None)
     return out
 
 
+def router_grad(
+    dw_parts_NP: torch.Tensor,
+    plan: DispatchPlan,
+    dout_TH: torch.Tensor,
+    down_bias_EH: torch.Tensor | None,
+    experts_TK: torch.Tensor,
+) -> torch.Tensor:
+    """``dL/dw [T, K]`` fp32: each routed row's partials of ``<g, act>`` summed, back in (token,
+    slot) order, plus ``<dout_t, b2[e_tj]>`` with a down bias; one launch
+    (``tk._router_grad_kernel``)."""
+    num_tokens, top_k = experts_TK.shape
+    dw_TK = dw_parts_NP.new_empty(num_tokens, top_k)
+    pairs, parts = num_tokens * top_k, dw_parts_NP.shape[1]
+    if pairs == 0:
+        return dw_TK
+    bias = down_bias_EH if down_bias_EH is not None else dw_parts_NP  # never read without one
+    # the kernel walks the pairs, partials and dout rows with unit inner strides
+    experts_TK, dout_TH, dw_parts_NP = (t.contiguous() for t in (experts_TK, dout_TH, dw_parts_NP))
+    block = 64
+    sizes = dict(TOP_K=top_k, HAS_BIAS=down_bias_EH is not None, BLOCK=block,
+                 BLOCK_P=triton.next_power_of_2(parts), BLOCK_H=128)  # fmt: skip
+    args = (dw_parts_NP, plan.slot_TK, dout_TH, bias, experts_TK, dw_TK, pairs, parts,
+            dout_TH.shape[1], dw_parts_NP.stride(0), dout_TH.stride(0), *bias.stride())  # fmt: skip
+    kl.launch(tk._router_grad_kernel, (triton.cdiv(pairs, block),), args, sizes,
+              ("router_grad", *sizes.values()))  # fmt: skip
+    return dw_TK
+
+
 # ---- autograd ------------------------------------------------------------------------------
 
 
@@ -869,7 +897,7 @@ class _TritonExperts(torch.autograd.Function):
             want_actw=a2 is not None or need[4], keep_gathered=need[4])
         # fmt: on
         if need[1]:
-            grads[1] = gmm.router_grad(dw_parts.sum(1), plan, dout_TH, down_bias, experts_TK)
+            grads[1] = router_grad(dw_parts, plan, dout_TH, down_bias, experts_TK)
 
         # the down projection's weight and LoRA gradients now, so that w * act and the gathered
         # dout are freed before the up projection's [N, H] dX buffer exists (a lower peak)

@@ -406,6 +406,45 @@ def _combine_kernel(
 
 
 @triton.jit
+def _router_grad_kernel(
+    parts_ptr, slot_ptr, dout_ptr, bias_ptr, experts_ptr, dw_ptr, pairs, num_parts, hidden,
+    stride_p, stride_d, stride_be, stride_bh,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """The routing weights' gradient in (token, slot) order, one (t, j) pair per row, fp32 in a
+    fixed order: ``dw[t, j] = sum_c parts[slot[t, j], c] + <dout[t], b2[e[t, j]]>``, from the
+    ``SWIGLU_BWD`` epilogue's per-row partials of ``<g, act>`` (the bias term when
+    ``HAS_BIAS``). One launch where torch spelled a sum, a gather and, with the bias, two fp32
+    copies, a GEMM over every expert, a gather and an add."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = p < pairs
+    slot = tl.load(slot_ptr + p, mask=mask, other=0)
+    cs = tl.arange(0, BLOCK_P)
+    parts = tl.load(
+        parts_ptr + slot[:, None] * stride_p + cs[None, :],
+        mask=mask[:, None] & (cs < num_parts)[None, :],
+        other=0.0,
+    )
+    acc = tl.sum(parts, axis=1)
+    if HAS_BIAS:
+        token = (p // TOP_K).to(tl.int64)
+        expert = tl.load(experts_ptr + p, mask=mask, other=0)
+        hs = tl.arange(0, BLOCK_H)
+        for h0 in range(0, hidden, BLOCK_H):
+            h = h0 + hs
+            both = mask[:, None] & (h < hidden)[None, :]
+            d = tl.load(dout_ptr + token[:, None] * stride_d + h[None, :], mask=both, other=0.0)
+            b = tl.load(
+                bias_ptr + expert[:, None] * stride_be + h[None, :] * stride_bh,
+                mask=both,
+                other=0.0,
+            )
+            acc += tl.sum(d.to(tl.float32) * b.to(tl.float32), axis=1)
+    tl.store(dw_ptr + p, acc, mask=mask)
+
+
+@triton.jit
 def _expert_grad_kernel(
     q_ptr,
     q_rows_ptr,
