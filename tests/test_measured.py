@@ -252,6 +252,17 @@ class _FakeJit:
         return launch
 
 
+def test_host_block_arithmetic_matches_tritons():
+    """``kl.cdiv`` and ``kl.next_power_of_2`` stand in for Triton's host helpers (constexpr
+    functions with a slow wrapper): the same values, zero and exact powers included."""
+    import triton
+
+    for n in [*range(0, 1100), 2**20 - 1, 2**20, 2**20 + 1]:
+        assert kl.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 128, 1000):
+            assert kl.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
 def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch):
     """The same key with the same argument specialisation launches the compiled kernel's
     launcher (grid evaluated, current stream, no hooks, all arguments in order); another int

@@ -54,7 +54,7 @@ def softmax_xent_grad_(logits_NV: torch.Tensor, labels_N: torch.Tensor) -> torch
         raise ValueError("logits must be contiguous along the vocabulary")
     loss_N = torch.empty(rows, device=logits_NV.device, dtype=torch.float32)
     if rows:
-        block_v = min(_BLOCK_V, triton.next_power_of_2(vocab))
+        block_v = min(_BLOCK_V, kl.next_power_of_2(vocab))
         kl.launch(
             _softmax_xent_grad_kernel, (rows,),
             (logits_NV, logits_NV.stride(0), labels_N, loss_N, vocab),

@@ -69,7 +69,7 @@ def _rms_norm_bwd_kernel(
 
 
 def _blocks(dim: int) -> tuple[int, int]:
-    block_d = triton.next_power_of_2(dim)
+    block_d = kl.next_power_of_2(dim)
     return max(1, _BLOCK_ELEMENTS // block_d), block_d
 
 
@@ -83,7 +83,7 @@ class _RMSNorm(torch.autograd.Function):
         block_r, block_d = _blocks(dim)
         if rows:
             kl.launch(
-                _rms_norm_fwd_kernel, (triton.cdiv(rows, block_r),),
+                _rms_norm_fwd_kernel, (kl.cdiv(rows, block_r),),
                 (x_2d, weight, y, rstd, rows, dim, eps),
                 dict(WEIGHT_IN_FP32=weight_in_fp32, BLOCK_R=block_r, BLOCK_D=block_d),
                 ("rms_norm", weight_in_fp32, block_r, block_d),
@@ -99,7 +99,7 @@ class _RMSNorm(torch.autograd.Function):
         dy_2d = dy.reshape(rows, dim).contiguous()
         dx = torch.empty_like(x_2d)
         block_r, block_d = _blocks(dim)
-        programs = triton.cdiv(rows, block_r)
+        programs = kl.cdiv(rows, block_r)
         weight_grad = ctx.needs_input_grad[1]
         dw_parts = torch.empty(programs if weight_grad else 0, dim, device=dy.device,
                                dtype=torch.float32)  # fmt: skip

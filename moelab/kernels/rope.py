@@ -74,8 +74,8 @@ def _rotate(x_BNSD: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor, 
     out = x_BNSD.new_empty(b, s, n, d)
     if out.numel():
         cos, sin = cos_BSR.expand(b, s, -1), sin_BSR.expand(b, s, -1)
-        sizes = dict(TRANSPOSED=transposed, BLOCK_N=triton.next_power_of_2(n),
-                     BLOCK_D=triton.next_power_of_2(d), num_warps=4)  # fmt: skip
+        sizes = dict(TRANSPOSED=transposed, BLOCK_N=kl.next_power_of_2(n),
+                     BLOCK_D=kl.next_power_of_2(d), num_warps=4)  # fmt: skip
         kl.launch(
             _rope_kernel, (b * s,),
             (x_BNSD, x_BNSD.stride(0), x_BNSD.stride(2), x_BNSD.stride(1), x_BNSD.stride(3),

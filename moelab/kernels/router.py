@@ -107,11 +107,11 @@ def _topk_route_bwd_kernel(
 
 @functools.cache  # per call otherwise: a few microseconds of host time in the step's prefix
 def _blocks(num_experts: int, top_k: int) -> dict:
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = kl.next_power_of_2(num_experts)
     return dict(
         BLOCK_T=max(1, _BLOCK_ELEMENTS // block_e),
         BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_K=kl.next_power_of_2(top_k),
     )
 
 
@@ -123,7 +123,7 @@ class _TopKRoute(torch.autograd.Function):
         experts_TK = logits_TE.new_empty(rows, top_k, dtype=torch.int64)
         sizes = dict(TOP_K=top_k, RENORMALIZE=renormalize, **_blocks(num_experts, top_k))
         if rows:
-            grid = (triton.cdiv(rows, sizes["BLOCK_T"]),)
+            grid = (kl.cdiv(rows, sizes["BLOCK_T"]),)
             args = (logits_TE, weights_TK, experts_TK, rows, num_experts, logits_TE.stride(0))
             kl.launch(_topk_route_fwd_kernel, grid, args, sizes, ("route", *sizes.values()))
         ctx.mark_non_differentiable(experts_TK)
@@ -138,7 +138,7 @@ class _TopKRoute(torch.autograd.Function):
         dlogits_TE = logits_TE.new_empty(logits_TE.shape)
         if rows:
             sizes = ctx.sizes
-            grid = (triton.cdiv(rows, sizes["BLOCK_T"]),)
+            grid = (kl.cdiv(rows, sizes["BLOCK_T"]),)
             # fmt: off
             args = (dw_TK.contiguous(), weights_TK, experts_TK, logits_TE, dlogits_TE, rows,
                     num_experts, logits_TE.stride(0), dlogits_TE.stride(0))

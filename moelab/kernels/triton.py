@@ -135,7 +135,7 @@ def _dispatch_block(rows: int) -> int:
     places its own rows one sub-block after another, so about 128 programs, 256 to 1024 rows
     each (run 66, both launches: 65536 rows 41.5 us at 1024 per program, 29.0 at 512; 8192
     rows 38.9 at 1024, 16.3 at 256; 524288 rows 152 at 1024, 337 at 512)."""
-    return min(1024, max(256, triton.next_power_of_2(triton.cdiv(rows, 128))))
+    return min(1024, max(256, kl.next_power_of_2(kl.cdiv(rows, 128))))
 
 
 def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[DispatchPlan, torch.Tensor]:
@@ -153,15 +153,15 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     ids_N = experts_TK.reshape(-1)
     rows = ids_N.numel()
     block = _dispatch_block(rows)
-    blocks = triton.cdiv(rows, block)
-    bins = triton.next_power_of_2(num_experts + 1)  # bin E: ids out of range, placed last
+    blocks = kl.cdiv(rows, block)
+    bins = kl.next_power_of_2(num_experts + 1)  # bin E: ids out of range, placed last
     device = ids_N.device
     hist = torch.empty(blocks, bins, dtype=torch.int32, device=device)
     offs_E = torch.empty(num_experts, dtype=torch.int32, device=device)
     order, token, expert, slot = torch.empty(4, rows, dtype=torch.int64, device=device)
-    slots = triton.cdiv(rows, tk.TILE_BLOCKS_M[0]) + num_experts
+    slots = kl.cdiv(rows, tk.TILE_BLOCKS_M[0]) + num_experts
     tiles = torch.empty(2, 4, slots, dtype=torch.int32, device=device)
-    per_program = triton.cdiv(triton.cdiv(slots, blocks), _TILE_SLOTS_BLOCK) * _TILE_SLOTS_BLOCK
+    per_program = kl.cdiv(kl.cdiv(slots, blocks), _TILE_SLOTS_BLOCK) * _TILE_SLOTS_BLOCK
     sizes = dict(BLOCK=block, BINS=bins)
     # fmt: off
     kl.launch(tk._dispatch_count_kernel, (blocks,), (ids_N, hist, rows, num_experts), sizes,
@@ -481,13 +481,13 @@ def _launch(
         W_DESC=w_mode,
         UPCAST=kl.interpreting(),
         PRECISION="ieee" if a.dtype == torch.float32 else None,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_R=max(16, kl.next_power_of_2(rank)),
         GROUP_M=_GROUP_M,
     )
 
     def grid(meta: dict) -> tuple[int]:
-        row_tiles = triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts
-        return (row_tiles * triton.cdiv(n_out, meta["BLOCK_N"]),)
+        row_tiles = kl.cdiv(num_rows, meta["BLOCK_M"]) + num_experts
+        return (row_tiles * kl.cdiv(n_out, meta["BLOCK_N"]),)
 
     def derived(config: dict) -> dict:
         """What the tuned kernel's heuristics set: EVEN_*."""
@@ -592,13 +592,13 @@ def _launch_persistent(
         PRECISION="ieee" if out.dtype == torch.float32 else None,
         W_DESC=w_mode,
         LB_DESC=lb_mode,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_R=max(16, kl.next_power_of_2(rank)),
         GROUP_M=_GROUP_M,
     )
 
     def grid(meta: dict) -> tuple[int]:
-        row_tiles = triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts
-        tiles_at_most = row_tiles * triton.cdiv(n_out, meta["BLOCK_N"])
+        row_tiles = kl.cdiv(num_rows, meta["BLOCK_M"]) + num_experts
+        tiles_at_most = row_tiles * kl.cdiv(n_out, meta["BLOCK_N"])
         return (_programs(out.device, tiles_at_most, meta["SM_PROGRAMS"]),)
 
     descriptors = dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc)
@@ -638,8 +638,8 @@ def combine_rows(y_NH: torch.Tensor, top_k: int, weights_N: torch.Tensor | None)
     """``out[t] = sum_j w[t, j] y[t * K + j]`` (rows in slot order), fp32, fixed order."""
     rows, hidden = y_NH.shape
     out = y_NH.new_empty(rows // top_k, hidden)
-    block = min(1024, max(16, triton.next_power_of_2(hidden)))
-    grid = (rows // top_k, triton.cdiv(hidden, block))
+    block = min(1024, max(16, kl.next_power_of_2(hidden)))
+    grid = (rows // top_k, kl.cdiv(hidden, block))
     w = weights_N if weights_N is not None else y_NH
     flags = dict(TOP_K=top_k, HAS_W=weights_N is not None, UPCAST=kl.interpreting(), BLOCK_H=block)
     # fmt: off
@@ -669,10 +669,10 @@ def router_grad(
     experts_TK, dout_TH, dw_parts_NP = (t.contiguous() for t in (experts_TK, dout_TH, dw_parts_NP))
     block = 64
     sizes = dict(TOP_K=top_k, HAS_BIAS=down_bias_EH is not None, BLOCK=block,
-                 BLOCK_P=triton.next_power_of_2(parts), BLOCK_H=128)  # fmt: skip
+                 BLOCK_P=kl.next_power_of_2(parts), BLOCK_H=128)  # fmt: skip
     args = (dw_parts_NP, plan.slot_TK, dout_TH, bias, experts_TK, dw_TK, pairs, parts,
             dout_TH.shape[1], dw_parts_NP.stride(0), dout_TH.stride(0), *bias.stride())  # fmt: skip
-    kl.launch(tk._router_grad_kernel, (triton.cdiv(pairs, block),), args, sizes,
+    kl.launch(tk._router_grad_kernel, (kl.cdiv(pairs, block),), args, sizes,
               ("router_grad", *sizes.values()))  # fmt: skip
     return dw_TK
 
@@ -756,7 +756,7 @@ def down_backward(
     hidden, inter = down.shape[1:]
     rows = h_NG.shape[0]
     dh_NG = h_NG.new_empty(rows, 2 * inter)
-    dw_parts = h_NG.new_empty(rows, triton.cdiv(inter, _DW_COLS), dtype=torch.float32)
+    dw_parts = h_NG.new_empty(rows, kl.cdiv(inter, _DW_COLS), dtype=torch.float32)
     act_w = h_NG.new_empty(rows, inter) if want_actw else None
     epilogue = dict(epilogue=tk.SWIGLU_BWD, h=h_NG, w_rows=w_N, dw=dw_parts, act_w=act_w, oai=oai)
 

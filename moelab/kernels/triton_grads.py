@@ -92,11 +92,11 @@ def expert_grad(
         PRECISION="ieee" if q_MD.dtype == torch.float32 else None,
     )
     if not wide:
-        flags["BLOCK_P"] = max(16, triton.next_power_of_2(p_dim))
+        flags["BLOCK_P"] = max(16, kl.next_power_of_2(p_dim))
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        blocks_p = triton.cdiv(p_dim, meta["BLOCK_P"])
-        return (offs_E.numel(), triton.cdiv(d_dim, meta["BLOCK_D"]), blocks_p)
+        blocks_p = kl.cdiv(p_dim, meta["BLOCK_P"])
+        return (offs_E.numel(), kl.cdiv(d_dim, meta["BLOCK_D"]), blocks_p)
 
     if tuning.autotune_enabled():
         key = ("expert_grad", d_dim, p_dim, str(q_MD.dtype), *flags.values())
