@@ -297,3 +297,22 @@ def test_cli_shows_the_backend_choice_on_stderr(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "moelab: expert backend grouped_mm (requested by argument)" in done.stderr
     assert "moelab: expert backend" not in done.stdout
+
+
+@pytest.mark.parametrize("shape", ["qwen3", "gpt-oss"])
+def test_host_stand_in_walks_every_launch_of_a_lora_step(shape):
+    """``scripts/host_standin.py`` patches moelab's launch internals to measure the host path
+    on the CPU; it must keep running as they change (a fresh process: the patches are global)."""
+    root = os.path.dirname(os.path.dirname(__file__))
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        [sys.executable, "scripts/host_standin.py", "--shape", shape, "--steps", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{shape}, LoRA z given: host us per experts forward + backward" in done.stdout
