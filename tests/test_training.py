@@ -289,6 +289,7 @@ def test_two_job_multirun_and_report(tmp_path):
         (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid"),
         (["backend=grouped_mm", "trainer.moe_recompute=true"], "recompute is triton's"),
         (["trainer.cuda_graph=true", "trainer.device=cpu"], "trainer.cuda_graph=true replays"),
+        (["trainer.device=gpu0"], "trainer.device='gpu0' is not valid"),
     ],
 )
 def test_bad_values_stop_before_any_work(tmp_path, overrides, message):

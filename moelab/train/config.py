@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "native_torch", "grouped_mm", "triton")
 LORA_TARGETS = ("experts", "attention", "mlp", "shared", "router")
@@ -168,7 +171,11 @@ def validate(cfg: RunConfig) -> None:
             t.micro_batch_tokens,
             f">= data.seq_len ({cfg.data.seq_len})",
         )
-    if t.cuda_graph and not _is_cuda(t.device):
+    try:
+        device = resolve_device(t.device)
+    except RuntimeError as e:  # torch's own words for what a device string may be
+        raise bad("trainer.device", t.device, f'"auto" or a torch device ({e})') from None
+    if t.cuda_graph and device.type != "cuda":
         raise ValueError(
             f"trainer.cuda_graph=true replays each step from a CUDA graph: it needs a CUDA device, "
             f"and trainer.device={t.device!r} is not one here"
@@ -179,9 +186,10 @@ def validate(cfg: RunConfig) -> None:
         raise bad("logger.mode", cfg.logger.mode, f"one of {LOGGER_MODES}")
 
 
-def _is_cuda(device: str) -> bool:
-    if device == "auto":
-        import torch
+def resolve_device(name: str) -> torch.device:
+    """``trainer.device`` as a torch device: "auto" is CUDA where there is one, else the CPU."""
+    import torch  # here, not at the top: reading a config does not load torch
 
-        return torch.cuda.is_available()
-    return device.startswith("cuda")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -25,7 +25,7 @@ from moelab.models.model import Model
 from moelab.models.options import ForwardOptions
 from moelab.train import lora as lora_mod
 from moelab.train import setup, state
-from moelab.train.config import RunConfig, validate
+from moelab.train.config import RunConfig, resolve_device, validate
 from moelab.train.data import Batch
 from moelab.train.graphs import CapturedStep
 from moelab.train.loss import chunked_cross_entropy
@@ -78,7 +78,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     registry.forget_logged()
-    device = setup.resolve_device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device)
     dtype = setup.resolve_dtype(cfg.trainer.precision, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
