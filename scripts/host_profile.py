@@ -97,14 +97,19 @@ def main() -> None:
 
 # the stages whose host entry and exit times the timeline reports (module, attribute)
 _MARKED = [
+    ("torch.nn.functional", "linear"),  # the router's logits
     ("moelab.ops.moe", "route"),
     ("moelab.ops.moe", "moe_experts"),
     ("moelab.kernels.triton", "dispatch_tiles"),
+    ("moelab.kernels.triton", "lora_products"),
     ("moelab.kernels.triton", "up_projection"),
     ("moelab.kernels.triton", "down_projection"),
     ("moelab.kernels.triton", "combine_rows"),
     ("moelab.kernels.triton", "down_backward"),
+    ("moelab.kernels.triton", "router_grad"),
+    ("moelab.kernels.triton_grads", "lora_down_grads"),
     ("moelab.kernels.triton", "up_backward"),
+    ("moelab.kernels.triton_grads", "lora_up_grads"),
 ]
 
 
