@@ -14,6 +14,8 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -24,6 +26,8 @@ from moelab.kernels.problem import ExpertProblem
 from moelab.kernels.registry import unsupported_reason
 from moelab.ops import ExpertLoRA, MoEConfig, moe_block, moe_experts, route
 from moelab.train.graphs import CapturedStep
+
+_Out = TypeVar("_Out")
 
 
 def build_block(
@@ -97,7 +101,7 @@ def _problem(
     )
 
 
-def dropping_grads(fn, tensors: list[torch.Tensor]):
+def dropping_grads(fn: Callable[..., _Out], tensors: list[torch.Tensor]) -> Callable[..., _Out]:
     """``fn`` that first drops ``tensors``' gradients, so each step's are written, not added
     (as after ``zero_grad(set_to_none=True)``)."""
 
@@ -110,7 +114,7 @@ def dropping_grads(fn, tensors: list[torch.Tensor]):
 
 
 def time_step(
-    fn,
+    fn: Callable[[torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
     iters: int,
     warmup: int = 3,
@@ -163,7 +167,9 @@ def time_step(
     return statistics.median(times), peak, statistics.median(host) if cuda else None
 
 
-def profile_step(fn, x0: torch.Tensor, top: int = 12) -> list[tuple[str, float, int]]:
+def profile_step(
+    fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, top: int = 12
+) -> list[tuple[str, float, int]]:
     """Device time per kernel over 2 steps, largest first: (name, ms per step, calls per step)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -185,7 +191,7 @@ def profile_step(fn, x0: torch.Tensor, top: int = 12) -> list[tuple[str, float, 
 def check_backends(
     shape: BlockShape,
     backends: list[str],
-    dtype,
+    dtype: torch.dtype,
     device: str,
     tokens: int,
     rank: int,

@@ -19,7 +19,7 @@ import torch
 
 from moelab.checkpoints import api
 from moelab.checkpoints.safetensors_io import write_checkpoint
-from moelab.models import tree
+from moelab.models import gpt_oss, qwen3_moe, tree
 
 _MEASURE = """
 import json, sys, torch, moelab
@@ -34,7 +34,7 @@ print(json.dumps({"param_bytes": param_bytes, "peak_extra_bytes": (kib('VmHWM') 
 """
 
 
-def synthetic_config(family: str, gigabytes: float):
+def synthetic_config(family: str, gigabytes: float) -> qwen3_moe.Config | gpt_oss.Config:
     """A Qwen3-MoE-shaped (H 1024, I 512, 64 experts) or GPT-OSS-shaped (H 1024, I 1024, 32
     experts, MXFP4 experts on disk) config with enough layers to reach ``gigabytes`` in bf16."""
     model, _ = api.FAMILIES[family]
@@ -71,7 +71,7 @@ def synthetic_config(family: str, gigabytes: float):
     return model.Config.from_hf(hf)
 
 
-def write_synthetic(path: Path, cfg) -> None:
+def write_synthetic(path: Path, cfg: qwen3_moe.Config | gpt_oss.Config) -> None:
     """Random weights, one tensor at a time (the writer holds one shard of 1 GiB); bf16, and
     MXFP4 blocks and scales for GPT-OSS experts as the hub release stores them."""
     model, names = api.FAMILIES[cfg.model_type]

@@ -5,16 +5,21 @@ longest sequence whose step fits in a memory budget. A runner has ``step(ids)`` 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:  # train_step imports this module
+    from moelab.bench.train_step import MoelabSystem, TransformersSystem
 
-def sync(device) -> None:
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def host_syncs(step) -> list[str]:
+def host_syncs(step: Callable[[], object]) -> list[str]:
     """Where one (untimed) ``step()`` synchronises with the host, as CUDA's sync debug mode sees
     it (``.item()``, ``nonzero``, device-to-host copies, ...): one ``file:line`` per sync."""
     torch.cuda.synchronize()
@@ -30,7 +35,13 @@ def host_syncs(step) -> list[str]:
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
-def profile_step(runner, seq: int, device, path: str, rows: int = 40) -> None:
+def profile_step(
+    runner: MoelabSystem | TransformersSystem,
+    seq: int,
+    device: torch.device,
+    path: str,
+    rows: int = 40,
+) -> None:
     """One step under the torch profiler: the ``rows`` costliest ops by device time, to a file."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -44,7 +55,7 @@ def profile_step(runner, seq: int, device, path: str, rows: int = 40) -> None:
         f.write(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70))
 
 
-def longest_fitting(fits, start: int, stop: int, resolution: int) -> int:
+def longest_fitting(fits: Callable[[int], bool], start: int, stop: int, resolution: int) -> int:
     """Largest ``seq`` (0 if none) with ``fits(seq)``, assuming fits is monotone: ``start``
     doubled up to ``stop`` until a miss, then bisected to a multiple of ``resolution``."""
     best, miss, seq = 0, None, start
@@ -60,7 +71,12 @@ def longest_fitting(fits, start: int, stop: int, resolution: int) -> int:
 
 
 def longest_sequence(
-    runner, budget_gb: float, device, start: int = 4096, stop: int = 262144, resolution: int = 4096
+    runner: MoelabSystem | TransformersSystem,
+    budget_gb: float,
+    device: torch.device,
+    start: int = 4096,
+    stop: int = 262144,
+    resolution: int = 4096,
 ) -> int:
     """Longest sequence whose step fits in ``budget_gb`` (CUDA): ``start`` doubled until a step
     runs out of memory, then bisected between the last fit and the first miss to ``resolution``.

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 
-def median_ms(fn, iters: int, warmup: int = 3, cuda: bool | None = None, repeat: int = 1) -> float:
+def median_ms(
+    fn: Callable[[], object],
+    iters: int,
+    warmup: int = 3,
+    cuda: bool | None = None,
+    repeat: int = 1,
+) -> float:
     """Median milliseconds of ``fn()`` over ``iters`` timings after ``warmup`` calls: CUDA events
     when ``cuda`` (default: a GPU is present), else wall time (a smoke run, not a timing).
 

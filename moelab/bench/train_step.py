@@ -202,7 +202,7 @@ class TransformersSystem:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def breakdown(runner: MoelabSystem, seq: int, device) -> dict:
+def breakdown(runner: MoelabSystem, seq: int, device: torch.device) -> dict:
     """Where a moelab step's time goes: each part timed alone on the step's shapes, forward +
     backward plus the extra forward that per-layer checkpointing recomputes (when on), times
     the layers.
@@ -274,7 +274,9 @@ SYSTEMS_HELP = (
 _MOELAB_SYSTEMS = ("moelab", "moelab:no-ckpt", "moelab:graph", "moelab:no-ckpt:graph")
 
 
-def build(system: str, cfg: dict, args, device, dtype):
+def build(
+    system: str, cfg: dict, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> MoelabSystem | TransformersSystem:
     if system in _MOELAB_SYSTEMS:
         flags = system.split(":")[1:]
         if "graph" in flags and device.type != "cuda":
@@ -288,7 +290,13 @@ def build(system: str, cfg: dict, args, device, dtype):
     return TransformersSystem(cfg, args.mode, args.rank, system.split(":")[1], device, dtype)
 
 
-def measure(runner, seq: int, device, warmup: int = 3, steps: int = 5) -> dict:
+def measure(
+    runner: MoelabSystem | TransformersSystem,
+    seq: int,
+    device: torch.device,
+    warmup: int = 3,
+    steps: int = 5,
+) -> dict:
     ids = torch.randint(0, runner.vocab, (1, seq), device=device)
     for _ in range(warmup):
         runner.step(ids)

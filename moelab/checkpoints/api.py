@@ -37,7 +37,7 @@ def _family(model_type: str | None) -> tuple[ModuleType, ModuleType]:
     return FAMILIES[model_type]
 
 
-def read_config(path: str | os.PathLike):
+def read_config(path: str | os.PathLike) -> qwen3_moe.Config | gpt_oss.Config:
     """The family ``Config`` parsed from ``<path>/config.json``."""
     file = Path(path) / "config.json"
     try:

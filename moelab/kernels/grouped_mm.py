@@ -121,20 +121,20 @@ def _dense_weights(weights_TK: torch.Tensor, experts_TK: torch.Tensor, num_exper
 
 
 def down_grads(
-    need,
-    s,
-    plan,
-    dout_TH,
-    dout_NH,
-    act_w_NI,
-    u2_NR,
-    z2_NR,
-    w_N1,
-    weights_TK,
-    experts_TK,
-    down_bias,
-    num_experts,
-    grads: list,
+    need: tuple[bool, ...],
+    s: float,
+    plan: DispatchPlan,
+    dout_TH: torch.Tensor,
+    dout_NH: torch.Tensor | None,
+    act_w_NI: torch.Tensor | None,
+    u2_NR: torch.Tensor | None,
+    z2_NR: torch.Tensor | None,
+    w_N1: torch.Tensor | None,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    num_experts: int,
+    grads: list[torch.Tensor | None],
 ) -> None:
     """Gradients of the down projection's weights: dW2 (4), down bias (6), LoRA dA2 (9) and
     dB2 (10), with ``act_w = w * act`` so that dW2 = dY^T act = dout^T (w act)."""
@@ -150,7 +150,16 @@ def down_grads(
         grads[6] = (dense_TE.t() @ dout_TH.float()).to(down_bias.dtype)
 
 
-def up_grads(need, s, plan, x_TH, dh_NG, u1_NR, z1_NR, grads: list) -> None:
+def up_grads(
+    need: tuple[bool, ...],
+    s: float,
+    plan: DispatchPlan,
+    x_TH: torch.Tensor,
+    dh_NG: torch.Tensor,
+    u1_NR: torch.Tensor | None,
+    z1_NR: torch.Tensor | None,
+    grads: list[torch.Tensor | None],
+) -> None:
     """Gradients of the up projection's weights: dW1 (3), gate_up bias (5), LoRA dA1 (7) and
     dB1 (8); x is gathered again only when dW1 or dA1 needs it."""
     offs_E = plan.offs_E
@@ -167,7 +176,13 @@ def up_grads(need, s, plan, x_TH, dh_NG, u1_NR, z1_NR, grads: list) -> None:
             grads[7] = _gmm_wgrad(u1_NR, xs_NH, offs_E).mul_(s)
 
 
-def router_grad(g_dot_act_N, plan, dout_TH, down_bias, experts_TK) -> torch.Tensor:
+def router_grad(
+    g_dot_act_N: torch.Tensor,
+    plan: DispatchPlan,
+    dout_TH: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    experts_TK: torch.Tensor,
+) -> torch.Tensor:
     """dL/dw[t, j] = <g, act> + <dout_t, b2[e_tj]>, back in (token, slot) order."""
     dw_TK = scatter_to_slots(g_dot_act_N, plan)
     if down_bias is not None:
@@ -268,9 +283,18 @@ class _GroupedExperts(torch.autograd.Function):
 
 
 def apply_function(
-    function, x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias, activation,
-    lora: ExpertLoRA | None, *options,
-) -> torch.Tensor:  # fmt: skip
+    function: type[torch.autograd.Function],
+    x_TH: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,
+    lora: ExpertLoRA | None,
+    *options: object,
+) -> torch.Tensor:
     """``function.apply`` in the argument order this module's and the triton backend's autograd
     functions share, LoRA unpacked into its four factors and scale; backend-specific
     ``options`` last."""

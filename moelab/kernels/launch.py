@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from triton import knobs as triton_knobs
+
+if TYPE_CHECKING:
+    from triton.runtime.jit import JITFunction
+
+# a launch's grid: its sizes, or a function of its constexprs that gives them
+Grid = tuple[int, ...] | Callable[[dict], tuple[int, ...]]
 
 
 @functools.cache
@@ -75,7 +82,7 @@ def arg_spec(args: tuple) -> tuple:
     return tuple(spec)
 
 
-def launch(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
+def launch(kernel: JITFunction, grid: Grid, args: tuple, kwargs: dict, key: tuple) -> None:
     """``kernel[grid](*args, **kwargs)``; on the GPU, after the first call of ``key`` with
     arguments specialised alike, by the compiled kernel's launcher directly
     (``MOELAB_TRITON_DIRECT=0``: always through the JIT). ``key`` must hold every constexpr in

@@ -690,7 +690,15 @@ def _t(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(2), t.stride(1)
 
 
-def lora_products(a1, b1, a2, b2, scale: float, rows: int, *names: str) -> dict:
+def lora_products(
+    a1: torch.Tensor | None,
+    b1: torch.Tensor | None,
+    a2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    scale: float,
+    rows: int,
+    *names: str,
+) -> dict[str, LowRank | None]:
     """Split-LoRA's rank-r products ``names`` (of ``LORA_PLACEMENT``), each a LowRank with its
     ``z`` buffer, or None without LoRA: forward x A1^T ("up") and act A2^T ("down"), backward
     dout B2 ("bwd_down", B2 [E, H, r] read as [E, r, H]) and dh B1 ("bwd_up")."""
@@ -709,7 +717,16 @@ def lora_products(a1, b1, a2, b2, scale: float, rows: int, *names: str) -> dict:
 # The four grouped products of a step, shared by the autograd function and the stage benchmark.
 
 
-def up_projection(x_TH, gate_up, gate_up_bias, lora, plan, tiles, oai, want_act=True):
+def up_projection(
+    x_TH: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    lora: LowRank | None,
+    plan: DispatchPlan,
+    tiles: torch.Tensor,
+    oai: bool,
+    want_act: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``h [N, 2I], act [N, I]``: act = swiglu(x[token] W1^T + s z1 B1^T + b1), z1 into lora.z;
     act is None (never written) without ``want_act``, as when backward recomputes h."""
     rows, (two_inter, hidden) = plan.token_N.numel(), gate_up.shape[1:]
@@ -724,7 +741,14 @@ def up_projection(x_TH, gate_up, gate_up_bias, lora, plan, tiles, oai, want_act=
     return h_NG, act_NI
 
 
-def down_projection(act_NI, down, down_bias, lora, plan, tiles):
+def down_projection(
+    act_NI: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    lora: LowRank | None,
+    plan: DispatchPlan,
+    tiles: torch.Tensor,
+) -> torch.Tensor:
     """``y [N, H]`` in (token, slot) order: act W2^T + s z2 B2^T + b2, z2 into lora.z."""
     hidden, inter = down.shape[1:]
     y_slots = act_NI.new_empty(act_NI.shape[0], hidden)
@@ -736,9 +760,18 @@ def down_projection(act_NI, down, down_bias, lora, plan, tiles):
 
 
 def down_backward(
-    dout_TH, down, h_NG, w_N, lora, plan, tiles, oai, want_actw: bool, main: str | None = None,
+    dout_TH: torch.Tensor,
+    down: torch.Tensor,
+    h_NG: torch.Tensor,
+    w_N: torch.Tensor,
+    lora: LowRank | None,
+    plan: DispatchPlan,
+    tiles: torch.Tensor,
+    oai: bool,
+    want_actw: bool,
+    main: str | None = None,
     keep_gathered: bool = False,
-):  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``dh [N, 2I]``, router partials ``[N, I / 32]``, ``w act [N, I]`` (or None) and the
     gathered ``dout [N, H]`` (or None) from g = dout W2 + s u2 A2, u2 = dout B2 into lora.z.
 
@@ -811,7 +844,13 @@ def down_backward(
     return dh_NG, dw_parts, act_w, run(main)
 
 
-def up_backward(dh_NG, gate_up, lora, plan, tiles):
+def up_backward(
+    dh_NG: torch.Tensor,
+    gate_up: torch.Tensor,
+    lora: LowRank | None,
+    plan: DispatchPlan,
+    tiles: torch.Tensor,
+) -> torch.Tensor:
     """``dX [N, H]`` in (token, slot) order: dh W1 + s u1 A1, u1 = dh B1 into lora.z."""
     two_inter, hidden = gate_up.shape[1:]
     dx_slots = dh_NG.new_empty(dh_NG.shape[0], hidden)

@@ -182,7 +182,19 @@ def weight_grad(
     return run(path)
 
 
-def lora_down_grads(need, s, plan, dout_TH, w_N, act_w_NI, u2_NR, z2_NR, a2, b2, grads) -> None:
+def lora_down_grads(
+    need: tuple[bool, ...],
+    s: float,
+    plan: DispatchPlan,
+    dout_TH: torch.Tensor,
+    w_N: torch.Tensor,
+    act_w_NI: torch.Tensor | None,
+    u2_NR: torch.Tensor | None,
+    z2_NR: torch.Tensor | None,
+    a2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    grads: list[torch.Tensor | None],
+) -> None:
     """dA2 (9) = s u2^T (w act) and dB2 (10) = s dout[token]^T (w z2) per expert."""
     if need[9]:
         grads[9] = _factor_grad(a2, act_w_NI, u2_NR, s, plan.offs_E, is_a=True)
@@ -193,7 +205,18 @@ def lora_down_grads(need, s, plan, dout_TH, w_N, act_w_NI, u2_NR, z2_NR, a2, b2,
         # fmt: on
 
 
-def lora_up_grads(need, s, plan, x_TH, dh_NG, u1_NR, z1_NR, a1, b1, grads) -> None:
+def lora_up_grads(
+    need: tuple[bool, ...],
+    s: float,
+    plan: DispatchPlan,
+    x_TH: torch.Tensor,
+    dh_NG: torch.Tensor,
+    u1_NR: torch.Tensor | None,
+    z1_NR: torch.Tensor | None,
+    a1: torch.Tensor | None,
+    b1: torch.Tensor | None,
+    grads: list[torch.Tensor | None],
+) -> None:
     """dA1 (7) = s u1^T x[token] and dB1 (8) = s dh^T z1 per expert."""
     if need[7]:
         grads[7] = _factor_grad(a1, x_TH, u1_NR, s, plan.offs_E, is_a=True, gather=plan.token_N)

@@ -17,13 +17,18 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.testing
 
 from moelab.kernels import launch as kl
-from moelab.kernels.measured import MeasuredChoices
+from moelab.kernels.measured import Choice, MeasuredChoices
+
+if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
 
 log = logging.getLogger("moelab")
 
@@ -55,10 +60,16 @@ def config_name(config: triton.Config) -> str:
 
 
 def run_tuned(
-    plain, tuned: Callable, key: tuple, grid, args: tuple, flags: dict,
+    plain: JITFunction,
+    tuned: Callable[[], Autotuner],
+    key: tuple,
+    grid: kl.Grid,
+    args: tuple,
+    flags: dict,
     derived: Callable[[dict], dict] = lambda config: {},
-    prepare: Callable[[dict], None] | None = None, device: torch.device | None = None,
-) -> None:  # fmt: skip
+    prepare: Callable[[dict], None] | None = None,
+    device: torch.device | None = None,
+) -> None:
     """Launch ``plain`` with the configuration the autotuned ``tuned()`` chose for ``key``
     (``derived(config)``: the constexprs its heuristics would add). The first call of a key in
     a process takes the choice stored on disk for ``device`` (scope: GPU, versions, ``plain``'s
@@ -125,7 +136,7 @@ def compile_threads() -> int:
     return int(value)
 
 
-def compile_candidates(tuned, grid, args: tuple, flags: dict) -> int:
+def compile_candidates(tuned: Autotuner, grid: kl.Grid, args: tuple, flags: dict) -> int:
     """Compile the autotuned kernel's candidate configurations for this launch in parallel
     threads, so that its tuner, which compiles each just before timing it, finds them compiled;
     returns how many (0: left to the tuner). Compiling, not timing, is most of a first tuning
@@ -155,9 +166,14 @@ def compile_candidates(tuned, grid, args: tuple, flags: dict) -> int:
 
 
 def measured_choice(
-    store: MeasuredChoices, what: str, key: tuple, run: Callable, device: torch.device,
-    kernels: tuple, candidates: tuple = (),
-):  # fmt: skip
+    store: MeasuredChoices,
+    what: str,
+    key: tuple,
+    run: Callable[[Choice], object],
+    device: torch.device,
+    kernels: tuple[JITFunction, ...],
+    candidates: tuple[Choice, ...] = (),
+) -> Choice:
     """``store``'s choice for ``key`` on this machine; on first use the fastest of
     ``candidates`` (default: all it allows) by ``run(candidate)``, logged once, kept on disk
     (scoped by the sources of the Triton ``kernels`` it chooses between, see ``scope``)."""
@@ -179,7 +195,9 @@ def scope(device: torch.device, kernels: tuple) -> str:
     return f"{name} | triton {triton.__version__} | torch {torch.__version__} | kernels {hashes}"
 
 
-def fastest(run: Callable, choices: tuple, reps: int = 5, rounds: int = 3):
+def fastest(
+    run: Callable[[Choice], object], choices: tuple[Choice, ...], reps: int = 5, rounds: int = 3
+) -> Choice:
     """The choice whose ``run(choice)`` takes least GPU time: each tuned and warmed first, then
     timed in alternating rounds (best round each), so clock drift favours none."""
     for choice in choices:

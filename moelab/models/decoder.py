@@ -9,6 +9,8 @@ layer (``ForwardOptions.checkpoint_layers``). Families export :func:`hidden_stat
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -16,6 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from moelab.models.options import ForwardOptions
 from moelab.ops.moe import RouterStats
 from moelab.ops.rope import rope_cos_sin
+
+if TYPE_CHECKING:  # the families import this module
+    from moelab.models import gpt_oss, qwen3_moe
 
 DEFAULT_OPTIONS = ForwardOptions()
 
@@ -30,7 +35,7 @@ def positions_from_documents(document_ids_BS: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_states(
-    cfg,
+    cfg: qwen3_moe.Config | gpt_oss.Config,
     params: dict,
     input_ids: torch.Tensor,
     *,
@@ -69,13 +74,13 @@ def hidden_states(
     return cfg.final_norm(h, params), stats
 
 
-def lm_head_weight(cfg, params: dict) -> torch.Tensor:
+def lm_head_weight(cfg: qwen3_moe.Config | gpt_oss.Config, params: dict) -> torch.Tensor:
     """The LM head, or the embedding when the config ties them."""
     return params["embed" if cfg.tie_word_embeddings else "lm_head"]["weight"]
 
 
 def forward(
-    cfg,
+    cfg: qwen3_moe.Config | gpt_oss.Config,
     params: dict,
     input_ids: torch.Tensor,
     *,

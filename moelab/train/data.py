@@ -118,7 +118,9 @@ class Packed:
         return self.tokens.shape[0]
 
 
-def pack(docs: list[tuple[str, str]], tokenizer, seq_len: int) -> Packed:
+def pack(
+    docs: list[tuple[str, str]], tokenizer: ByteTokenizer | ModelTokenizer, seq_len: int
+) -> Packed:
     ids = [tokenizer.encode(text) for _, text in docs]
     ids = [a for a in ids if len(a)]
     tokens = np.concatenate(ids)

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def add_lora(params: dict, cfg: LoraConfig, generator: torch.Generator | None = 
     return added
 
 
-def trainable_predicate(cfg: LoraConfig):
+def trainable_predicate(cfg: LoraConfig) -> Callable[[tree.Path], bool]:
     """Which param paths train: everything without LoRA; else adapters (and the router)."""
     if cfg.rank is None:
         return lambda path: True

@@ -96,7 +96,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_schedule(optimizer, cfg: OptimConfig, total_steps: int):
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio),

@@ -83,7 +83,12 @@ def build_data(cfg: RunConfig, model: Model) -> Data:
 
 
 def expert_backend(
-    model: Model, backend: str, dtype: torch.dtype, device, rank: int, recompute: bool = False
+    model: Model,
+    backend: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    rank: int,
+    recompute: bool = False,
 ) -> str:
     """The expert backend this run's MoE layers will use (resolved once, for the log line; a
     request no backend can serve fails here, before training)."""

@@ -23,6 +23,7 @@ from moelab.kernels import registry
 from moelab.models import tree
 from moelab.models.model import Model
 from moelab.models.options import ForwardOptions
+from moelab.ops.moe import RouterStats
 from moelab.train import lora as lora_mod
 from moelab.train import setup, state
 from moelab.train.config import RunConfig, resolve_device, validate
@@ -40,7 +41,9 @@ from moelab.train.tracking import Tracker
 log = logging.getLogger("moelab")
 
 
-def step_loss(model: Model, batch, options: ForwardOptions, cfg: RunConfig):
+def step_loss(
+    model: Model, batch: Batch, options: ForwardOptions, cfg: RunConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[RouterStats]]:
     """(total loss, CE sum, counted tokens, router stats) of one micro-batch."""
     fam = model.family
     h, stats = fam.hidden_states(
@@ -64,7 +67,13 @@ def step_loss(model: Model, batch, options: ForwardOptions, cfg: RunConfig):
 
 
 @torch.no_grad()
-def evaluate(model: Model, batches, options: ForwardOptions, cfg: RunConfig, device) -> float:
+def evaluate(
+    model: Model,
+    batches: list[Batch],
+    options: ForwardOptions,
+    cfg: RunConfig,
+    device: torch.device,
+) -> float:
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for batch in batches:
         _, ce_sum, n, _ = step_loss(model, batch.to(device), options, cfg)
