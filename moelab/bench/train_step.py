@@ -105,11 +105,11 @@ class MoelabSystem:
         mode: str,
         rank: int,
         backend: str,
-        device,
-        dtype,
+        device: torch.device,
+        dtype: torch.dtype,
         checkpoint: bool,
         graph: bool = False,
-    ):
+    ) -> None:
         family, _ = api.FAMILIES[cfg["model_type"]]
         self.family = family
         self.cfg = family.Config.from_hf(cfg)
@@ -157,7 +157,15 @@ class MoelabSystem:
 class TransformersSystem:
     """Transformers v5 with PEFT LoRA on the stacked experts and attention, as users run it."""
 
-    def __init__(self, cfg: dict, mode: str, rank: int, experts: str, device, dtype):
+    def __init__(
+        self,
+        cfg: dict,
+        mode: str,
+        rank: int,
+        experts: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         import transformers
 
         config_cls = transformers.AutoConfig.for_model(**cfg).__class__

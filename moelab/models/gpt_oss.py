@@ -36,7 +36,7 @@ from moelab.models.options import ForwardOptions
 from moelab.ops.activations import OAI_ALPHA, OAI_LIMIT
 from moelab.ops.attention import attention
 from moelab.ops.linear import linear
-from moelab.ops.moe import MoEConfig, moe_block
+from moelab.ops.moe import MoEConfig, RouterStats, moe_block
 from moelab.ops.norms import rms_norm
 from moelab.ops.rope import RopeConfig, apply_rope
 
@@ -65,7 +65,16 @@ class Config:
     dtype: torch.dtype | None = None
     hf: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def decoder_layer(self, layer, p, h, cos, sin, document_ids, options):
+    def decoder_layer(
+        self,
+        layer: int,
+        p: dict,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        document_ids: torch.Tensor | None,
+        options: ForwardOptions,
+    ) -> tuple[torch.Tensor, RouterStats | None]:
         return _decoder_layer(self, layer, p, h, cos, sin, document_ids, options)
 
     def final_norm(self, h: torch.Tensor, params: dict) -> torch.Tensor:

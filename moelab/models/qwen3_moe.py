@@ -31,7 +31,7 @@ from moelab.models.hf_config import (
 from moelab.models.options import ForwardOptions
 from moelab.ops.attention import attention
 from moelab.ops.linear import linear, swiglu_mlp
-from moelab.ops.moe import MoEConfig, moe_block
+from moelab.ops.moe import MoEConfig, RouterStats, moe_block
 from moelab.ops.norms import rms_norm
 from moelab.ops.rope import RopeConfig, apply_rope
 
@@ -70,7 +70,16 @@ class Config:
             and (layer + 1) % self.decoder_sparse_step == 0
         )
 
-    def decoder_layer(self, layer, p, h, cos, sin, document_ids, options):
+    def decoder_layer(
+        self,
+        layer: int,
+        p: dict,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        document_ids: torch.Tensor | None,
+        options: ForwardOptions,
+    ) -> tuple[torch.Tensor, RouterStats | None]:
         return _decoder_layer(self, layer, p, h, cos, sin, document_ids, options)
 
     def final_norm(self, h: torch.Tensor, params: dict) -> torch.Tensor:

@@ -142,7 +142,7 @@ class Batch:
     labels: torch.Tensor  # [B, S]; -100 where the next token starts another document
     document_ids: torch.Tensor  # [B, S]
 
-    def to(self, device) -> Batch:
+    def to(self, device: torch.device) -> Batch:
         return Batch(
             *(
                 t.to(device, non_blocking=True)

@@ -340,7 +340,13 @@ class _Window:
         self.micro, self.steps = 0, 0
         self.t0 = time.perf_counter()
 
-    def add(self, loss, ce_sum, count, stats) -> None:
+    def add(
+        self,
+        loss: torch.Tensor,
+        ce_sum: torch.Tensor,
+        count: torch.Tensor,
+        stats: list[RouterStats],
+    ) -> None:
         self.loss += loss
         self.ce += ce_sum
         self.count += count
