@@ -21,7 +21,3 @@ class ExpertProblem:
     activation: str
     accumulate: str = "fp32"
     recompute: bool = False  # recompute the pre-activation in backward instead of keeping it
-
-    @property
-    def routed_rows(self) -> int:
-        return self.num_tokens * self.top_k
