@@ -286,16 +286,17 @@ def test_expert_grad_kernel_against_float64(dtype, is_a, p_dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "down bias"])
+@pytest.mark.parametrize("bias", [None, "contiguous", "transposed"])
 @pytest.mark.parametrize(
     "tokens, top_k, parts, hidden",
-    [(1, 1, 1, 8), (29, 3, 24, 200), (70, 4, 90, 130)],
-    ids=["T=1 k=1", "24 partials", "90 partials, two programs"],
+    [(1, 1, 1, 8), (29, 3, 24, 200), (70, 4, 90, 130), (9, 2, 300, 70)],
+    ids=["T=1 k=1", "24 partials", "90 partials, two programs", "300 partials, 3 blocks"],
 )
 def test_router_grad_kernel_against_float64(dtype, bias, tokens, top_k, parts, hidden):
     """``router_grad``: each routed row's partials summed and returned to its (token, slot),
-    plus ``<dout_t, b2[e]>`` with a down bias, against float64; partial counts and widths that
-    are not powers of two (a partial last block of each), an expert that gets no rows."""
+    plus ``<dout_t, b2[e]>`` with a down bias (also one read through transposed strides),
+    against float64; partial counts and widths that are not powers of two (a partial last
+    block of each, and more partials than one block holds), an expert that gets no rows."""
     from moelab.ops.dispatch import dispatch
 
     torch.manual_seed(9)
@@ -306,13 +307,37 @@ def test_router_grad_kernel_against_float64(dtype, bias, tokens, top_k, parts, h
     plan = dispatch(experts_TK, num_experts)
     parts_NP = torch.randn(tokens * top_k, parts).to(TEST_DEVICE)
     dout_TH = torch.randn(tokens, hidden).to(TEST_DEVICE, dtype)
-    down_bias = torch.randn(num_experts, hidden).to(TEST_DEVICE, dtype) if bias else None
+    down_bias = None
+    if bias == "contiguous":
+        down_bias = torch.randn(num_experts, hidden).to(TEST_DEVICE, dtype)
+    elif bias == "transposed":
+        down_bias = torch.randn(hidden, num_experts).to(TEST_DEVICE, dtype).t()
     got = tr.router_grad(parts_NP, plan, dout_TH, down_bias, experts_TK)
     ref = parts_NP.double().sum(1)[plan.slot_TK]
     if bias:
         ref += (dout_TH.double() @ down_bias.double().t()).gather(1, experts_TK)
     assert got.dtype == torch.float32 and got.shape == (tokens, top_k)
     assert rel_err(got, ref) <= 1e-5
+
+
+def test_router_grad_reads_no_bias_for_expert_ids_out_of_range():
+    """Ids outside ``[0, E)`` (unchecked on the GPU by default) get their partials and no bias
+    term, rather than a read past the bias tensor."""
+    from moelab.ops.dispatch import dispatch
+
+    torch.manual_seed(3)
+    tokens, top_k, num_experts, hidden = 6, 2, 4, 40
+    experts_TK = torch.tensor([[0, 1], [2, 3], [1, 4], [0, 2], [-1, 3], [3, 1]], device=TEST_DEVICE)
+    plan = dispatch(experts_TK.clamp(0, num_experts - 1), num_experts)  # any valid slots
+    parts_NP = torch.randn(tokens * top_k, 5, device=TEST_DEVICE)
+    dout_TH = torch.randn(tokens, hidden, device=TEST_DEVICE)
+    down_bias = torch.randn(num_experts, hidden, device=TEST_DEVICE)
+    got = tr.router_grad(parts_NP, plan, dout_TH, down_bias, experts_TK)
+    ref = parts_NP.double().sum(1)[plan.slot_TK]
+    known = (experts_TK >= 0) & (experts_TK < num_experts)
+    bias_term = (dout_TH.double() @ down_bias.double().t()).gather(1, experts_TK.clamp(0, 3))
+    ref += torch.where(known, bias_term, 0.0)
+    assert rel_err(got, ref) <= 1e-6
 
 
 @pytest.fixture

@@ -668,10 +668,12 @@ def router_grad(
     # the kernel walks the pairs, partials and dout rows with unit inner strides
     experts_TK, dout_TH, dw_parts_NP = (t.contiguous() for t in (experts_TK, dout_TH, dw_parts_NP))
     block = 64
+    # partials in column blocks of at most 128: a 64 x 128 fp32 tile per load, whatever I is
     sizes = dict(TOP_K=top_k, HAS_BIAS=down_bias_EH is not None, BLOCK=block,
-                 BLOCK_P=kl.next_power_of_2(parts), BLOCK_H=128)  # fmt: skip
+                 BLOCK_P=min(128, kl.next_power_of_2(parts)), BLOCK_H=128)  # fmt: skip
     args = (dw_parts_NP, plan.slot_TK, dout_TH, bias, experts_TK, dw_TK, pairs, parts,
-            dout_TH.shape[1], dw_parts_NP.stride(0), dout_TH.stride(0), *bias.stride())  # fmt: skip
+            dout_TH.shape[1], bias.shape[0] if down_bias_EH is not None else 0,
+            dw_parts_NP.stride(0), dout_TH.stride(0), *bias.stride())  # fmt: skip
     kl.launch(tk._router_grad_kernel, (kl.cdiv(pairs, block),), args, sizes,
               ("router_grad", *sizes.values()))  # fmt: skip
     return dw_TK

@@ -408,7 +408,7 @@ def _combine_kernel(
 @triton.jit
 def _router_grad_kernel(
     parts_ptr, slot_ptr, dout_ptr, bias_ptr, experts_ptr, dw_ptr, pairs, num_parts, hidden,
-    stride_p, stride_d, stride_be, stride_bh,
+    num_experts, stride_p, stride_d, stride_be, stride_bh,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):  # fmt: skip
@@ -416,24 +416,30 @@ def _router_grad_kernel(
     fixed order: ``dw[t, j] = sum_c parts[slot[t, j], c] + <dout[t], b2[e[t, j]]>``, from the
     ``SWIGLU_BWD`` epilogue's per-row partials of ``<g, act>`` (the bias term when
     ``HAS_BIAS``). One launch where torch spelled a sum, a gather and, with the bias, two fp32
-    copies, a GEMM over every expert, a gather and an add."""
+    copies, a GEMM over every expert, a gather and an add. An expert id outside ``[0, E)``
+    reads no bias (its rows were never computed either: dispatch places them after every
+    expert's)."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = p < pairs
     slot = tl.load(slot_ptr + p, mask=mask, other=0)
     cs = tl.arange(0, BLOCK_P)
-    parts = tl.load(
-        parts_ptr + slot[:, None] * stride_p + cs[None, :],
-        mask=mask[:, None] & (cs < num_parts)[None, :],
-        other=0.0,
-    )
-    acc = tl.sum(parts, axis=1)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, num_parts, BLOCK_P):
+        c = c0 + cs
+        parts = tl.load(
+            parts_ptr + slot[:, None] * stride_p + c[None, :],
+            mask=mask[:, None] & (c < num_parts)[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(parts, axis=1)
     if HAS_BIAS:
         token = (p // TOP_K).to(tl.int64)
         expert = tl.load(experts_ptr + p, mask=mask, other=0)
+        known = mask & (expert >= 0) & (expert < num_experts)
         hs = tl.arange(0, BLOCK_H)
         for h0 in range(0, hidden, BLOCK_H):
             h = h0 + hs
-            both = mask[:, None] & (h < hidden)[None, :]
+            both = known[:, None] & (h < hidden)[None, :]
             d = tl.load(dout_ptr + token[:, None] * stride_d + h[None, :], mask=both, other=0.0)
             b = tl.load(
                 bias_ptr + expert[:, None] * stride_be + h[None, :] * stride_bh,
