@@ -183,7 +183,8 @@ def _write_shard(folder: Path, tensors: dict, shard_maps: list[dict[str, int]]) 
 
 
 def replace_folder(new: Path, target: Path) -> None:
-    """Make the complete folder ``new`` be ``target`` by renames; an old ``target`` is dropped."""
+    """Make the complete folder ``new`` be ``target`` by renames; an old ``target`` is dropped
+    once ``new`` is in its place (and put back if that rename fails)."""
     for file in new.rglob("*"):
         if file.is_file():
             with open(file, "rb") as f:
@@ -191,7 +192,27 @@ def replace_folder(new: Path, target: Path) -> None:
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.replace(target, old / "previous")
-        os.replace(new, target)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old / "previous", target)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
+    fsync_folder(target.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the renames inside ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

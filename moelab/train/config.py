@@ -92,8 +92,8 @@ class TrainerConfig:
     log_interval: int = 10
     aux_loss_coef: float = 1e-3
     z_loss_coef: float = 0.0
-    resume: bool = False
-    resume_from: str | None = None
+    resume: bool = False  # from this run folder's last checkpoint
+    resume_from: str | None = None  # a run, checkpoints or step folder (implies resume)
     # replay each step from a CUDA graph captured at the first (fixed shapes; no host launching)
     cuda_graph: bool = False
 
@@ -155,6 +155,8 @@ def validate(cfg: RunConfig) -> None:
         raise bad("data.tokenizer", cfg.data.tokenizer, "'byte' or 'model'")
     if cfg.data.tokenizer == "model" and cfg.model.path is None:
         raise ValueError("data.tokenizer=model needs model.path (its tokenizer.json)")
+    if cfg.data.max_bytes < 1:
+        raise bad("data.max_bytes", cfg.data.max_bytes, ">= 1")
     if cfg.data.seq_len < 2:
         raise bad("data.seq_len", cfg.data.seq_len, ">= 2")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
@@ -162,9 +164,13 @@ def validate(cfg: RunConfig) -> None:
     t = cfg.trainer
     if t.precision not in PRECISIONS:
         raise bad("trainer.precision", t.precision, f"one of {PRECISIONS}")
-    for key in ("steps", "grad_accum", "eval_batches", "log_interval"):
+    for key in ("steps", "grad_accum", "eval_batches", "log_interval", "eval_interval"):
         if getattr(t, key) < 1:
             raise bad(f"trainer.{key}", getattr(t, key), ">= 1")
+    if t.checkpoint_interval < 0:
+        raise bad("trainer.checkpoint_interval", t.checkpoint_interval, ">= 0 (0: only at the end)")
+    if t.resume_from is not None and not os.path.isdir(t.resume_from):
+        raise ValueError(f"trainer.resume_from={t.resume_from!r} is not a folder")
     if t.micro_batch_tokens < cfg.data.seq_len:
         raise bad(
             "trainer.micro_batch_tokens",
@@ -180,8 +186,21 @@ def validate(cfg: RunConfig) -> None:
             f"trainer.cuda_graph=true replays each step from a CUDA graph: it needs a CUDA device, "
             f"and trainer.device={t.device!r} is not one here"
         )
-    if cfg.optim.lr <= 0:
-        raise bad("optim.lr", cfg.optim.lr, "> 0")
+    o = cfg.optim
+    if o.lr <= 0:
+        raise bad("optim.lr", o.lr, "> 0")
+    if o.weight_decay < 0:
+        raise bad("optim.weight_decay", o.weight_decay, ">= 0")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise bad("optim.betas", list(o.betas), "two values in [0, 1)")
+    if o.eps <= 0:
+        raise bad("optim.eps", o.eps, "> 0")
+    if o.warmup_steps < 0:
+        raise bad("optim.warmup_steps", o.warmup_steps, ">= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise bad("optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+    if o.grad_clip <= 0:
+        raise bad("optim.grad_clip", o.grad_clip, "> 0 (the max gradient norm; inf: no clipping)")
     if cfg.logger.mode not in LOGGER_MODES:
         raise bad("logger.mode", cfg.logger.mode, f"one of {LOGGER_MODES}")
 

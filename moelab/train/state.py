@@ -10,6 +10,7 @@ replaced by rename too, so a crash at any point leaves the previous checkpoint u
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -19,13 +20,14 @@ from pathlib import Path
 import torch
 
 from moelab.checkpoints import api
-from moelab.checkpoints.safetensors_io import CheckpointError, replace_folder
+from moelab.checkpoints.safetensors_io import CheckpointError, fsync_folder, replace_folder
 from moelab.models import tree
 from moelab.models.model import Model
 from moelab.train import lora as lora_io
 from moelab.train.config import LoraConfig
 
 LAST = "last"
+log = logging.getLogger("moelab")
 
 
 def _rng_state() -> dict:
@@ -67,40 +69,67 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     pointer = root / f".{LAST}.tmp"
-    pointer.write_text(target.name + "\n")
+    with open(pointer, "w") as f:
+        f.write(target.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(pointer, root / LAST)
+    fsync_folder(root)
     return target
 
 
 def find(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from itself, a ``checkpoints`` folder or a run folder."""
+    """A checkpoint folder from itself, a ``checkpoints`` folder or a run folder: the one
+    ``last`` names, else (``last`` missing, empty or naming no complete folder, as after a crash
+    between the two renames of a save) the newest complete ``step_*`` folder."""
     path = Path(path)
     for root in (path, path / "checkpoints"):
         if (root / "trainer_state.pt").exists():
             return root
-        if (root / LAST).exists():
-            return root / (root / LAST).read_text().strip()
+        name = (root / LAST).read_text().strip() if (root / LAST).is_file() else ""
+        if name and (root / name / "trainer_state.pt").is_file():
+            return root / name
+        steps = sorted(p for p in root.glob("step_*") if (p / "trainer_state.pt").is_file())
+        if steps:
+            log.warning("moelab: %s names no complete checkpoint; resuming from %s", root / LAST,
+                        steps[-1])  # fmt: skip
+            return steps[-1]
     raise CheckpointError(f"no training checkpoint found at {path}")
 
 
 def restore_params(ckpt: Path, model: Model, trainer_state: dict) -> None:
     """Overwrite the model's params with checkpoint ``ckpt``'s: every param from ``model/``
     (full fine-tune), or the trained ones, kept exactly in ``trainer_state`` (LoRA)."""
+    params = {tree.dotted(path): t for path, t in tree.leaves(model.params)}
     if "trained" in trainer_state:
-        with torch.no_grad():
-            for path, t in tree.leaves(model.params):
-                saved = trainer_state["trained"].get(tree.dotted(path))
-                if saved is not None:
-                    t.copy_(saved)
-        return
-    saved = api.load_pretrained(ckpt / "model")
+        pairs = list(trainer_state["trained"].items())
+    else:
+        saved = api.load_pretrained(ckpt / "model")
+        pairs = [(tree.dotted(path), t) for path, t in tree.leaves(saved.params)]
+        missing = sorted(set(params) - {name for name, _ in pairs})
+        if missing:
+            raise CheckpointError(f"{ckpt} has no {missing[0]} (and {len(missing) - 1} more)")
+    for name, src in pairs:  # every tensor checked before any is written
+        dst = params.get(name)
+        if dst is None or dst.shape != src.shape:
+            have = "no such tensor" if dst is None else f"shape {tuple(dst.shape)}"
+            raise CheckpointError(
+                f"{ckpt}: {name} {tuple(src.shape)} does not fit this run's model ({have}); "
+                "resume with the config that wrote it"
+            )
     with torch.no_grad():
-        for (_, dst), (_, src) in zip(tree.leaves(model.params), tree.leaves(saved.params)):
-            dst.copy_(src)
+        for name, src in pairs:
+            params[name].copy_(src)
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    try:
+        return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    except Exception as e:  # truncated or corrupt: name the file and the way out
+        raise CheckpointError(
+            f"{ckpt / 'trainer_state.pt'} cannot be read ({type(e).__name__}: {e}); resume from "
+            f"an earlier step folder with trainer.resume_from=<run>/checkpoints/step_N"
+        ) from e
 
 
 def restore_rng(trainer_state: dict) -> None:

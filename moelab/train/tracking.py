@@ -19,8 +19,13 @@ class Tracker:
     histogram per MoE layer (weights = fractions over expert ids).
     """
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, resume: bool = False):
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a" if resume else "w")
+    def __init__(
+        self, cfg: LoggerConfig, run_dir: Path, config: dict, resume_step: int | None = None
+    ):
+        path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            _keep_records_to(path, resume_step)
+        self.file = open(path, "a" if resume_step is not None else "w")
         self.run = None
         if cfg.mode != "disabled":
             import wandb
@@ -61,3 +66,23 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def _keep_records_to(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (logged before an interruption, past the checkpoint a run
+    resumes from: it logs them again) and a line cut short by the interruption, replacing the
+    file by rename."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step(line) is not None and _step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -103,7 +103,8 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         lora_mod.add_lora(
             model.params, lora, torch.Generator(device=device).manual_seed(cfg.trainer.seed + 1)
         )
-    ckpt = state.find(cfg.trainer.resume_from or run_dir) if cfg.trainer.resume else None
+    resuming = cfg.trainer.resume or cfg.trainer.resume_from is not None
+    ckpt = state.find(cfg.trainer.resume_from or run_dir) if resuming else None
     saved = state.load_trainer_state(ckpt) if ckpt is not None else None
     if saved is not None:
         state.restore_params(ckpt, model, saved)
@@ -122,13 +123,23 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         load_optimizer_state(optimizer, saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         data.train.load_state_dict(saved["data"])
-        for m, value in zip(
-            [m for m, p in zip(masters.masters, masters.params) if m is not p], saved["masters"]
-        ):
+        kept = [m for m, p in zip(masters.masters, masters.params) if m is not p]
+        if [tuple(m.shape) for m in kept] != [tuple(v.shape) for v in saved["masters"]]:
+            raise state.CheckpointError(
+                f"{ckpt}: its fp32 master weights do not fit this run's trainable tensors; "
+                "resume with the config that wrote it"
+            )
+        for m, value in zip(kept, saved["masters"]):
             m.data.copy_(value)
         start = saved["step"]
         state.restore_rng(saved)
         log.info("moelab: resumed from %s at step %d", ckpt, start)
+        if start >= cfg.trainer.steps:  # a finished run: its files stay as they are
+            log.info("moelab: nothing to train (trainer.steps=%d)", cfg.trainer.steps)
+            done = run_dir / "summary.json"
+            if done.exists():
+                return json.loads(done.read_text())
+            return dict(steps=start, final_loss=None, eval_loss=None, tokens_per_s=None)
     if cfg.trainer.cuda_graph:
         # a captured optimizer step reads the learning rate from memory, which the schedule
         # then sets in place between replays (a float would be recorded as a constant)
@@ -168,8 +179,11 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     )
 
     resolved = dataclasses.asdict(cfg)
-    (run_dir / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    tracker = Tracker(cfg.logger, run_dir, resolved, resume=ckpt is not None)
+    # a resumed run keeps the first config and adds its own beside it
+    config_file = f"run_config.resume_{start:06d}.json" if saved is not None else "run_config.json"
+    (run_dir / config_file).write_text(json.dumps(resolved, indent=2) + "\n")
+    resume_step = start if saved is not None else None
+    tracker = Tracker(cfg.logger, run_dir, resolved, resume_step=resume_step)
     run = _Run(
         cfg,
         run_dir,
