@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import stat
 
 import pytest
 import torch
 from test_experts import Case, make_problem, run_backend
 
 from moelab.kernels import launch as kl
+from moelab.kernels import measured
 from moelab.kernels import triton as tr
 from moelab.kernels import triton_kernels as tk
 from moelab.kernels import triton_tuning as tuning
@@ -35,7 +39,8 @@ def test_a_choice_is_measured_once_and_read_back_by_a_new_process(cache):
         MeasuredChoices("c.json", (1, 2)).get("gpu b", "k1", lambda: 1) == 1
     )  # other scope: measured
     assert json.loads((cache / "c.json").read_text()) == {"gpu a": {"k1": 2}, "gpu b": {"k1": 1}}
-    assert [p.name for p in cache.iterdir()] == ["c.json"]  # no temporary files left
+    # no temporary files left; the writers' lock file stays (removing it would race)
+    assert sorted(p.name for p in cache.iterdir()) == ["c.json", "c.json.lock"]
 
 
 def test_a_corrupt_file_is_ignored_and_replaced(cache):
@@ -43,6 +48,51 @@ def test_a_corrupt_file_is_ignored_and_replaced(cache):
     (cache / "c.json").write_text("{not json")
     assert MeasuredChoices("c.json", (1, 2)).get("s", "k", lambda: 1) == 1
     assert json.loads((cache / "c.json").read_text()) == {"s": {"k": 1}}
+
+
+@pytest.mark.parametrize("scope_value", [[], "oops", 3])
+def test_a_file_of_another_layout_is_ignored_and_replaced(cache, scope_value):
+    cache.mkdir()
+    (cache / "c.json").write_text(json.dumps({"s": scope_value, "t": {"k": 2}}))
+    assert MeasuredChoices("c.json", (1, 2)).get("s", "k", lambda: 1) == 1
+    assert json.loads((cache / "c.json").read_text()) == {"s": {"k": 1}, "t": {"k": 2}}
+
+
+def _store_choices(args: tuple[str, int]) -> None:
+    folder, worker = args
+    os.environ["MOELAB_CACHE_DIR"] = folder
+    for i in range(60):
+        MeasuredChoices("c.json", (1, 2)).get("s", f"w{worker}-k{i}", lambda i=i: 1 + i % 2)
+
+
+def test_processes_measuring_at_once_keep_each_others_choices(cache):
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.map(_store_choices, [(str(cache), w) for w in range(4)])
+    stored = json.loads((cache / "c.json").read_text())["s"]
+    assert len(stored) == 240 and stored["w3-k59"] == 2
+
+
+def test_the_stored_file_is_as_readable_as_any_file_this_process_creates(cache):
+    MeasuredChoices("c.json", (1, 2)).get("s", "k", lambda: 1)
+    assert stat.S_IMODE((cache / "c.json").stat().st_mode) == 0o666 & ~measured._UMASK
+
+
+def test_a_failed_write_leaves_no_temporary_file(cache, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(measured.json, "dump", full_disk)
+    assert MeasuredChoices("c.json", (1, 2)).get("s", "k", lambda: 2) == 2
+    assert sorted(p.name for p in cache.iterdir()) == ["c.json.lock"]
+
+
+def test_the_cache_folder_expands_home_and_is_absolute(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MOELAB_CACHE_DIR", "~/mc")
+    assert measured.cache_dir() == tmp_path / "mc"
+    monkeypatch.setenv("MOELAB_CACHE_DIR", "rel/mc")
+    monkeypatch.chdir(tmp_path)
+    assert measured.cache_dir() == tmp_path / "rel" / "mc"
 
 
 def test_an_unwritable_cache_only_costs_measuring_again(tmp_path, monkeypatch):

@@ -3,25 +3,36 @@
 One JSON file per kind of choice under ``$MOELAB_CACHE_DIR`` (default ``~/.cache/moelab``),
 ``{scope: {key: choice}}``: the scope names what the timing depends on (device, Triton and
 torch versions), the key the problem. Writes go to a temporary file that replaces the old one,
-so a crash mid-write never leaves a half file; an unreadable file is ignored (and replaced on the
-next write) and an unwritable directory only costs the measuring again next time.
+so a crash mid-write never leaves a half file, under a lock on ``<file>.lock``, so processes
+that measure at once (a Hydra multirun) keep each other's choices; an unreadable file, or one of
+another layout, is ignored (and replaced on the next write) and an unwritable directory only
+costs the measuring again next time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: writers there may drop each other's new choices
+    fcntl = None
 
 log = logging.getLogger("moelab")
 Choice = int | str
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOELAB_CACHE_DIR") or Path.home() / ".cache" / "moelab")
+    """``$MOELAB_CACHE_DIR`` (``~`` expanded) or ``~/.cache/moelab``, made absolute: a Hydra job
+    may change the working directory between two uses."""
+    folder = os.environ.get("MOELAB_CACHE_DIR") or "~/.cache/moelab"
+    return Path(folder).expanduser().absolute()
 
 
 class MeasuredChoices:
@@ -36,15 +47,18 @@ class MeasuredChoices:
     def path(self) -> Path:
         return cache_dir() / self.filename
 
-    def _read(self) -> dict:
+    def _read(self) -> dict[str, dict]:
+        """The stored ``{scope: {key: choice}}``; scopes of another layout are left out."""
         try:
             data = json.loads(self.path().read_text())
-            return data if isinstance(data, dict) else {}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
             log.warning("moelab: ignoring unreadable %s (%s)", self.path(), e)
             return {}
+        if not isinstance(data, dict):
+            return {}
+        return {scope: keys for scope, keys in data.items() if isinstance(keys, dict)}
 
     def get(self, scope: str, key: str, measure: Callable[[], Choice]) -> Choice:
         if (scope, key) in self.chosen:
@@ -59,13 +73,44 @@ class MeasuredChoices:
 
     def _write(self, scope: str, key: str, choice: Choice) -> None:
         path = self.path()
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            data = self._read()  # other processes may have added choices meanwhile
-            data.setdefault(scope, {})[key] = choice
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            with _locked(path.with_name(path.name + ".lock")):
+                data = self._read()  # other processes may have added choices meanwhile
+                data.setdefault(scope, {})[key] = choice
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+                os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would: a shared cache stays readable
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+                tmp = None
         except OSError as e:
             log.warning("moelab: could not store a measured choice in %s (%s)", path, e)
+        finally:
+            if tmp is not None:  # a failed write leaves no temporary file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock held for the block (none where ``fcntl`` is missing)."""
+    if fcntl is None:
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
