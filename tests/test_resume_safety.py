@@ -138,3 +138,18 @@ def test_a_checkpoint_of_another_lora_rank_is_refused_before_anything_is_written
     with pytest.raises(CheckpointError, match="does not fit this run's model"):
         run_training(config, tmp_path / "r8")
     assert not (tmp_path / "r8" / "metrics.jsonl").exists()
+
+
+def test_a_save_clears_what_a_save_killed_half_way_left(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for name in (".step_000002.tmp-abc", ".step_000002.old-def"):
+        (root / name / "model").mkdir(parents=True)
+    run_training(run_config(SMOKE), tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["last", "step_000003", "step_000006"]
+
+
+def test_a_resume_with_no_checkpoint_writes_nothing(tmp_path):
+    with pytest.raises(CheckpointError, match="no training checkpoint"):
+        run_training(run_config([*SMOKE, "lora.rank=4", "trainer.resume=true"]), tmp_path)
+    assert list(tmp_path.iterdir()) == []

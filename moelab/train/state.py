@@ -56,6 +56,8 @@ def save(
     """Write checkpoint ``step`` and point ``last`` at it; returns its folder."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step_*"):  # left by a save killed half-way (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     target = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
@@ -124,7 +126,7 @@ def restore_params(ckpt: Path, model: Model, trainer_state: dict) -> None:
 
 def load_trainer_state(ckpt: Path) -> dict:
     try:
-        return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        return torch.load(ckpt / "trainer_state.pt", weights_only=True)
     except Exception as e:  # truncated or corrupt: name the file and the way out
         raise CheckpointError(
             f"{ckpt / 'trainer_state.pt'} cannot be read ({type(e).__name__}: {e}); resume from "

@@ -93,6 +93,10 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.trainer.seed)
 
+    # the checkpoint to resume from, before anything is written to the run folder
+    resuming = cfg.trainer.resume or cfg.trainer.resume_from is not None
+    ckpt = state.find(cfg.trainer.resume_from or run_dir) if resuming else None
+    saved = state.load_trainer_state(ckpt) if ckpt is not None else None
     model = setup.build_model(cfg, dtype, device)
     names = setup.adapter_layout(model)
     base_model = cfg.model.path
@@ -103,9 +107,6 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         lora_mod.add_lora(
             model.params, lora, torch.Generator(device=device).manual_seed(cfg.trainer.seed + 1)
         )
-    resuming = cfg.trainer.resume or cfg.trainer.resume_from is not None
-    ckpt = state.find(cfg.trainer.resume_from or run_dir) if resuming else None
-    saved = state.load_trainer_state(ckpt) if ckpt is not None else None
     if saved is not None:
         state.restore_params(ckpt, model, saved)
     trains = lora_mod.trainable_predicate(lora)
