@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moelab.checkpoints import api
-from moelab.checkpoints.safetensors_io import CheckpointError, fsync_folder, replace_folder
+from moelab.checkpoints.safetensors_io import CheckpointError, replace_folder, replace_text
 from moelab.models import tree
 from moelab.models.model import Model
 from moelab.train import lora as lora_io
@@ -70,13 +70,7 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = root / f".{LAST}.tmp"
-    with open(pointer, "w") as f:
-        f.write(target.name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, root / LAST)
-    fsync_folder(root)
+    replace_text(root / LAST, target.name + "\n")
     return target
 
 

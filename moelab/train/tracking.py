@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from moelab.checkpoints.safetensors_io import replace_text
 from moelab.train.config import LoggerConfig
 
 
@@ -73,12 +74,9 @@ def _keep_records_to(path: Path, step: int) -> None:
     resumes from: it logs them again) and a line cut short by the interruption, replacing the
     file by rename."""
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if _step(line) is not None and _step(line) <= step]
-    if len(kept) == len(lines):
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    kept = [line for line in lines if (logged := _step(line)) is not None and logged <= step]
+    if len(kept) < len(lines):
+        replace_text(path, "".join(kept))
 
 
 def _step(line: str) -> int | None:
