@@ -53,6 +53,7 @@ from moelab.kernels import triton_kernels as tk
 from moelab.kernels import triton_tuning as tuning
 from moelab.kernels.measured import MeasuredChoices
 from moelab.kernels.problem import ExpertProblem
+from moelab.kernels.triton_grads import transposed_strides as _t
 from moelab.ops.dispatch import DispatchPlan
 from moelab.ops.lora import ExpertLoRA
 
@@ -685,11 +686,6 @@ def router_grad(
 def _low_rank(product: str, la, la_strides, lb, lb_strides, scale: float, rows: int, rank: int):
     z = la.new_empty(rows, rank)
     return LowRank(la, la_strides, lb, lb_strides, scale, z, LORA_PLACEMENT[product])
-
-
-def _t(t: torch.Tensor) -> tuple[int, int, int]:
-    """Strides of an ``[E, m, n]`` tensor read as ``[E, n, m]``."""
-    return t.stride(0), t.stride(2), t.stride(1)
 
 
 def lora_products(

@@ -110,11 +110,16 @@ def expert_grad(
     return out
 
 
+def transposed_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of an ``[E, m, n]`` tensor read as ``[E, n, m]``."""
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
 def _factor_grad(factor, q, p, s, offs_E, *, is_a: bool, gather=None, row_scale=None):
     """A LoRA factor's gradient by :func:`expert_grad`: A is ``[E, r, D]`` (the reduction's d
     on its last axis), B is ``[E, D, r]``."""
     out = torch.empty_like(factor)
-    strides = (out.stride(0), out.stride(2), out.stride(1)) if is_a else out.stride()
+    strides = transposed_strides(out) if is_a else out.stride()
     return expert_grad(q, p, offs_E, out, strides, s, gather=gather, row_scale=row_scale)
 
 
