@@ -81,14 +81,13 @@ def test_few_steps_in_process(tmp_path, caplog):
     [[], ["lora.rank=8", "lora.dropout=0.1", "lora.targets=[experts,attention,router]"]],
     ids=["full", "lora_dropout_router"],
 )
-def test_resume_continues_the_same_trajectory(tmp_path, mode):
+@pytest.mark.parametrize("flag", [["trainer.resume=true"], []], ids=["resume", "resume_from alone"])
+def test_resume_continues_the_same_trajectory(tmp_path, mode, flag):
     whole = tmp_path / "whole"
     run_training(run_config(SMOKE + mode), whole)
     resumed = tmp_path / "resumed"
     ckpt = whole / "checkpoints" / "step_000003"
-    run_training(
-        run_config(SMOKE + mode + ["trainer.resume=true", f"trainer.resume_from={ckpt}"]), resumed
-    )
+    run_training(run_config(SMOKE + mode + flag + [f"trainer.resume_from={ckpt}"]), resumed)
     expected, _ = metrics(whole)
     got, _ = metrics(resumed)
     assert sorted(got) == [4, 5, 6]
