@@ -246,10 +246,24 @@ def test_time_step_accumulates_or_drops_gradients(grads):
     torch.testing.assert_close(w.grad, steps * one_step)
 
 
-def test_experts_benchmark_refuses_fresh_gradients_with_graph_replay():
-    with pytest.raises(ValueError, match="--grads fresh"):
-        main(["experts", "--shape", "tiny", "--tokens", "16", "--graph", "--grads", "fresh",
-              "--device", "cuda"])  # fmt: skip
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("grads", ["accumulate", "fresh"])
+def test_graph_replays_accumulate_or_write_fresh_gradients(grads):
+    """Replayed from a CUDA graph, ``fresh`` gradients hold one step's (written by the graph
+    into its own tensors), accumulated ones every step's: warm-ups, capture and replays."""
+    from moelab.bench.experts import time_step
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, device="cuda", requires_grad=True)
+    x0 = torch.randn(48, 64, device="cuda")
+    fresh = [w] if grads == "fresh" else None
+    time_step(lambda x: x @ w, x0, iters=2, warmup=1, graph=True, fresh=fresh)
+    torch.manual_seed(0)
+    torch.randn(64, 32, device="cuda"), torch.randn(48, 64, device="cuda")
+    one_step = (x0.double().t() @ torch.randn(48, 32, device="cuda").double()).float()
+    # one warm-up, the capture's eager step, its recording (which runs nothing), two replays
+    steps = 1 if grads == "fresh" else 4
+    torch.testing.assert_close(w.grad, steps * one_step, rtol=1e-4, atol=1e-4)
 
 
 def test_median_ms_spreads_each_timing_over_repeated_calls(monkeypatch):

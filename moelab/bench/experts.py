@@ -129,9 +129,9 @@ def time_step(
     By default every step adds its gradients to those of the step before (the anchor's
     protocol, like micro-batches of gradient accumulation); ``fresh`` tensors have their
     ``.grad`` dropped before each step, as ``zero_grad(set_to_none=True)`` does between
-    optimizer steps, so their gradients are written, not added."""
-    if graph and fresh:
-        raise ValueError("fresh gradients are not captured in a CUDA graph: use one or the other")
+    optimizer steps, so their gradients are written, not added. With ``graph`` they are dropped
+    before the capture, so the graph writes them into tensors of its own at every replay (what a
+    captured training step does after ``zero_grad(set_to_none=True)``)."""
     cuda = x0.device.type == "cuda"
     grad = torch.randn_like(x0)
     call = dropping_grads(fn, fresh) if fresh else fn
@@ -261,8 +261,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.graph and not device.startswith("cuda"):
         raise ValueError(f"--graph replays CUDA graphs: it needs a CUDA device, not {device}")
-    if args.graph and args.grads == "fresh":
-        raise ValueError("--grads fresh drops gradients between steps, which --graph replays")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     shape = SHAPES[args.shape]
     backends = args.backends.split(",") if args.backends else available()
