@@ -541,3 +541,46 @@ def test_given_z_descriptors_only_for_16_byte_rows(monkeypatch, rank, factor, mo
         assert lb_desc.shape == ([experts, hidden, rank] if mode == 1 else [experts, rank, hidden])
     monkeypatch.setattr(tr, "_tma_enabled", lambda: False)
     assert tr._lora_descriptors(low, hidden)[0] == 0
+
+
+def test_rows_bucket_is_the_next_power_of_two():
+    from moelab.kernels import triton_tuning as tuning
+
+    assert [tuning.rows_bucket(n) for n in (1, 2, 3, 48, 64, 65, 8000 * 8)] == [
+        1, 2, 4, 64, 64, 128, 65536
+    ]  # fmt: skip
+
+
+def test_tuning_keys_hold_the_row_bucket_not_the_row_count(monkeypatch):
+    """Every tuned configuration and measured choice is keyed by the rows' bucket: a run whose
+    token count changes within a bucket tunes and measures nothing new, and one in another
+    bucket does (keys recorded with tuning switched on and the tuners themselves stubbed)."""
+    from moelab.kernels import triton_tuning as tuning
+
+    keys: list[tuple] = []
+
+    def run_tuned(plain, tuned, key, *args, **kwargs):
+        keys.append(key)
+
+    def measured_choice(store, what, key, run, device, kernels, candidates=()):
+        keys.append(key)
+        return (candidates or store.allowed)[0]
+
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(tuning, "measures", lambda a: True)
+    monkeypatch.setattr(tuning, "run_tuned", run_tuned)
+    monkeypatch.setattr(tuning, "measured_choice", measured_choice)
+    monkeypatch.setattr(tr, "LORA_PLACEMENT", dict.fromkeys(tr.LORA_PLACEMENT))
+    monkeypatch.setattr(tr, "DOWN_BACKWARD_MAIN", None)
+
+    def keys_at(tokens: int) -> list[tuple]:
+        keys.clear()
+        case = Case("bucket", tokens=tokens, hidden=32, inter=16, experts=4, top_k=2)
+        run_backend(make_problem(case, "all_trainable", torch.float32), "triton")
+        return list(keys)
+
+    # 2 * 17 = 34 and 2 * 30 = 60 rows share the bucket of 64; 2 * 40 = 80 rows do not
+    at_17, at_30, at_40 = keys_at(17), keys_at(30), keys_at(40)
+    assert len(at_17) >= 8  # GEMMs, rank-r products, and the measured choices
+    assert at_17 == at_30
+    assert at_40 != at_30 and len(at_40) == len(at_30)

@@ -416,8 +416,8 @@ def expert_gemm(
         if not tuning.measures(a):
             placement = tk.LORA_IN_LOOP
         else:
-            key = (epilogue, n_out, k_dim, lora.z.shape[1], out.shape[0], gather is not None,
-                   scatter is not None, str(a.dtype))  # fmt: skip
+            key = (epilogue, n_out, k_dim, lora.z.shape[1], tuning.rows_bucket(out.shape[0]),
+                   gather is not None, scatter is not None, str(a.dtype))  # fmt: skip
             # fmt: off
             placement = tuning.measured_choice(_placements, "LoRA placement", key, run, a.device,
                                                _GEMM_KERNELS)
@@ -495,7 +495,8 @@ def _launch(
         return _even(dict(config, k_dim=k_dim, n_out=n_out))
 
     if tuning.autotune_enabled():
-        key = (tuned_as, n_out, k_dim, rank, num_rows, str(a.dtype), *flags.values())
+        bucket = tuning.rows_bucket(num_rows)
+        key = (tuned_as, n_out, k_dim, rank, bucket, str(a.dtype), *flags.values())
         # fmt: off
         tuning.run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args,
                          flags, derived, lambda kw: _fit_boxes(dict(kw, w_desc=w_desc)), a.device)
@@ -604,8 +605,8 @@ def _launch_persistent(
 
     descriptors = dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc)
     if tuning.autotune_enabled():
-        key = ("persistent", tuned_as, n_out, k_dim, rank, num_rows, str(out.dtype),
-               *flags.values())  # fmt: skip
+        key = ("persistent", tuned_as, n_out, k_dim, rank, tuning.rows_bucket(num_rows),
+               str(out.dtype), *flags.values())  # fmt: skip
         # fmt: off
         tuning.run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags,
                          prepare=lambda kw: _fit_boxes(dict(kw, **descriptors)),
@@ -832,8 +833,8 @@ def down_backward(
         else:
             extra = rows * (hidden + inter) * dout_TH.element_size()
             torch_ok = extra <= _TORCH_MAIN_LOOP_MAX_BYTES
-            key = ("down_backward", hidden, inter, rows, lora is not None, str(dout_TH.dtype),
-                   torch_ok)  # fmt: skip
+            key = ("down_backward", hidden, inter, tuning.rows_bucket(rows), lora is not None,
+                   str(dout_TH.dtype), torch_ok)  # fmt: skip
             # fmt: off
             candidates = _main_loops.allowed if torch_ok else ("triton", "gathered")
             main = tuning.measured_choice(_main_loops, "down-projection backward", key, run,

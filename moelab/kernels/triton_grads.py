@@ -179,7 +179,8 @@ def weight_grad(
             path = "triton"
         else:
             rows = rows_NJ.shape[0]
-            key = ("weight_grad", d_dim, j_dim, rows, num_experts, out_jd, str(rows_NJ.dtype))
+            bucket = tuning.rows_bucket(rows)
+            key = ("weight_grad", d_dim, j_dim, bucket, num_experts, out_jd, str(rows_NJ.dtype))
             # fmt: off
             path = tuning.measured_choice(_weight_grad_paths, "weight gradient", key, run,
                                           tokens_TD.device, (tk._expert_grad_kernel,))

@@ -54,6 +54,14 @@ _chosen: dict[tuple, dict] = {}
 TUNED_CONFIGS = "triton_tuned_configs.json"
 
 
+def rows_bucket(rows: int) -> int:
+    """The row count that tuning keys and measured choices hold: the next power of two. A
+    choice made at one row count serves every count of its bucket, so a run whose token count
+    changes from batch to batch tunes once per bucket, not once per count (tuning costs seconds
+    per launch; the best configuration moves little within a factor of two)."""
+    return kl.next_power_of_2(rows)
+
+
 def config_name(config: triton.Config) -> str:
     """A Triton configuration as text: its constexprs, warps and stages, in a fixed order."""
     return ",".join(f"{k}={v}" for k, v in sorted(config.all_kwargs().items()))
