@@ -254,13 +254,13 @@ def test_graph_replays_accumulate_or_write_fresh_gradients(grads):
     from moelab.bench.experts import time_step
 
     torch.manual_seed(0)
-    w = torch.randn(64, 32, device="cuda", requires_grad=True)
+    w = torch.randn(64, 64, device="cuda", requires_grad=True)
     x0 = torch.randn(48, 64, device="cuda")
     fresh = [w] if grads == "fresh" else None
     time_step(lambda x: x @ w, x0, iters=2, warmup=1, graph=True, fresh=fresh)
     torch.manual_seed(0)
-    torch.randn(64, 32, device="cuda"), torch.randn(48, 64, device="cuda")
-    one_step = (x0.double().t() @ torch.randn(48, 32, device="cuda").double()).float()
+    torch.randn(64, 64, device="cuda"), torch.randn(48, 64, device="cuda")
+    one_step = (x0.double().t() @ torch.randn(48, 64, device="cuda").double()).float()
     # one warm-up, the capture's eager step, its recording (which runs nothing), two replays
     steps = 1 if grads == "fresh" else 4
     torch.testing.assert_close(w.grad, steps * one_step, rtol=1e-4, atol=1e-4)
