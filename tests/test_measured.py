@@ -313,6 +313,14 @@ def test_host_block_arithmetic_matches_tritons():
             assert kl.cdiv(n, d) == triton.cdiv(n, d), (n, d)
 
 
+def test_argument_specialisation_tells_bools_ints_and_floats_apart():
+    """Python finds ``True == 1 == 1.0`` (and hashes them alike), but Triton compiles an i1, an
+    i32 and an fp32 argument into different kernels: each needs its own compiled launcher."""
+    specs = {kl.arg_spec((v,)) for v in (True, 1, 1.0)}
+    assert len(specs) == 3
+    assert kl.arg_spec((2,)) != kl.arg_spec((3,))
+
+
 def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch):
     """The same key with the same argument specialisation launches the compiled kernel's
     launcher (grid evaluated, current stream, no hooks, all arguments in order); another int

@@ -66,12 +66,14 @@ _SCALARS = (int, float, bool)
 
 def arg_spec(args: tuple) -> tuple:
     """At least as fine as Triton's specialisation of ``args``: tensors by dtype and 16-byte
-    alignment, ints and floats by value, descriptors by dtype and box (a plain loop: this runs
-    on every launch, and a generator costs a third more)."""
+    alignment, ints, floats and bools by type and value (``True == 1 == 1.0`` in Python, but
+    Triton compiles i1, i32 and fp32 arguments apart), descriptors by dtype and box (a plain
+    loop: this runs on every launch, and a generator costs a third more)."""
     spec = []
     add = spec.append
     for a in args:
         if a.__class__ in _SCALARS:
+            add(a.__class__)
             add(a)
         elif isinstance(a, torch.Tensor):
             add(a.dtype)
