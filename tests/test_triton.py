@@ -558,9 +558,12 @@ def test_tuning_keys_hold_the_row_bucket_not_the_row_count(monkeypatch):
     from moelab.kernels import triton_tuning as tuning
 
     keys: list[tuple] = []
+    gemm_keys: list[tuple] = []  # the tiled and persistent GEMMs', which tile rows
 
     def run_tuned(plain, tuned, key, *args, **kwargs):
         keys.append(key)
+        if plain in (tk._expert_gemm_kernel, tk._persistent_gemm_kernel):
+            gemm_keys.append(key)
 
     def measured_choice(store, what, key, run, device, kernels, candidates=()):
         keys.append(key)
@@ -575,6 +578,7 @@ def test_tuning_keys_hold_the_row_bucket_not_the_row_count(monkeypatch):
 
     def keys_at(tokens: int) -> list[tuple]:
         keys.clear()
+        gemm_keys.clear()
         case = Case("bucket", tokens=tokens, hidden=32, inter=16, experts=4, top_k=2)
         run_backend(make_problem(case, "all_trainable", torch.float32), "triton")
         return list(keys)
@@ -584,3 +588,14 @@ def test_tuning_keys_hold_the_row_bucket_not_the_row_count(monkeypatch):
     assert len(at_17) >= 8  # GEMMs, rank-r products, and the measured choices
     assert at_17 == at_30
     assert at_40 != at_30 and len(at_40) == len(at_30)
+    # 2 * 150 = 300 and 2 * 256 = 512 rows share the bucket of 512, but not the row-tile
+    # heights worth timing (75 rows per expert: 64 only; 128 per expert: 64 and 128), so the
+    # tuned launches differ (the measured choices, which only launch them, do not)
+    at_150 = keys_at(150)
+    gemms_150 = list(gemm_keys)
+    at_256 = keys_at(256)
+    assert gemms_150 and all((64,) in k for k in gemms_150)
+    assert gemm_keys and all((64, 128) in k for k in gemm_keys)
+    others = [[k for k in keys if k not in gemms] for keys, gemms in
+              ((at_150, gemms_150), (at_256, gemm_keys))]  # fmt: skip
+    assert others[0] == others[1] and others[0]

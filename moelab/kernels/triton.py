@@ -344,12 +344,18 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _tile_heights(num_rows: int, num_experts: int) -> tuple[int, ...]:
+    """The row-tile heights worth timing: both only where either may win. With under 128 rows
+    per expert a 128-row tile is mostly padding; past 1024 the 64-row tile's padding saving
+    (half a tile per expert) is under 3% of the rows. Tuning keys hold these too, so that rows
+    of one bucket (``tuning.rows_bucket``) on two sides of a threshold never share a choice."""
+    per_expert = num_rows / num_experts
+    return (64,) if per_expert < 128 else (128,) if per_expert > 1024 else (64, 128)
+
+
 def _tile_heights_worth_timing(configs: list, named_args: dict, **kwargs) -> list:
-    """Both row-tile heights only where either may win: with under 128 rows per expert a
-    128-row tile is mostly padding; past 1024 the 64-row tile's padding saving (half a tile
-    per expert) is under 3% of the rows. Keeps the tuning time of most shapes as it was."""
-    per_expert = named_args["num_rows"] / named_args["num_experts"]
-    heights = (64,) if per_expert < 128 else (128,) if per_expert > 1024 else (64, 128)
+    """The tuner's pruning: ``_tile_heights`` (keeps the tuning time of most shapes as it was)."""
+    heights = _tile_heights(named_args["num_rows"], named_args["num_experts"])
     return [c for c in configs if c.kwargs["BLOCK_M"] in heights]
 
 
@@ -495,8 +501,8 @@ def _launch(
         return _even(dict(config, k_dim=k_dim, n_out=n_out))
 
     if tuning.autotune_enabled():
-        bucket = tuning.rows_bucket(num_rows)
-        key = (tuned_as, n_out, k_dim, rank, bucket, str(a.dtype), *flags.values())
+        rows = tuning.rows_bucket(num_rows), _tile_heights(num_rows, num_experts)
+        key = (tuned_as, n_out, k_dim, rank, *rows, str(a.dtype), *flags.values())
         # fmt: off
         tuning.run_tuned(tk._expert_gemm_kernel, lambda: _kernel(tuned_as), key, grid, args,
                          flags, derived, lambda kw: _fit_boxes(dict(kw, w_desc=w_desc)), a.device)
@@ -606,7 +612,7 @@ def _launch_persistent(
     descriptors = dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc)
     if tuning.autotune_enabled():
         key = ("persistent", tuned_as, n_out, k_dim, rank, tuning.rows_bucket(num_rows),
-               str(out.dtype), *flags.values())  # fmt: skip
+               _tile_heights(num_rows, num_experts), str(out.dtype), *flags.values())  # fmt: skip
         # fmt: off
         tuning.run_tuned(tk._persistent_gemm_kernel, _persistent_kernel, key, grid, args, flags,
                          prepare=lambda kw: _fit_boxes(dict(kw, **descriptors)),
