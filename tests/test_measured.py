@@ -223,7 +223,14 @@ def test_a_first_tuning_compiles_the_pruned_candidates_first(compile_threads):
         tuning.compile_candidates(tuned, (4,), ("x", 64), {"F": True})
 
 
-def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(monkeypatch):
+@pytest.fixture
+def jit_launches(monkeypatch):
+    """Launches through the JIT (as under the CPU interpreter) on any machine: the fake
+    kernels record calls and compile nothing for the GPU's direct path to keep."""
+    monkeypatch.setattr(kl, "interpreting", lambda: True)
+
+
+def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(jit_launches, monkeypatch):
     import triton
 
     monkeypatch.setattr(tuning, "_chosen", {})
@@ -245,7 +252,9 @@ def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(monkeypatch)
     assert calls[0][3] == {"F": True}  # the tuner itself picks the configuration
 
 
-def test_a_cached_launch_boxes_this_calls_descriptors_for_the_chosen_configuration(monkeypatch):
+def test_a_cached_launch_boxes_this_calls_descriptors_for_the_chosen_configuration(
+    jit_launches, monkeypatch
+):
     """The tuner's pre-hook sizes the boxes only while tuning; later launches get fresh
     descriptors (one per call), which the cached path must box the same way."""
     import triton
@@ -361,7 +370,9 @@ def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch
     assert calls[-1][0] == "runner" and calls[-1][1] == (8, 1, 1) and calls[-1][2] == (t, 33, 4)
 
 
-def test_a_tuned_configuration_is_kept_on_disk_for_later_processes(monkeypatch, tmp_path):
+def test_a_tuned_configuration_is_kept_on_disk_for_later_processes(
+    jit_launches, monkeypatch, tmp_path
+):
     """Triton's own results cache skips configurations with a pre-hook (every GEMM's): the
     choice per launch key is kept in moelab's cache, so a new process (empty ``_chosen``)
     launches the stored configuration without tuning; a stored name no longer among the
