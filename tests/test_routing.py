@@ -63,6 +63,32 @@ def test_sigmoid_group_topk_correction_bias_selects_but_does_not_weigh():
     torch.testing.assert_close(r.weights, torch.tensor([[0.5, 0.5]]))
 
 
+def test_dropped_groups_lose_to_any_kept_expert_even_below_zero():
+    """Dropped groups are masked with -inf (DeepSeek-V3), not 0: with a negative correction
+    bias every kept expert's selection score is below zero, and must still win."""
+    logits = torch.zeros(1, 4)  # scores 0.5 everywhere
+    bias = torch.tensor([-2.0, -2.0, -1.0, -1.0])  # selection scores -1.5, -1.5, -0.5, -0.5
+    r = route(logits, "sigmoid_group_topk", 2, n_group=2, topk_group=1, correction_bias=bias)
+    assert sorted(r.experts[0].tolist()) == [2, 3]
+
+
+def test_group_limited_routing_of_no_tokens():
+    r = route(torch.zeros(0, 8), "sigmoid_group_topk", 2, n_group=4, topk_group=2)
+    assert r.weights.shape == r.experts.shape == (0, 2)
+
+
+def test_router_losses_of_no_tokens_are_zero_and_keep_the_graph():
+    """An empty micro-batch adds nothing to the loss (not 0/0 = NaN) and still backpropagates."""
+    logits = torch.zeros(0, 4, requires_grad=True)
+    probs = logits.softmax(-1)
+    experts = torch.zeros(0, 2, dtype=torch.int64)
+    losses = [load_balancing_loss(probs, experts), router_z_loss(logits), router_entropy(probs)]
+    for loss in losses:
+        assert loss.item() == 0.0
+    sum(losses[:2]).backward()
+    assert logits.grad.shape == (0, 4)
+
+
 def test_sigmoid_without_renormalisation_still_scales():
     logits = torch.tensor([[_logit(p) for p in SCORES]])
     r = route(logits, "sigmoid_group_topk", 1, renormalize=False, routed_scaling_factor=2.0)
@@ -142,6 +168,9 @@ def test_balance_loss_gradient_reaches_probs():
         (torch.tensor([[0.0, float("nan"), 1.0]]), "softmax_topk", 1, {}, "NaN or Inf"),
         (torch.tensor([[0.0, float("inf"), 1.0]]), "topk_softmax", 1, {}, "NaN or Inf"),
         (torch.randn(2, 3), "softmax", 1, {}, "unknown router kind"),
+        (torch.randn(2, 3), "softmax_topk", True, {}, "top_k"),
+        (torch.randn(2, 3), "topk_softmax", 1, {"renormalize": False}, "unknown option"),
+        (torch.randn(2, 4), "softmax_topk", 1, {"n_group": 2}, "unknown option"),
         (torch.randn(2, 6), "sigmoid_group_topk", 1, {"n_group": 4}, "must divide"),
         (torch.randn(2, 6), "sigmoid_group_topk", 1, {"n_group": 2, "topk_group": 3}, "topk_group"),
         (torch.randn(2, 8), "sigmoid_group_topk", 5, {"n_group": 4, "topk_group": 2}, "exceeds"),
@@ -251,3 +280,45 @@ def test_route_on_cpu_runs_torch_ops_whatever_fused_says():
     assert not runs(logits, 2)
     a, b = route(logits, "softmax_topk", 2), route(logits, "softmax_topk", 2, fused=False)
     assert torch.equal(a.weights, b.weights) and torch.equal(a.experts, b.experts)
+
+
+@pytest.mark.parametrize("kind, renormalize", FUSED_KINDS)
+def test_fused_router_double_backward_matches_float64(kind, renormalize):
+    """A gradient penalty through the fused router (``create_graph=True``) gets the router's
+    second-order term: gradient of the logits' gradient norm as the torch path in float64."""
+    pytest.importorskip("triton")
+    from moelab.kernels.router import topk_route
+
+    base = _distinct_logits(5, 6, torch.float32, seed=7)
+    coeff = torch.randn(5, 2, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grads = []
+    for logits in (base.clone().requires_grad_(True), base.double().requires_grad_(True)):
+        if logits.dtype == torch.float32:
+            weights, _ = topk_route(logits, 2, renormalize)
+        else:
+            weights = _reference_route(logits, kind, 2, renormalize).weights
+        (g,) = torch.autograd.grad((weights * coeff).sum(), logits, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), logits)
+        grads.append(gg.double())
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, renormalize", FUSED_KINDS)
+def test_route_dispatches_to_the_fused_router_as_on_cuda(monkeypatch, kind, renormalize):
+    """``route``'s fused branches (CUDA only in use) under the interpreter: each router kind
+    and option reaches the kernel as the torch path's math has it."""
+    pytest.importorskip("triton")
+    from moelab.kernels import router as fused_router
+
+    monkeypatch.setattr(fused_router, "runs", lambda logits, k: True)
+    base = _distinct_logits(9, 8, torch.float32, seed=11)
+    options = {"renormalize": renormalize} if kind == "softmax_topk" else {}
+    logits, ref_logits = base.clone().requires_grad_(True), base.double().requires_grad_(True)
+    fused = route(logits, kind, 3, **options)
+    ref = route(ref_logits, kind, 3, fused=False, **options)
+    assert torch.equal(fused.experts, ref.experts)
+    torch.testing.assert_close(fused.weights.double(), ref.weights, rtol=2e-6, atol=1e-7)
+    fused.weights.sum().backward()
+    ref.weights.sum().backward()
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-5, atol=1e-7)

@@ -12,7 +12,8 @@ logits, as torch's top-k on CUDA), then the weights in fp32 from ``e_j = exp(l_j
 
 Backward writes the logits' gradient in their dtype: ``w_j (g_j - sum_i w_i g_i)`` at the picks
 and zero elsewhere when renormalised; ``p (g - sum_i w_i g_i)`` over all E (g zero off the
-picks) with the probabilities p recomputed from the logits otherwise. Used by
+picks) with the probabilities p recomputed from the logits otherwise; a backward that builds a
+graph (``create_graph=True``, e.g. a gradient penalty) takes torch's ops instead. Used by
 :func:`moelab.ops.routing.route` on CUDA; on CPU under ``TRITON_INTERPRET`` for tests.
 """
 
@@ -134,6 +135,8 @@ class _TopKRoute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dw_TK, _):
         logits_TE, weights_TK, experts_TK = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward (create_graph): torch's ops, which have one
+            return _differentiable_grad(logits_TE, experts_TK, dw_TK, ctx.sizes["RENORMALIZE"])
         rows, num_experts = logits_TE.shape
         dlogits_TE = logits_TE.new_empty(logits_TE.shape)
         if rows:
@@ -145,6 +148,19 @@ class _TopKRoute(torch.autograd.Function):
             # fmt: on
             kl.launch(_topk_route_bwd_kernel, grid, args, sizes, ("route_bwd", *sizes.values()))
         return dlogits_TE, None, None
+
+
+def _differentiable_grad(logits_TE, experts_TK, dw_TK, renormalize: bool) -> tuple:
+    """The logits' gradient by torch's ops on the kernel's picks, itself differentiable (in the
+    logits and ``dw_TK``), for backward passes that build a graph (``create_graph=True``)."""
+    with torch.enable_grad():
+        logits = logits_TE if logits_TE.requires_grad else logits_TE.detach().requires_grad_()
+        if renormalize:
+            weights_TK = logits.gather(1, experts_TK).float().softmax(dim=-1)
+        else:
+            weights_TK = logits.float().softmax(dim=-1).gather(1, experts_TK)
+        (dlogits_TE,) = torch.autograd.grad(weights_TK, logits, dw_TK, create_graph=True)
+    return dlogits_TE, None, None
 
 
 def runs(logits_TE: torch.Tensor, top_k: int) -> bool:

@@ -17,6 +17,14 @@ import torch
 from moelab.kernels import router as fused_router
 
 ROUTER_KINDS = ("softmax_topk", "sigmoid_group_topk", "topk_softmax")
+# the keyword options each router takes (``route(..., **options)``)
+_OPTIONS = {
+    "softmax_topk": {"renormalize"},
+    "sigmoid_group_topk": {
+        "n_group", "topk_group", "correction_bias", "routed_scaling_factor", "renormalize"
+    },
+    "topk_softmax": set(),
+}  # fmt: skip
 
 
 class Routing(NamedTuple):
@@ -56,13 +64,20 @@ def route(
         top_k: experts per token, ``1 <= top_k <= E``.
         validate: check that the logits are finite (default: only on CPU tensors).
         fused: on CUDA, run ``softmax_topk`` and ``topk_softmax`` as one Triton pass each way
-            (:mod:`moelab.kernels.router`: the same picks, weights within float32 rounding);
+            (:mod:`moelab.kernels.router`: weights within float32 rounding; the same picks,
+            except where two distinct fp32 logits round to one fp32 probability, where the
+            kernel, which ranks logits, keeps the larger logit and torch the lower id; NaN
+            logits are not propagated to the weights: ``validate=True`` checks them);
             False keeps torch's ops, the reference models' roundings bit for bit.
 
     Returns:
         :class:`Routing` with ``weights [T, K]`` float32 and ``experts [T, K]`` int64.
     """
     _check_logits(router_logits, top_k, validate)
+    if kind in _OPTIONS and not set(options) <= _OPTIONS[kind]:
+        unknown = sorted(set(options) - _OPTIONS[kind])
+        allowed = ", ".join(sorted(_OPTIONS[kind])) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for router {kind!r}; it takes: {allowed}")
     compute = torch.promote_types(router_logits.dtype, torch.float32)
     fused = fused and fused_router.runs(router_logits, top_k)
     if kind == "softmax_topk":
@@ -81,7 +96,7 @@ def _check_logits(logits: torch.Tensor, top_k: int, validate: bool | None) -> No
     if not logits.is_floating_point():
         raise ValueError(f"router_logits must be floating point, got {logits.dtype}")
     num_experts = logits.shape[1]
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, E={num_experts}], got {top_k!r}")
     if should_validate(validate, logits) and not bool(torch.isfinite(logits).all()):
         raise ValueError("router_logits contain NaN or Inf")
@@ -135,7 +150,9 @@ def _sigmoid_group_topk(
         group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
         keep_group = group_score.topk(topk_group, dim=-1).indices
         mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep_group, True)
-        choice_TE = grouped.masked_fill(~mask[..., None], float("-inf")).view(num_tokens, -1)
+        choice_TE = grouped.masked_fill(~mask[..., None], float("-inf")).view(
+            num_tokens, num_experts
+        )
     experts_TK = choice_TE.topk(top_k, dim=-1).indices
     weights_TK = scores_TE.gather(1, experts_TK)
     if renormalize:
@@ -171,6 +188,8 @@ def load_balancing_loss(
     ``counts_E``: :func:`expert_counts` of ``experts_TK`` when the caller has them already.
     """
     num_tokens, num_experts = probs_TE.shape
+    if num_tokens == 0:  # no tokens, no imbalance: a zero that keeps the graph (not 0/0)
+        return probs_TE.float().sum() * 0.0
     if counts_E is None:
         counts_E = expert_counts(experts_TK, num_experts)
     f_E = counts_E.float() / num_tokens
@@ -178,11 +197,14 @@ def load_balancing_loss(
 
 
 def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, fp32."""
-    return router_logits_TE.float().logsumexp(dim=-1).square().mean()
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, fp32 (zero for no tokens)."""
+    z_T = router_logits_TE.float().logsumexp(dim=-1).square()
+    return z_T.mean() if z_T.numel() else z_T.sum()
 
 
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
-    """Mean per-token entropy (nats) of the router distribution, fp32, for metrics."""
+    """Mean per-token entropy (nats) of the router distribution, fp32, for metrics (zero for
+    no tokens)."""
     p = probs_TE.float()
-    return -(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean()
+    h_T = -(p * p.clamp_min(1e-30).log()).sum(dim=-1)
+    return h_T.mean() if h_T.numel() else h_T.sum()
