@@ -59,6 +59,16 @@ def _lora(r=8, dtype=torch.float32, **override):
         ),
         (
             lambda a: a.update(
+                routing=Routing(a["routing"][0], a["routing"][1][:, :1].repeat(1, 2))
+            ),
+            "must be distinct",
+        ),
+        (
+            lambda a: a.update(routing=Routing(a["routing"][0][:, :0], a["routing"][1][:, :0])),
+            "at least one expert per token",
+        ),
+        (
+            lambda a: a.update(
                 routing=Routing(torch.ones(T, 5), torch.zeros(T, 5, dtype=torch.long))
             ),
             "top_k=5 exceeds the number of experts E=4",
@@ -93,7 +103,7 @@ def test_bad_input_raises_value_error(change, message):
         )
 
 
-def _problem(hidden=16, inter=8, dtype=torch.bfloat16, rank=0, experts=4):
+def _problem(hidden=16, inter=8, dtype=torch.bfloat16, rank=0, experts=4, rank_max=0):
     return ExpertProblem(
         device=torch.device("cpu"),
         dtype=dtype,
@@ -105,6 +115,7 @@ def _problem(hidden=16, inter=8, dtype=torch.bfloat16, rank=0, experts=4):
         lora_rank=rank,
         has_bias=False,
         activation="swiglu",
+        lora_rank_max=rank_max,
     )
 
 
@@ -132,6 +143,7 @@ def test_selection_order_argument_env_auto(monkeypatch):
         (_problem(hidden=12), "H=12 is not a multiple of 8"),
         (_problem(inter=6, dtype=torch.float32), "I=6 is not a multiple of 4"),
         (_problem(rank=4), "r=4 is not a multiple of 8"),
+        (_problem(rank=8, rank_max=20), "the larger r=20 is not a multiple of 8"),
         (_problem(dtype=torch.float64), "bf16, fp16 or fp32"),
         (_problem(experts=2000), "at most 1023 groups"),
     ],
@@ -153,3 +165,14 @@ def test_misaligned_bf16_call_falls_back_to_native(caplog):
     assert "native_torch" in caplog.text and "grouped_mm: grouped_mm needs 16-byte" in caplog.text
     with pytest.raises(ValueError, match="cannot run this call: grouped_mm needs 16-byte strides"):
         moe_experts(x, routing, gate_up, down, backend="grouped_mm")
+
+
+def test_triton_bounds_the_larger_lora_rank():
+    """Separate gate and up adapters double gate_up's rank: the kernels' rank blocks are sized
+    by the larger rank, which the bound must see (the smaller alone passed 256 through)."""
+    from moelab.kernels import triton as tr
+
+    assert tr.unsupported_reason(_problem(rank=128, rank_max=128)) is None
+    assert "256 exceeds 128" in tr.unsupported_reason(_problem(rank=128, rank_max=256))
+    lora = _lora(8, gate_up_a=torch.zeros(E, 16, H), gate_up_b=torch.zeros(E, 2 * I, 16))
+    assert (lora.rank, lora.rank_max) == (8, 16)

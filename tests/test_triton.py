@@ -14,7 +14,7 @@ from test_experts import CASES, VARIANTS, Case, make_problem, run_backend, run_r
 from moelab.kernels import triton as tr
 from moelab.kernels import triton_grads as tg
 from moelab.kernels import triton_kernels as tk
-from moelab.ops import route
+from moelab.ops import moe_experts, route
 
 PLACEMENTS = {
     "all in loop": dict.fromkeys(tr.LORA_PLACEMENT, tk.LORA_IN_LOOP),
@@ -602,3 +602,66 @@ def test_tuning_keys_hold_the_row_bucket_not_the_row_count(monkeypatch):
     others = [[k for k in keys if k not in gemms] for keys, gemms in
               ((at_150, gemms_150), (at_256, gemm_keys))]  # fmt: skip
     assert others[0] == others[1] and others[0]
+
+
+# which leaves train (the rest frozen), on the all-trainable problem: GPT-OSS's activation,
+# biases and LoRA
+FROZEN_SETS = {
+    "x frozen, LoRA A1 only": {"lora_a1"},
+    "x frozen, LoRA only": {"lora_a1", "lora_b1", "lora_a2", "lora_b2"},
+    "LoRA B only, router": {"lora_b1", "lora_b2", "logits"},
+    "router only": {"logits"},
+    "x only": {"x"},
+    "biases frozen, LoRA and x": {"x", "logits", "lora_a1", "lora_b1", "lora_a2", "lora_b2"},
+    "base weights and x, LoRA frozen": {"x", "gate_up", "down", "gate_up_bias", "down_bias"},
+}
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("trained", list(FROZEN_SETS))
+def test_partly_frozen_leaves_match_reference(monkeypatch, trained, recompute):
+    """Every gradient that is asked for, as float64, whichever leaves are frozen; with x frozen
+    the dX product does not run (only A1's rank-r product, where A1 trains)."""
+    p = make_problem(Case("frozen", tokens=30, hidden=32, inter=24, experts=5, top_k=2, cold=(1,)),
+                     "all_trainable", torch.float32, seed=5)  # fmt: skip
+    for name, leaf in trainables(p).items():
+        leaf.requires_grad_(name in FROZEN_SETS[trained])
+    hidden = p["x"].shape[1]
+    dx_products = []
+    gemm = tr.expert_gemm
+
+    def counting(a, w, w_strides, n_out, *args, **kwargs):
+        if n_out == hidden and kwargs.get("scatter") is not None:
+            dx_products.append(n_out)  # the forward's down projection, and dX
+        return gemm(a, w, w_strides, n_out, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "expert_gemm", counting)
+    routing = route(p["logits"], "softmax_topk", 2)
+    out = moe_experts(p["x"], routing, p["gate_up"], p["down"], gate_up_bias=p["gate_up_bias"],
+                      down_bias=p["down_bias"], activation=p["activation"], lora=p["lora"],
+                      backend="triton", recompute=recompute)  # fmt: skip
+    named = trainables(p)
+    grads = dict(zip(named, torch.autograd.grad(out, list(named.values()), p["dout"])))
+    ref_out, ref_grads = run_reference(p, routing.experts)
+    assert rel_err(out, ref_out) <= TOLERANCE[torch.float32]
+    assert set(grads) == FROZEN_SETS[trained]
+    for name, grad in grads.items():
+        limit = (
+            LOGITS_GRAD_TOLERANCE[torch.float32] if name == "logits" else TOLERANCE[torch.float32]
+        )
+        assert rel_err(grad, ref_grads[name]) <= limit, name
+    assert len(dx_products) == (2 if "x" in FROZEN_SETS[trained] else 1)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_no_tokens_give_an_empty_output_and_zero_gradients(variant):
+    p = make_problem(Case("T=0", tokens=0), variant, torch.float32)
+    routing = route(p["logits"], "softmax_topk", 2)
+    out = moe_experts(p["x"], routing, p["gate_up"], p["down"], gate_up_bias=p["gate_up_bias"],
+                      down_bias=p["down_bias"], activation=p["activation"], lora=p["lora"],
+                      backend="triton")  # fmt: skip
+    assert out.shape == (0, p["x"].shape[1])
+    named = trainables(p)
+    grads = torch.autograd.grad(out, list(named.values()), p["dout"])
+    for (name, leaf), grad in zip(named.items(), grads):
+        assert grad.shape == leaf.shape and not grad.any(), name

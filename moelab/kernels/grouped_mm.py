@@ -41,8 +41,8 @@ CHUNK_ELEMENTS = 1 << 23
 
 def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
     """Activation bytes kept for backward per token (x, h, act, z1, z2, routing and plan ints)."""
-    k, r = problem.top_k, problem.lora_rank
-    return itemsize * (problem.hidden + k * (3 * problem.inter + 2 * r)) + k * (4 + 5 * 8)
+    k, z = problem.top_k, problem.lora_z_width
+    return itemsize * (problem.hidden + k * (3 * problem.inter + z)) + k * (4 + 5 * 8)
 
 
 def _grouped_mm_op():
@@ -70,6 +70,8 @@ def grouped_products_reason(problem: ExpertProblem) -> str | None:
     dims = {"H": problem.hidden, "I": problem.inter}
     if problem.lora_rank:
         dims["r"] = problem.lora_rank
+    if problem.lora_rank_max:
+        dims["the larger r"] = problem.lora_rank_max
     for name, size in dims.items():
         if size * itemsize % 16:
             return (

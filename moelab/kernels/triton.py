@@ -75,8 +75,8 @@ def unsupported_reason(problem: ExpertProblem) -> str | None:
         return f"runs on CUDA (or the CPU interpreter), not {problem.device.type}"
     if problem.accumulate != "fp32":
         return "triton sums the k expert outputs in fp32 only"
-    if problem.lora_rank > _MAX_RANK:
-        return f"LoRA rank {problem.lora_rank} exceeds {_MAX_RANK}"
+    if problem.lora_rank_largest > _MAX_RANK:
+        return f"LoRA rank {problem.lora_rank_largest} exceeds {_MAX_RANK}"
     # the weight gradients may take torch's grouped GEMM (a measured choice): its alignment rules
     return gmm.grouped_products_reason(problem)
 
@@ -118,9 +118,8 @@ def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
     """Activation bytes kept for backward per token (x, h unless recomputed, z1, z2, routing
     weights, expert ids and the plan's four int64 per slot; the two tile tables, under one byte
     per slot, are left out)."""
-    k, r = problem.top_k, problem.lora_rank
-    h = 0 if problem.recompute else 2 * problem.inter
-    return itemsize * (problem.hidden + k * (h + 2 * r)) + k * (4 + 5 * 8)
+    k, h = problem.top_k, 0 if problem.recompute else 2 * problem.inter
+    return itemsize * (problem.hidden + k * (h + problem.lora_z_width)) + k * (4 + 5 * 8)
 
 
 # ---- launchers ------------------------------------------------------------------------------
@@ -855,9 +854,16 @@ def up_backward(
     lora: LowRank | None,
     plan: DispatchPlan,
     tiles: torch.Tensor,
-) -> torch.Tensor:
-    """``dX [N, H]`` in (token, slot) order: dh W1 + s u1 A1, u1 = dh B1 into lora.z."""
+    want_dx: bool = True,
+) -> torch.Tensor | None:
+    """``dX [N, H]`` in (token, slot) order: dh W1 + s u1 A1, u1 = dh B1 into lora.z. Without
+    ``want_dx`` (x frozen, A1 trained), only u1: the rank-r launch, not the [N, 2I] x [2I, H]
+    product."""
     two_inter, hidden = gate_up.shape[1:]
+    if not want_dx:
+        _launch(dh_NG, lora.la, lora.la_strides, lora.z.shape[1], two_inter, tiles, lora.z,
+                tuned_as=_LOW_RANK)  # fmt: skip
+        return None
     dx_slots = dh_NG.new_empty(dh_NG.shape[0], hidden)
     # fmt: off
     expert_gemm(dh_NG, gate_up, _t(gate_up), hidden, two_inter, tiles, dx_slots,
@@ -896,6 +902,11 @@ class _TritonExperts(torch.autograd.Function):
         recompute,
     ):
         num_experts, top_k = gate_up.shape[0], experts_TK.shape[1]
+        ctx.empty = experts_TK.numel() == 0
+        if ctx.empty:  # no tokens (or no slots): nothing routed, zero output and gradients
+            ctx.save_for_backward(x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias,
+                                  down_bias, a1, b1, a2, b2)  # fmt: skip
+            return x_TH.new_zeros(x_TH.shape[0], down.shape[1])
         plan, tiles = dispatch_tiles(experts_TK, num_experts)
         rows = plan.token_N.numel()
         oai = activation == "swiglu_oai"
@@ -914,6 +925,10 @@ class _TritonExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout_TH):
+        if ctx.empty:
+            zeros = [torch.zeros_like(t) if n and t is not None else None
+                     for t, n in zip(ctx.saved_tensors, ctx.needs_input_grad)]  # fmt: skip
+            return (*zeros, None, None, None)
         # fmt: off
         (x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias,
          a1, b1, a2, b2, h_NG, z1, z2, tiles, *plan_tensors) = ctx.saved_tensors
@@ -938,7 +953,7 @@ class _TritonExperts(torch.autograd.Function):
         # fmt: off
         dh_NG, dw_parts, act_w, dout_NH = down_backward(
             dout_TH, down, h_NG, w_N, low["bwd_down"], plan, tiles, oai,
-            want_actw=a2 is not None or need[4], keep_gathered=need[4])
+            want_actw=need[9] or need[4], keep_gathered=need[4])
         # fmt: on
         if need[1]:
             grads[1] = router_grad(dw_parts, plan, dout_TH, down_bias, experts_TK)
@@ -956,9 +971,9 @@ class _TritonExperts(torch.autograd.Function):
         # fmt: on
         del act_w
 
-        # up projection backward: dX to slots, summed per token
-        if need[0] or a1 is not None:
-            dx_slots = up_backward(dh_NG, gate_up, low["bwd_up"], plan, tiles)
+        # up projection backward: dX to slots, summed per token (and u1 = dh B1 for dA1)
+        if need[0] or need[7]:
+            dx_slots = up_backward(dh_NG, gate_up, low["bwd_up"], plan, tiles, want_dx=need[0])
             if need[0]:
                 grads[0] = combine_rows(dx_slots, top_k, None)
             del dx_slots

@@ -51,8 +51,9 @@ def moe_experts(
             into an x-dtype sum in ascending expert order (``native_torch`` only).
         recompute: keep only x for backward and recompute the pre-activation ``[T*K, 2I]``
             there (one more up projection; ``triton`` only, same bits as keeping it).
-        validate: check expert ids are in ``[0, E)`` (needs the values on the host; default:
-            only for CPU tensors).
+        validate: check expert ids are in ``[0, E)`` and distinct within each token, which
+            every backend assumes (needs the values on the host; default: only for CPU
+            tensors).
 
     Returns:
         ``[T, H]`` in x's dtype.
@@ -61,6 +62,8 @@ def moe_experts(
     num_experts = _check_experts(x, gate_up, down, gate_up_bias, down_bias, activation)
     if weights_TK.shape[0] != x.shape[0]:
         raise ValueError(f"routing covers {weights_TK.shape[0]} tokens but x has {x.shape[0]} rows")
+    if weights_TK.shape[1] < 1:
+        raise ValueError("routing must pick at least one expert per token (k >= 1), got k=0")
     if weights_TK.shape[1] > num_experts:
         raise ValueError(
             f"top_k={weights_TK.shape[1]} exceeds the number of experts E={num_experts}"
@@ -71,6 +74,9 @@ def moe_experts(
         low, high = int(experts_TK.min()), int(experts_TK.max())
         if low < 0 or high >= num_experts:
             raise ValueError(f"expert ids must be in [0, {num_experts}), got range [{low}, {high}]")
+        sorted_TK = experts_TK.sort(dim=1).values
+        if bool((sorted_TK[:, 1:] == sorted_TK[:, :-1]).any()):
+            raise ValueError("a token's k expert ids must be distinct (as top-k routing gives)")
     if lora is not None:
         if not isinstance(lora, ExpertLoRA):
             raise ValueError(f"lora must be an ExpertLoRA, got {type(lora).__name__}")
@@ -88,6 +94,7 @@ def moe_experts(
         hidden=x.shape[1],
         inter=down.shape[2],
         lora_rank=lora.rank if lora is not None else 0,
+        lora_rank_max=lora.rank_max if lora is not None else 0,
         has_bias=gate_up_bias is not None or down_bias is not None,
         activation=activation,
         accumulate=accumulate,

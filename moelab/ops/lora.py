@@ -34,6 +34,11 @@ class ExpertLoRA(NamedTuple):
         """The smaller of the two ranks (separate gate/up adapters double gate_up's)."""
         return min(self.gate_up_a.shape[1], self.down_a.shape[1])
 
+    @property
+    def rank_max(self) -> int:
+        """The larger of the two ranks."""
+        return max(self.gate_up_a.shape[1], self.down_a.shape[1])
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gate_up_a, self.gate_up_b, self.down_a, self.down_b
 
