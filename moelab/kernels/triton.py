@@ -406,10 +406,7 @@ def expert_gemm(
     def run(placement: int | None) -> None:
         low = None if lora is None else lora._replace(placement=placement)
         if low is not None and placement == tk.LORA_GIVEN:
-            # fmt: off
-            _launch(a, low.la, low.la_strides, low.z.shape[1], k_dim, tiles, low.z,
-                    gather=gather, tuned_as=_LOW_RANK)
-            # fmt: on
+            rank_r_product(a, low, k_dim, tiles, gather)
         _launch(
             a, w, w_strides, n_out, k_dim, tiles, out, gather=gather, scatter=scatter,
             lora=low, bias=bias, epilogue=epilogue, h=h, w_rows=w_rows, dw=dw, act_w=act_w,
@@ -429,6 +426,19 @@ def expert_gemm(
             # fmt: on
     run(placement)
     return out
+
+
+def rank_r_product(
+    a: torch.Tensor,
+    low: LowRank,
+    k_dim: int,
+    tiles: torch.Tensor,
+    gather: torch.Tensor | None = None,
+) -> None:
+    """``low.z = a[gather] la^T`` per expert: the rank-r launch before a product that is given
+    z (``tk.LORA_GIVEN``), or alone where only z is needed."""
+    _launch(a, low.la, low.la_strides, low.z.shape[1], k_dim, tiles, low.z, gather=gather,
+            tuned_as=_LOW_RANK)  # fmt: skip
 
 
 def _launch(
@@ -822,10 +832,7 @@ def down_backward(
         g_NI = gmm._gmm(dout_NH, down, plan.offs_E)
         low = None if lora is None else lora._replace(placement=tk.LORA_GIVEN)
         if low is not None:
-            # fmt: off
-            _launch(dout_NH, low.la, low.la_strides, low.z.shape[1], hidden, tiles, low.z,
-                    tuned_as=_LOW_RANK)
-            # fmt: on
+            rank_r_product(dout_NH, low, hidden, tiles)
         if not keep_gathered:
             dout_NH = None  # freed before the epilogue runs
         epilogue_alone(g_NI, low)
@@ -854,16 +861,9 @@ def up_backward(
     lora: LowRank | None,
     plan: DispatchPlan,
     tiles: torch.Tensor,
-    want_dx: bool = True,
-) -> torch.Tensor | None:
-    """``dX [N, H]`` in (token, slot) order: dh W1 + s u1 A1, u1 = dh B1 into lora.z. Without
-    ``want_dx`` (x frozen, A1 trained), only u1: the rank-r launch, not the [N, 2I] x [2I, H]
-    product."""
+) -> torch.Tensor:
+    """``dX [N, H]`` in (token, slot) order: dh W1 + s u1 A1, u1 = dh B1 into lora.z."""
     two_inter, hidden = gate_up.shape[1:]
-    if not want_dx:
-        _launch(dh_NG, lora.la, lora.la_strides, lora.z.shape[1], two_inter, tiles, lora.z,
-                tuned_as=_LOW_RANK)  # fmt: skip
-        return None
     dx_slots = dh_NG.new_empty(dh_NG.shape[0], hidden)
     # fmt: off
     expert_gemm(dh_NG, gate_up, _t(gate_up), hidden, two_inter, tiles, dx_slots,
@@ -972,11 +972,12 @@ class _TritonExperts(torch.autograd.Function):
         del act_w
 
         # up projection backward: dX to slots, summed per token (and u1 = dh B1 for dA1)
-        if need[0] or need[7]:
-            dx_slots = up_backward(dh_NG, gate_up, low["bwd_up"], plan, tiles, want_dx=need[0])
-            if need[0]:
-                grads[0] = combine_rows(dx_slots, top_k, None)
+        if need[0]:
+            dx_slots = up_backward(dh_NG, gate_up, low["bwd_up"], plan, tiles)
+            grads[0] = combine_rows(dx_slots, top_k, None)
             del dx_slots
+        elif need[7]:  # x frozen: u1 alone, not the [N, 2I] x [2I, H] product
+            rank_r_product(dh_NG, low["bwd_up"], gate_up.shape[1], tiles)
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
         tg.lora_up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, a1, b1, grads)
         if need[3]:
