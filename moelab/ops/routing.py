@@ -198,13 +198,17 @@ def load_balancing_loss(
 
 def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, fp32 (zero for no tokens)."""
-    z_T = router_logits_TE.float().logsumexp(dim=-1).square()
-    return z_T.mean() if z_T.numel() else z_T.sum()
+    return _token_mean(router_logits_TE.float().logsumexp(dim=-1).square())
 
 
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy (nats) of the router distribution, fp32, for metrics (zero for
     no tokens)."""
     p = probs_TE.float()
-    h_T = -(p * p.clamp_min(1e-30).log()).sum(dim=-1)
-    return h_T.mean() if h_T.numel() else h_T.sum()
+    return _token_mean(-(p * p.clamp_min(1e-30).log()).sum(dim=-1))
+
+
+def _token_mean(v_T: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens; for no tokens zero (a sum of nothing, still in the graph), where
+    ``mean`` gives 0/0."""
+    return v_T.mean() if v_T.numel() else v_T.sum()
