@@ -137,6 +137,27 @@ def test_selection_order_argument_env_auto(monkeypatch):
         registry.resolve(None, problem)
 
 
+def test_resolution_is_kept_per_request_and_logged_again_after_forget(monkeypatch, caplog):
+    """Each block call resolves its backend: the answer is kept per (request, environment,
+    problem), so the backends' checks run once, the log line stays once, and
+    ``forget_logged`` (a new run in the process) logs and resolves afresh."""
+    calls = []
+    check = registry.unsupported_reason
+    monkeypatch.setattr(registry, "unsupported_reason", lambda *a: calls.append(a) or check(*a))
+    registry.forget_logged()
+    problem = _problem()
+    with caplog.at_level(logging.INFO, logger="moelab"):
+        names = {registry.resolve(None, problem).NAME for _ in range(3)}
+        assert names == {"grouped_mm"} and len(calls) == 2  # triton (CPU: skipped), grouped_mm
+        assert caplog.text.count("expert backend grouped_mm") == 1
+        monkeypatch.setenv("MOELAB_MOE_BACKEND", "native_torch")
+        assert registry.resolve(None, problem).NAME == "native_torch"  # the variable is read
+        monkeypatch.delenv("MOELAB_MOE_BACKEND")
+        registry.forget_logged()
+        assert registry.resolve(None, problem).NAME == "grouped_mm"
+    assert len(calls) == 5 and caplog.text.count("expert backend grouped_mm") == 2
+
+
 @pytest.mark.parametrize(
     "problem, message",
     [
@@ -167,10 +188,12 @@ def test_misaligned_bf16_call_falls_back_to_native(caplog):
         moe_experts(x, routing, gate_up, down, backend="grouped_mm")
 
 
-def test_triton_bounds_the_larger_lora_rank():
+def test_triton_bounds_the_larger_lora_rank(monkeypatch):
     """Separate gate and up adapters double gate_up's rank: the kernels' rank blocks are sized
     by the larger rank, which the bound must see (the smaller alone passed 256 through)."""
     from moelab.kernels import triton as tr
+
+    monkeypatch.setattr(tr.kl, "interpreting", lambda: True)  # a CPU problem, also on a GPU host
 
     assert tr.unsupported_reason(_problem(rank=128, rank_max=128)) is None
     assert "256 exceeds 128" in tr.unsupported_reason(_problem(rank=128, rank_max=256))

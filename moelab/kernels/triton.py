@@ -454,6 +454,9 @@ def _launch(
     no_desc = acc_in or tuned_as == _LOW_RANK
     w_mode, w_desc = (0, w) if no_desc else _w_descriptor(w, w_strides, n_out, k_dim, epilogue)
     placement = tk.LORA_NONE if lora is None else lora.placement
+    if placement == tk.LORA_IN_LOOP and _in_loop_unsafe(w_mode, acc_in):
+        rank_r_product(a, lora, k_dim, tiles, gather)
+        lora, placement = lora._replace(placement=tk.LORA_GIVEN), tk.LORA_GIVEN
     persistent = bool(w_mode) and epilogue == tk.STORE and gather is None and _persistent_enabled()
     a_desc = _a_descriptor(a, k_dim) if persistent else None
     lora_descs = _lora_descriptors(lora, n_out) if a_desc is not None else (0, None, None)
@@ -521,6 +524,14 @@ def _launch(
     kwargs = dict(flags, **fixed, **derived(fixed))
     _fit_boxes(dict(kwargs, w_desc=w_desc))
     tk._expert_gemm_kernel[grid](*args, **kwargs)
+
+
+def _in_loop_unsafe(w_mode: int, acc_in: bool) -> bool:
+    """Whether z must not be computed in the main loop: Triton 3.6 miscompiles that with W read
+    by pointer (TMA switched off, or W misaligned) in some products (on an H200 the dX product
+    read shared memory out of bounds, BENCHMARKS.md run 93, compute-sanitizer), so z comes from
+    its rank-r launch first there. The CPU interpreter runs it as written."""
+    return not (w_mode or acc_in or kl.interpreting())
 
 
 def _lora_bias_table_out(lora, bias, tiles, num_rows, num_experts, out, scatter, dummy) -> tuple:
