@@ -113,7 +113,8 @@ def test_an_unknown_stored_value_is_measured_again(cache):
 def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
     """The backend's measured LoRA placements and down-projection backward main loop (timed on
     CUDA; faked here: always the last candidate) are stored per machine and product, and a
-    fresh process reuses them without timing again."""
+    fresh process reuses them without timing again; within a process, a repeated ask skips the
+    store's text keys."""
     timed = []
     monkeypatch.setattr(tuning, "measures", lambda a: True)
     monkeypatch.setattr(tuning, "scope", lambda device, kernels: "test machine")
@@ -136,6 +137,9 @@ def test_triton_choices_go_through_the_disk_cache(cache, monkeypatch):
     assert set(placements.values()) == {tk.LORA_GIVEN} and len(placements) == 3
     assert list(mains.values()) == ["torch"]
     assert len(timed) == 4
+    for store in (tr._placements, tr._main_loops):  # the same process asks at every launch:
+        monkeypatch.setattr(store, "get", None)  # answered by the caller's keys, no text keys
+    run_backend(p, "triton")
     fresh_process()
     run_backend(p, "triton")
     assert len(timed) == 4
@@ -327,15 +331,58 @@ def test_argument_specialisation_tells_bools_ints_and_floats_apart():
     i32 and an fp32 argument into different kernels: each needs its own compiled launcher."""
     specs = {kl.arg_spec((v,)) for v in (True, 1, 1.0)}
     assert len(specs) == 3
-    assert kl.arg_spec((2,)) != kl.arg_spec((3,))
+
+
+def test_argument_specialisation_is_at_least_as_fine_as_tritons_and_no_finer_for_ints():
+    """Two ints ``arg_spec`` keys alike must be ints Triton compiles alike (else a launch would
+    run a kernel specialised for another value), checked against Triton's own specialisation;
+    and i32 ints above 1 are keyed by their residue mod 16, not by value, so a new token count
+    reuses one of 16 compiled launchers instead of going through the JIT again."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    ints = [-(2**40), -17, -16, -1, 0, 1, 2, 3, 15, 16, 17, 32, 48, 65535, 65536, 2**31 - 1]
+    ints += [2**31, 2**31 + 16, 2**32, 2**63 - 1, 2**63, 2**63 + 16, 2**64 - 1]
+    floats = [0.5, 2.0, -1.0, 1e30]
+    values = [*ints, *floats, True, False]
+
+    def tritons(v):
+        return native_specialize_impl(BaseBackend, v, False, True, True)
+
+    for a in values:
+        for b in values:
+            if type(a) is type(b) and kl.arg_spec((a,)) == kl.arg_spec((b,)):
+                assert tritons(a) == tritons(b), (a, b)
+    assert kl.arg_spec((32,)) == kl.arg_spec((48,)) == kl.arg_spec((65536,))
+    assert kl.arg_spec((17,)) == kl.arg_spec((8193,)) != kl.arg_spec((1,))
+    assert len({kl.arg_spec((n,)) for n in range(2, 100_000)}) == 16
+    assert kl.arg_spec((0.5,)) == kl.arg_spec((2.0,)) and kl.arg_spec((True,)) == kl.arg_spec(
+        (False,)
+    )
+    t = torch.zeros(16)
+    assert kl.arg_spec((t,)) == kl.arg_spec((torch.ones(8),)) != kl.arg_spec((t[1:],))
+    assert kl.arg_spec((t,)) != kl.arg_spec((t.double(),))
+
+
+def test_a_positional_constexpr_is_refused(monkeypatch):
+    """Positional arguments are keyed by kind, not value: a kernel that takes a constexpr among
+    them would get a launcher compiled for another value, so it is refused at its first launch."""
+    monkeypatch.setattr(kl, "interpreting", lambda: False)
+    monkeypatch.setattr(kl, "_compiled", {})
+    monkeypatch.setattr(kl, "_current_device", lambda: 0)
+    kernel = _FakeJit([])
+    kernel.constexprs = [1]
+    kernel.__name__ = "fake"
+    with pytest.raises(ValueError, match="pass constexpr arguments by keyword"):
+        kl.launch(kernel, (1,), (torch.zeros(4), 8), {"BLOCK": 4}, ("k",))
 
 
 def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch):
     """The same key with the same argument specialisation launches the compiled kernel's
-    launcher (grid evaluated, current stream, no hooks, all arguments in order); another int
-    value, a misaligned tensor, another dtype, another key or another current device goes
-    through the JIT again; with a profiler's launch hook set, the compiled kernel's own runner
-    launches."""
+    launcher (grid evaluated, current stream, no hooks, all arguments in order), also for an
+    int Triton specialises alike; an int it specialises apart, a misaligned tensor, another
+    dtype, another key or another current device goes through the JIT again; with a profiler's
+    launch hook set, the compiled kernel's own runner launches."""
     monkeypatch.setattr(kl, "interpreting", lambda: False)
     monkeypatch.setattr(kl, "_compiled", {})
     device = [0]
@@ -355,7 +402,17 @@ def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch
     launch(t.double(), 32)
     launch(t, 32, key=("other",))
     launch(t, 33)
-    assert [c[0] for c in calls] == ["jit", "direct", "jit", "jit", "jit", "jit", "direct"]
+    launch(t, 4096)  # another count that Triton specialises alike (divisible by 16, i32)
+    assert [c[0] for c in calls] == [
+        "jit",
+        "direct",
+        "jit",
+        "jit",
+        "jit",
+        "jit",
+        "direct",
+        "direct",
+    ]
     assert calls[0][2:] == ((t, 32), {"BLOCK": 4})
     grid, fixed, args = calls[1][1:]
     assert grid == (8, 1, 1) and fixed == (1234, 7, "meta", None, None, None)

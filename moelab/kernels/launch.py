@@ -61,20 +61,25 @@ class _Direct(NamedTuple):
 
 # by launch key, device and argument specialisation (``arg_spec``)
 _compiled: dict[tuple, _Direct] = {}
-_SCALARS = (int, float, bool)
+_I32_MAX = 2**31 - 1
 
 
 def arg_spec(args: tuple) -> tuple:
-    """At least as fine as Triton's specialisation of ``args``: tensors by dtype and 16-byte
-    alignment, ints, floats and bools by type and value (``True == 1 == 1.0`` in Python, but
-    Triton compiles i1, i32 and fp32 arguments apart), descriptors by dtype and box (a plain
-    loop: this runs on every launch, and a generator costs a third more)."""
+    """At least as fine as Triton's specialisation of the runtime arguments ``args``: tensors by
+    dtype and 16-byte alignment; ints from 2 to the i32 limit by their residue mod 16 (Triton
+    looks at divisibility by 16), so a token count that moves reuses the launchers compiled for
+    its residues instead of going through the JIT at each new count; other ints (1, which
+    Triton makes a constant, 0, negative, i64 and u64) by value; floats and bools by type (fp32
+    and i1 arguments, never specialised); descriptors by dtype and box. A plain loop: this runs
+    on every launch, and a generator costs a third more."""
     spec = []
     add = spec.append
     for a in args:
-        if a.__class__ in _SCALARS:
-            add(a.__class__)
-            add(a)
+        kind = a.__class__
+        if kind is int:
+            add(a & 15 if 1 < a <= _I32_MAX else (a,))
+        elif kind is float or kind is bool:
+            add(kind)
         elif isinstance(a, torch.Tensor):
             add(a.dtype)
             add(a.data_ptr() & 15)
@@ -90,12 +95,14 @@ def launch(kernel: JITFunction, grid: Grid, args: tuple, kwargs: dict, key: tupl
     (``MOELAB_TRITON_DIRECT=0``: always through the JIT). ``key`` must hold every constexpr in
     ``kwargs``; ``grid`` is a tuple or a function of the constexprs."""
     if interpreting() or setting("MOELAB_TRITON_DIRECT", "1") == "0":
+        _check_positional(kernel, args)  # here too, so that the CPU tests see every call site
         kernel[grid](*args, **kwargs)
         return
     device = _current_device()
     spec = _spec(key, device, args)
     direct = _compiled.get(spec)
     if direct is None:
+        _check_positional(kernel, args)
         compiled = kernel[grid](*args, **kwargs)
         tail = tuple(kwargs[name] for name in kernel.arg_names[len(args) :])
         # fmt: off
@@ -112,6 +119,14 @@ def launch(kernel: JITFunction, grid: Grid, args: tuple, kwargs: dict, key: tupl
     direct.run(*size, _raw_stream(device), direct.function, direct.metadata, None, None, None,
                *args, *direct.constexprs)
     # fmt: on
+
+
+def _check_positional(kernel: JITFunction, args: tuple) -> None:
+    """Refuse constexprs among the positional ``args``: their values are compiled in, and
+    ``arg_spec`` keys ints and floats by kind, so a later launch would run another value's
+    kernel."""
+    if any(i < len(args) for i in getattr(kernel, "constexprs", ())):
+        raise ValueError(f"{kernel.__name__}: pass constexpr arguments by keyword")
 
 
 def direct_launch(key: tuple, args: tuple) -> _Direct | None:

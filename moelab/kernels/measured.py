@@ -43,6 +43,8 @@ class MeasuredChoices:
         self.filename = filename
         self.allowed = allowed
         self.chosen: dict[tuple[str, str], Choice] = {}
+        # by the caller's own key objects, for its repeated asks (see tuning.measured_choice)
+        self.known: dict[tuple, Choice] = {}
 
     def path(self) -> Path:
         return cache_dir() / self.filename

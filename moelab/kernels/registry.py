@@ -8,6 +8,7 @@ here, at selection time, and nowhere else. The choice is logged once per distinc
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -50,8 +51,19 @@ def unsupported_reason(name: str, problem: ExpertProblem) -> str | None:
 
 def resolve(backend: str | None, problem: ExpertProblem) -> ModuleType:
     """The backend module that runs ``problem``; see the module docstring for the order."""
-    requested = backend or os.environ.get(ENV_VAR) or "auto"
-    source = "argument" if backend else (ENV_VAR if os.environ.get(ENV_VAR) else "default")
+    name, why = _resolve(backend, os.environ.get(ENV_VAR), problem)
+    _log_once(name, why)
+    return _module(name)
+
+
+# Every block call resolves (a few tens of microseconds of host time while the GPU waits for the
+# step's first kernel, BENCHMARKS.md run 88); the answer depends only on the request, the
+# environment variable and the problem, as long as what this machine can run stays the same.
+@functools.lru_cache(maxsize=256)
+def _resolve(backend: str | None, env: str | None, problem: ExpertProblem) -> tuple[str, str]:
+    """``(backend name, why it was chosen)``; raises ValueError as :func:`resolve` documents."""
+    requested = backend or env or "auto"
+    source = "argument" if backend else (ENV_VAR if env else "default")
     if requested == "auto":
         skipped = []
         for name in AUTO_ORDER:
@@ -60,8 +72,7 @@ def resolve(backend: str | None, problem: ExpertProblem) -> ModuleType:
                 auto_check = getattr(_module(name), "auto_reason", None)
                 reason = auto_check(problem) if auto_check is not None else None
             if reason is None:
-                _log_once(name, f"auto ({source}); skipped: {'; '.join(skipped) or 'none'}")
-                return _module(name)
+                return name, f"auto ({source}); skipped: {'; '.join(skipped) or 'none'}"
             skipped.append(f"{name}: {reason}")
         raise ValueError(f"no expert backend can run this problem: {'; '.join(skipped)}")
     if requested not in BACKENDS:
@@ -72,13 +83,14 @@ def resolve(backend: str | None, problem: ExpertProblem) -> ModuleType:
     reason = unsupported_reason(requested, problem)
     if reason is not None:
         raise ValueError(f"expert backend {requested!r} cannot run this call: {reason}")
-    _log_once(requested, f"requested by {source}")
-    return _module(requested)
+    return requested, f"requested by {source}"
 
 
 def forget_logged() -> None:
-    """Log the next choices again (a new run in the same process, e.g. a Hydra sweep job)."""
+    """Log the next choices again (a new run in the same process, e.g. a Hydra sweep job) and
+    resolve them afresh."""
     _logged.clear()
+    _resolve.cache_clear()
 
 
 def _log_once(name: str, why: str) -> None:

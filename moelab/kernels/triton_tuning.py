@@ -191,7 +191,10 @@ def measured_choice(
         log.info("moelab: triton %s for %s measured: %s", what, key, choice)
         return choice
 
-    return store.get(scope(device, kernels), repr(key), measure)
+    asked = key, device, kernels
+    if asked not in store.known:  # asked again at every launch: the text keys only once
+        store.known[asked] = store.get(scope(device, kernels), repr(key), measure)
+    return store.known[asked]
 
 
 @functools.lru_cache(maxsize=8)
