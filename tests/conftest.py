@@ -10,6 +10,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from moelab.kernels import registry  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Where the backend matrix of test_experts.py runs: the CPU (CI; Triton under its interpreter)
@@ -42,5 +44,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
-    # Tests choose backends explicitly; a developer's MOELAB_MOE_BACKEND must not leak in.
+    # Tests choose backends explicitly; a developer's MOELAB_MOE_BACKEND must not leak in, nor
+    # a resolution kept from another test (one that patched a backend's checks).
     monkeypatch.delenv("MOELAB_MOE_BACKEND", raising=False)
+    registry.forget_logged()

@@ -101,27 +101,52 @@ def test_weights_read_by_descriptor_or_pointer_give_the_same_bits(monkeypatch, v
         assert torch.equal(grads[name], grads_tma[name]), name
 
 
-def test_z_in_the_loop_with_w_by_pointer_comes_from_a_rank_r_launch_first(monkeypatch):
-    """Where Triton miscompiles z in the main loop (W by pointer, on the GPU: run 93), each
-    product asked for it in the loop gets its rank-r launch first and reads z as given, and
-    the step still matches float64 (here forced on, with TMA off, under the interpreter)."""
+class _FlagsSeen:
+    """Stands in for a Triton kernel: records each launch's LORA and W_DESC flags, then
+    launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((kwargs["LORA"], kwargs["W_DESC"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("measured", [False, True], ids=["fixed placement", "measured"])
+def test_z_in_the_loop_with_w_by_pointer_comes_from_a_rank_r_launch_first(monkeypatch, measured):
+    """Where Triton miscompiles z in the main loop (W by pointer, on the GPU: run 93), no
+    product computes it there: each asked for it in the loop gets its rank-r launch first and
+    reads z as given, or, where the placement is measured, is given z without timing the two
+    (they would be the same launches); the step still matches float64. Forced on here, with
+    TMA off, under the interpreter."""
     monkeypatch.setattr(tr, "_tma_enabled", lambda: False)
-    monkeypatch.setattr(tr, "LORA_PLACEMENT", dict.fromkeys(tr.LORA_PLACEMENT, tk.LORA_IN_LOOP))
     monkeypatch.setattr(tr, "DOWN_BACKWARD_MAIN", "triton")
     monkeypatch.setattr(tr, "_in_loop_unsafe", lambda w_mode, acc_in: not (w_mode or acc_in))
-    rank_r, placements = [], []
-    real_rank_r, real_launch = tr.rank_r_product, tr._launch
-    monkeypatch.setattr(tr, "rank_r_product", lambda *a: rank_r.append(1) or real_rank_r(*a))
-
-    def launch(*args, lora=None, **kwargs):
-        placements.append(None if lora is None else lora.placement)
-        real_launch(*args, lora=lora, **kwargs)
-
-    monkeypatch.setattr(tr, "_launch", launch)
+    if measured:
+        monkeypatch.setattr(tr.tuning, "measures", lambda a: True)
+        monkeypatch.setattr(tr.tuning, "fastest", lambda *a: pytest.fail("timed a placement"))
+        monkeypatch.setattr(tr, "_placements", tr.MeasuredChoices("unused.json", ()))
+    else:
+        monkeypatch.setattr(tr, "LORA_PLACEMENT", dict.fromkeys(tr.LORA_PLACEMENT, tk.LORA_IN_LOOP))
+    gemm = _FlagsSeen(tk._expert_gemm_kernel)
+    monkeypatch.setattr(tk, "_expert_gemm_kernel", gemm)
     case = Case("wide", tokens=40, hidden=72, inter=40, experts=5, top_k=2, cold=(1,))
     _check_against_reference(make_problem(case, "lora", torch.float32, seed=13))
-    # up, down, dY W2 and dX asked for z in the loop; each ran its rank-r launch first
-    assert placements.count(tk.LORA_IN_LOOP) == 4 and len(rank_r) == 4
+    # up, down, dY W2 and dX given z, each after its rank-r launch; W by pointer throughout
+    assert sorted(gemm.seen) == [(tk.LORA_NONE, 0)] * 4 + [(tk.LORA_GIVEN, 0)] * 4
+
+
+def test_z_in_the_loop_is_unsafe_only_on_the_gpu_with_w_by_pointer(monkeypatch):
+    monkeypatch.setattr(tr.kl, "interpreting", lambda: False)
+    assert tr._in_loop_unsafe(0, acc_in=False)
+    assert not any(tr._in_loop_unsafe(mode, acc_in=False) for mode in (1, 2))
+    assert not tr._in_loop_unsafe(0, acc_in=True)  # no main loop: always given its z
+    monkeypatch.setattr(tr.kl, "interpreting", lambda: True)
+    assert not tr._in_loop_unsafe(0, acc_in=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -10,6 +10,7 @@ while the GPU waits for the first large one (BENCHMARKS.md, runs 22-29).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -66,9 +67,9 @@ _I32_MAX = 2**31 - 1
 
 def arg_spec(args: tuple) -> tuple:
     """At least as fine as Triton's specialisation of the runtime arguments ``args``: tensors by
-    dtype and 16-byte alignment; ints from 2 to the i32 limit by their residue mod 16 (Triton
-    looks at divisibility by 16), so a token count that moves reuses the launchers compiled for
-    its residues instead of going through the JIT at each new count; other ints (1, which
+    dtype and 16-byte alignment; ints from 2 to the i32 limit by divisibility by 16, as Triton
+    specialises them, so a token count that moves reuses the launchers already compiled instead
+    of going through the JIT at each new count; other ints (1, which
     Triton makes a constant, 0, negative, i64 and u64) by value; floats and bools by type (fp32
     and i1 arguments, never specialised); descriptors by dtype and box. A plain loop: this runs
     on every launch, and a generator costs a third more."""
@@ -77,7 +78,7 @@ def arg_spec(args: tuple) -> tuple:
     for a in args:
         kind = a.__class__
         if kind is int:
-            add(a & 15 if 1 < a <= _I32_MAX else (a,))
+            add((a & 15) == 0 if 1 < a <= _I32_MAX else (a,))
         elif kind is float or kind is bool:
             add(kind)
         elif isinstance(a, torch.Tensor):
@@ -122,11 +123,30 @@ def launch(kernel: JITFunction, grid: Grid, args: tuple, kwargs: dict, key: tupl
 
 
 def _check_positional(kernel: JITFunction, args: tuple) -> None:
-    """Refuse constexprs among the positional ``args``: their values are compiled in, and
-    ``arg_spec`` keys ints and floats by kind, so a later launch would run another value's
-    kernel."""
-    if any(i < len(args) for i in getattr(kernel, "constexprs", ())):
-        raise ValueError(f"{kernel.__name__}: pass constexpr arguments by keyword")
+    """Refuse a launch whose positional ``args`` are not exactly the kernel's runtime parameters:
+    a constexpr among them would have its value compiled in while ``arg_spec`` keys ints and
+    floats by kind, and a runtime parameter passed by keyword would keep its first value in the
+    direct launcher's stored constexprs; either way a later launch would run wrong values."""
+    if not inspect.isfunction(getattr(kernel, "fn", None)):
+        return  # not a Triton kernel over a Python function (a stand-in): nothing to read
+    if _constexpr_positions(kernel) != tuple(range(len(args), _parameter_count(kernel))):
+        raise ValueError(
+            f"{kernel.__name__}: pass the runtime arguments by position and the constexprs by "
+            "keyword"
+        )
+
+
+@functools.cache
+def _constexpr_positions(kernel: JITFunction) -> tuple[int, ...]:
+    """Positions of the kernel's ``tl.constexpr`` parameters, read from its Python signature
+    (the JIT and the interpreter's functions alike)."""
+    params = inspect.signature(kernel.fn).parameters.values()
+    return tuple(i for i, p in enumerate(params) if "constexpr" in str(p.annotation))
+
+
+@functools.cache
+def _parameter_count(kernel: JITFunction) -> int:
+    return len(inspect.signature(kernel.fn).parameters)
 
 
 def direct_launch(key: tuple, args: tuple) -> _Direct | None:

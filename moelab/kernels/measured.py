@@ -43,8 +43,7 @@ class MeasuredChoices:
         self.filename = filename
         self.allowed = allowed
         self.chosen: dict[tuple[str, str], Choice] = {}
-        # by the caller's own key objects, for its repeated asks (see tuning.measured_choice)
-        self.known: dict[tuple, Choice] = {}
+        self._asked: dict[tuple, Choice] = {}
 
     def path(self) -> Path:
         return cache_dir() / self.filename
@@ -72,6 +71,14 @@ class MeasuredChoices:
         choice = self.chosen[scope, key] = measure()
         self._write(scope, key, choice)
         return choice
+
+    def remembered(self, asked: tuple, lookup: Callable[[], Choice]) -> Choice:
+        """``lookup()`` once per ``asked`` (the caller's own key objects) in this process: a
+        step asks again at every launch, and building the text keys of :meth:`get` costs host
+        time while the GPU waits."""
+        if asked not in self._asked:
+            self._asked[asked] = lookup()
+        return self._asked[asked]
 
     def _write(self, scope: str, key: str, choice: Choice) -> None:
         path = self.path()

@@ -269,27 +269,37 @@ def _tma_enabled() -> bool:
     return kl.setting("MOELAB_TRITON_TMA", "1") != "0"
 
 
-def _w_descriptor(w: torch.Tensor, w_strides, n_out: int, k_dim: int, epilogue: int):
-    """``(W_DESC, descriptor)``: W read by the tensor-memory accelerator through a host
-    descriptor over ``[E, N, K]`` (1: K contiguous; the SwiGLU product as ``[E, 2, I, K]``, so
-    one box holds the gate and up tiles) or ``[E, K, N]`` (2: N contiguous); one box per
-    expert, so reads past an expert's edge are zeros. ``(0, w)`` where TMA cannot read W
-    (alignment, layout) or is switched off (``MOELAB_TRITON_TMA=0``). The box is sized per
-    configuration by ``_fit_boxes``."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+def _w_mode(w: torch.Tensor, w_strides, epilogue: int) -> int:
+    """How the tensor-memory accelerator can read W: 1 over ``[E, N, K]`` (K contiguous), 2
+    over ``[E, K, N]`` (N contiguous, not for the SwiGLU product), 0 not at all (alignment,
+    layout, dtype) or switched off (``MOELAB_TRITON_TMA=0``): pointer loads."""
     item = w.element_size()
     s_e, s_n, s_k = w_strides
     aligned = w.data_ptr() % 16 == 0 and (s_e * item) % 16 == 0
     if not (_tma_enabled() and aligned and w.dtype in _DTYPES):
-        return 0, w
+        return 0
     if s_k == 1 and (s_n * item) % 16 == 0:
-        if epilogue == tk.SWIGLU_FWD:
-            shape, strides = [w.shape[0], 2, n_out, k_dim], [s_e, n_out * s_n, s_n, 1]
-        else:
-            shape, strides = [w.shape[0], n_out, k_dim], [s_e, s_n, 1]
-        return 1, TensorDescriptor(w, shape, strides, [1] * len(shape))
+        return 1
     if s_n == 1 and (s_k * item) % 16 == 0 and epilogue != tk.SWIGLU_FWD:
+        return 2
+    return 0
+
+
+def _w_descriptor(w: torch.Tensor, w_strides, n_out: int, k_dim: int, epilogue: int):
+    """``(W_DESC, descriptor)`` of ``_w_mode``: a host descriptor over ``[E, N, K]`` (the
+    SwiGLU product's as ``[E, 2, I, K]``, so one box holds the gate and up tiles) or ``[E, K,
+    N]``, one box per expert, so reads past an expert's edge are zeros; ``(0, w)`` for pointer
+    loads. The box is sized per configuration by ``_fit_boxes``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    mode = _w_mode(w, w_strides, epilogue)
+    s_e, s_n, s_k = w_strides
+    if mode == 1 and epilogue == tk.SWIGLU_FWD:
+        shape, strides = [w.shape[0], 2, n_out, k_dim], [s_e, n_out * s_n, s_n, 1]
+        return 1, TensorDescriptor(w, shape, strides, [1, 1, 1, 1])
+    if mode == 1:
+        return 1, TensorDescriptor(w, [w.shape[0], n_out, k_dim], [s_e, s_n, 1], [1, 1, 1])
+    if mode == 2:
         return 2, TensorDescriptor(w, [w.shape[0], k_dim, n_out], [s_e, s_k, 1], [1, 1, 1])
     return 0, w
 
@@ -417,6 +427,8 @@ def expert_gemm(
     if lora is not None and placement is None:
         if not tuning.measures(a):
             placement = tk.LORA_IN_LOOP
+        elif _in_loop_unsafe(_w_mode(w, w_strides, epilogue), acc_in=False):
+            placement = tk.LORA_GIVEN  # _launch would take the rank-r launch anyway: no timing
         else:
             key = (epilogue, n_out, k_dim, lora.z.shape[1], tuning.rows_bucket(out.shape[0]),
                    gather is not None, scatter is not None, str(a.dtype))  # fmt: skip
@@ -527,10 +539,12 @@ def _launch(
 
 
 def _in_loop_unsafe(w_mode: int, acc_in: bool) -> bool:
-    """Whether z must not be computed in the main loop: Triton 3.6 miscompiles that with W read
-    by pointer (TMA switched off, or W misaligned) in some products (on an H200 the dX product
-    read shared memory out of bounds, BENCHMARKS.md run 93, compute-sanitizer), so z comes from
-    its rank-r launch first there. The CPU interpreter runs it as written."""
+    """Whether a product must not compute LoRA's z in its main loop, and takes z from a rank-r
+    launch first instead: on the GPU with W read by pointer (``_w_mode`` 0: TMA switched off,
+    or W's alignment or layout), which Triton 3.6 miscompiled in the dX product (an H200 read
+    shared memory out of bounds, BENCHMARKS.md run 93, compute-sanitizer); kept on every Triton
+    version, as a newer one was not checked. An epilogue-only product (``acc_in``) has no main
+    loop and is always given its z. The CPU interpreter runs the loop as written."""
     return not (w_mode or acc_in or kl.interpreting())
 
 

@@ -191,10 +191,10 @@ def measured_choice(
         log.info("moelab: triton %s for %s measured: %s", what, key, choice)
         return choice
 
-    asked = key, device, kernels
-    if asked not in store.known:  # asked again at every launch: the text keys only once
-        store.known[asked] = store.get(scope(device, kernels), repr(key), measure)
-    return store.known[asked]
+    def lookup() -> Choice:
+        return store.get(scope(device, kernels), repr(key), measure)
+
+    return store.remembered((key, device, kernels), lookup)
 
 
 @functools.lru_cache(maxsize=8)
