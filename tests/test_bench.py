@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import TEST_DEVICE, rel_err
 
 from moelab.bench import compiled
 from moelab.bench.__main__ import main
@@ -43,6 +43,8 @@ def test_experts_benchmark_runs_and_checks(tmp_path, capsys):
             "24",
             "--backends",
             "native_torch,grouped_mm",
+            "--device",
+            "cpu",  # an fp32 check on any machine (a GPU would mean bf16)
             "--json",
             str(out),
         ]
@@ -68,7 +70,8 @@ def test_experts_benchmark_with_recompute(tmp_path):
     token), grouped_mm, which keeps h, is skipped with the reason."""
     out = tmp_path / "rows.json"
     args = ["experts", "--shape", "tiny", "--tokens", "32", "--mode", "lora", "--iters", "1",
-            "--check", "--check-tokens", "24", "--backends", "grouped_mm,triton", "--recompute",
+            "--check", "--check-tokens", "24", "--backends", "grouped_mm,triton",
+            "--device", str(TEST_DEVICE), "--dtype", "float32", "--recompute",
             "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     rows = json.loads(out.read_text())

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import TEST_DEVICE, rel_err
 from hf_fixtures import gpt_oss_model, load_reference
 from safetensors.torch import load_file, save_file
 
@@ -107,10 +107,11 @@ BACKENDS = ("native_torch", "grouped_mm", "triton")
 
 
 def test_every_backend_matches_in_fp32(ckpt):
-    ref = load_reference(ckpt)(IDS).logits
-    model = moelab.load_pretrained(ckpt)
+    ref = load_reference(ckpt)(IDS).logits.to(TEST_DEVICE)
+    model = moelab.load_pretrained(ckpt, device=TEST_DEVICE)
+    ids = IDS.to(TEST_DEVICE)
     for backend in BACKENDS:
-        assert rel_err(model(IDS, options=moelab.ForwardOptions(backend=backend)), ref) <= 1e-5
+        assert rel_err(model(ids, options=moelab.ForwardOptions(backend=backend)), ref) <= 1e-5
 
 
 def test_every_backend_runs_the_model_in_bf16(ckpt):
@@ -118,10 +119,11 @@ def test_every_backend_runs_the_model_in_bf16(ckpt):
     choice and moves that token (and later ones, through attention) by up to ~0.2. So: per-token
     errors against Transformers (median within bf16 tolerance) and, layer by layer on the same
     inputs, the backends' expert outputs against each other."""
-    ref = load_reference(ckpt, torch.bfloat16)(IDS).logits.double()
-    model = moelab.load_pretrained(ckpt, dtype=torch.bfloat16)
+    ref = load_reference(ckpt, torch.bfloat16)(IDS).logits.double().to(TEST_DEVICE)
+    model = moelab.load_pretrained(ckpt, dtype=torch.bfloat16, device=TEST_DEVICE)
+    ids = IDS.to(TEST_DEVICE)
     for backend in BACKENDS:
-        out = model(IDS, options=moelab.ForwardOptions(backend=backend, attention="eager"))
+        out = model(ids, options=moelab.ForwardOptions(backend=backend, attention="eager"))
         per_token = (out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)
         print(
             f"bf16 {backend}: per-token relative error median {per_token.median():.2e}, "
@@ -139,7 +141,7 @@ def test_every_backend_runs_the_model_in_bf16(ckpt):
 
     moe_module.moe_experts = record
     try:
-        model(IDS, options=moelab.ForwardOptions(backend="native_torch"))
+        model(ids, options=moelab.ForwardOptions(backend="native_torch"))
     finally:
         moe_module.moe_experts = original
     for x, routing, gate_up, down, kwargs in calls:

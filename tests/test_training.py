@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,9 @@ REPORT = ROOT / "experiments" / "report.py"
 sys.path.insert(0, str(ROOT / "experiments"))
 import train  # noqa: E402, F401  (registers the structured-config schema with Hydra)
 
-SMOKE = ["trainer=smoke", "logger=disabled", "data.max_bytes=400000"]
+# on the CPU wherever the machine has a GPU: these tests compare fp32 runs bit for bit (a test
+# that means the GPU says so with a later trainer.device=cuda, as test_trainer_graph does)
+SMOKE = ["trainer=smoke", "logger=disabled", "data.max_bytes=400000", "trainer.device=cpu"]
 
 
 def run_config(overrides: list[str]) -> RunConfig:
@@ -74,6 +77,25 @@ def test_few_steps_in_process(tmp_path, caplog):
     # the full model in the hub layout loads back
     model = moelab.load_pretrained(tmp_path / "checkpoints" / "step_000006" / "model")
     assert model.config.vocab_size == 256
+
+
+@pytest.mark.parametrize(
+    "model, activation, bias", [("tiny", "swiglu", False), ("tiny_gpt_oss", "swiglu_oai", True)]
+)
+def test_the_logged_backend_is_resolved_for_the_runs_blocks(monkeypatch, model, activation, bias):
+    """The run's log line names the backend its MoE blocks will pick: ``auto`` depends on rows
+    per expert and the activation (BENCHMARKS.md), so the probe is a micro-batch's tokens with
+    the family's activation and biases, not one token of SwiGLU (which named grouped_mm on a
+    GPU where the blocks ran triton)."""
+    cfg = run_config([*SMOKE, f"model={model}"])
+    built = setup.build_model(cfg, torch.float32, torch.device("cpu"))
+    asked = []
+    chosen = types.SimpleNamespace(NAME="chosen")
+    monkeypatch.setattr(setup.registry, "resolve", lambda b, p: asked.append(p) or chosen)
+    name = setup.expert_backend(built, "auto", torch.float32, torch.device("cpu"), 8, 768)
+    assert name == "chosen" and len(asked) == 1
+    assert (asked[0].num_tokens, asked[0].activation, asked[0].has_bias) == (768, activation, bias)
+    assert (asked[0].num_experts, asked[0].top_k) == (built.config.num_experts, built.config.top_k)
 
 
 @pytest.mark.parametrize(

@@ -88,22 +88,26 @@ def expert_backend(
     dtype: torch.dtype,
     device: torch.device,
     rank: int,
+    num_tokens: int,
     recompute: bool = False,
 ) -> str:
-    """The expert backend this run's MoE layers will use (resolved once, for the log line; a
-    request no backend can serve fails here, before training)."""
+    """The expert backend this run's MoE layers will use on micro-batches of ``num_tokens``
+    tokens, resolved as their block calls resolve it (activation, biases and token count
+    included: ``auto``'s choice depends on rows per expert), for the log line; a request no
+    backend can serve fails here, before training."""
     c = model.config
+    experts = next(p["mlp"]["experts"] for p in model.params["layers"] if "experts" in p["mlp"])
     problem = ExpertProblem(
         device=device,
         dtype=dtype,
-        num_tokens=1,
+        num_tokens=num_tokens,
         top_k=c.top_k,
         num_experts=c.num_experts,
         hidden=c.hidden_size,
         inter=c.moe_intermediate_size,
         lora_rank=rank,
-        has_bias=False,
-        activation="swiglu",
+        has_bias=experts.get("gate_up_bias") is not None,
+        activation=c.moe(model.options).activation,
         recompute=recompute,
     )
     return registry.resolve(None if backend == "auto" else backend, problem).NAME

@@ -159,8 +159,9 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         train_opts, lora_dropout=0.0, checkpoint_layers=False, moe_recompute=False
     )
     # fmt: off
+    tokens = cfg.trainer.micro_batch_tokens // cfg.data.seq_len * cfg.data.seq_len
     backend = setup.expert_backend(model, cfg.backend.name, dtype, device, lora.rank or 0,
-                                   cfg.trainer.moe_recompute)
+                                   tokens, cfg.trainer.moe_recompute)
     # fmt: on
     n_total, n_train = tree.count(model.params), sum(t.numel() for _, t in trainable)
     mode = "full" if lora.rank is None else f"LoRA r={lora.rank} on {', '.join(lora.targets)}"
