@@ -10,6 +10,7 @@ accelerator path never waits on the host.
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -17,14 +18,6 @@ import torch
 from moelab.kernels import router as fused_router
 
 ROUTER_KINDS = ("softmax_topk", "sigmoid_group_topk", "topk_softmax")
-# the keyword options each router takes (``route(..., **options)``)
-_OPTIONS = {
-    "softmax_topk": {"renormalize"},
-    "sigmoid_group_topk": {
-        "n_group", "topk_group", "correction_bias", "routed_scaling_factor", "renormalize"
-    },
-    "topk_softmax": set(),
-}  # fmt: skip
 
 
 class Routing(NamedTuple):
@@ -167,6 +160,19 @@ def _topk_softmax(
         return Routing(*fused_router.topk_route(logits_TE, top_k, renormalize=True))
     top_logits_TK, experts_TK = logits_TE.topk(top_k, dim=-1)
     return Routing(top_logits_TK.softmax(dim=-1, dtype=compute), experts_TK)
+
+
+def _keyword_options(router) -> frozenset[str]:
+    """The options a router takes through ``route(..., **options)``: its defaulted parameters."""
+    params = inspect.signature(router).parameters.values()
+    return frozenset(p.name for p in params if p.default is not inspect.Parameter.empty)
+
+
+_OPTIONS = {
+    "softmax_topk": _keyword_options(_softmax_topk),
+    "sigmoid_group_topk": _keyword_options(_sigmoid_group_topk),
+    "topk_softmax": _keyword_options(_topk_softmax),
+}
 
 
 def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
