@@ -69,10 +69,10 @@ def arg_spec(args: tuple) -> tuple:
     """At least as fine as Triton's specialisation of the runtime arguments ``args``: tensors by
     dtype and 16-byte alignment; ints from 2 to the i32 limit by divisibility by 16, as Triton
     specialises them, so a token count that moves reuses the launchers already compiled instead
-    of going through the JIT at each new count; other ints (1, which
-    Triton makes a constant, 0, negative, i64 and u64) by value; floats and bools by type (fp32
-    and i1 arguments, never specialised); descriptors by dtype and box. A plain loop: this runs
-    on every launch, and a generator costs a third more."""
+    of going through the JIT at each new count; other ints (1, which Triton makes a constant,
+    0, negative, i64 and u64) by value; floats and bools by type (fp32 and i1 arguments, never
+    specialised); descriptors by dtype and box. A plain loop: this runs on every launch, and a
+    generator costs a third more."""
     spec = []
     add = spec.append
     for a in args:
