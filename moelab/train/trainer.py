@@ -159,7 +159,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         train_opts, lora_dropout=0.0, checkpoint_layers=False, moe_recompute=False
     )
     # fmt: off
-    tokens = cfg.trainer.micro_batch_tokens // cfg.data.seq_len * cfg.data.seq_len
+    tokens = data.train.batch_size * cfg.data.seq_len  # one micro-batch's, as the blocks see
     backend = setup.expert_backend(model, cfg.backend.name, dtype, device, lora.rank or 0,
                                    tokens, cfg.trainer.moe_recompute)
     # fmt: on
