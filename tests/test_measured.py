@@ -12,6 +12,7 @@ import torch
 from conftest import TEST_DEVICE
 from test_experts import Case, make_problem, run_backend
 
+from moelab import files
 from moelab.kernels import launch as kl
 from moelab.kernels import measured
 from moelab.kernels import triton as tr
@@ -75,14 +76,14 @@ def test_processes_measuring_at_once_keep_each_others_choices(cache):
 
 def test_the_stored_file_is_as_readable_as_any_file_this_process_creates(cache):
     MeasuredChoices("c.json", (1, 2)).get("s", "k", lambda: 1)
-    assert stat.S_IMODE((cache / "c.json").stat().st_mode) == 0o666 & ~measured._UMASK
+    assert stat.S_IMODE((cache / "c.json").stat().st_mode) == 0o666 & ~files.UMASK
 
 
 def test_a_failed_write_leaves_no_temporary_file(cache, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(measured.json, "dump", full_disk)
+    monkeypatch.setattr(files.os, "fsync", full_disk)
     assert MeasuredChoices("c.json", (1, 2)).get("s", "k", lambda: 2) == 2
     assert sorted(p.name for p in cache.iterdir()) == ["c.json.lock"]
 

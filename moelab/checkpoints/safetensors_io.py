@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moelab.files import fsync_folder
+
 DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -202,29 +204,3 @@ def replace_folder(new: Path, target: Path) -> None:
     else:
         os.replace(new, target)
     fsync_folder(target.parent)
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Make ``path`` hold ``text`` by writing a file beside it and renaming it over ``path``
-    (both made durable): readers see the old text or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the renames inside ``folder`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

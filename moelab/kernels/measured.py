@@ -15,9 +15,10 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from moelab.files import replace_text
 
 try:
     import fcntl
@@ -82,24 +83,14 @@ class MeasuredChoices:
 
     def _write(self, scope: str, key: str, choice: Choice) -> None:
         path = self.path()
-        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with _locked(path.with_name(path.name + ".lock")):
                 data = self._read()  # other processes may have added choices meanwhile
                 data.setdefault(scope, {})[key] = choice
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-                os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would: a shared cache stays readable
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f, indent=1, sort_keys=True)
-                os.replace(tmp, path)
-                tmp = None
+                replace_text(path, json.dumps(data, indent=1, sort_keys=True))
         except OSError as e:
             log.warning("moelab: could not store a measured choice in %s (%s)", path, e)
-        finally:
-            if tmp is not None:  # a failed write leaves no temporary file behind
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -114,12 +105,3 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only way to read it; done once, at import
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from moelab.checkpoints import api
-from moelab.checkpoints.safetensors_io import CheckpointError, replace_folder, replace_text
+from moelab.checkpoints.safetensors_io import CheckpointError, replace_folder
+from moelab.files import replace_text
 from moelab.models import tree
 from moelab.models.model import Model
 from moelab.train import lora as lora_io

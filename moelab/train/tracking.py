@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from moelab.checkpoints.safetensors_io import replace_text
+from moelab.files import replace_text
 from moelab.train.config import LoggerConfig
 
 
