@@ -1,5 +1,6 @@
 import os
 import sys
+import zlib
 
 import torch
 
@@ -48,3 +49,12 @@ def _no_backend_env(monkeypatch):
     # a resolution kept from another test (one that patched a backend's checks).
     monkeypatch.delenv("MOELAB_MOE_BACKEND", raising=False)
     registry.forget_logged()
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    # Every test starts from its own seed (a hash of its id), so what it draws from the global
+    # RNG does not depend on which tests ran before it: a tolerance that holds in one run holds
+    # in every order and subset (session 16: a fresh-clone CI run drew, after the tests before
+    # it, an upstream gradient that read 0.021 against a 0.02 bound).
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
