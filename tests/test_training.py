@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -79,23 +78,35 @@ def test_few_steps_in_process(tmp_path, caplog):
     assert model.config.vocab_size == 256
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny_gpt_oss"])
 @pytest.mark.parametrize(
-    "model, activation, bias", [("tiny", "swiglu", False), ("tiny_gpt_oss", "swiglu_oai", True)]
+    "lora",
+    [[], ["lora.rank=8"], ["lora.rank=8", "lora.gate_up=separate"]],
+    ids=["full", "lora", "lora_separate_gate_up"],
 )
-def test_the_logged_backend_is_resolved_for_the_runs_blocks(monkeypatch, model, activation, bias):
+def test_the_logged_backend_is_resolved_for_the_runs_blocks(monkeypatch, model, lora):
     """The run's log line names the backend its MoE blocks will pick: ``auto`` depends on rows
-    per expert and the activation (BENCHMARKS.md), so the probe is a micro-batch's tokens with
-    the family's activation and biases, not one token of SwiGLU (which named grouped_mm on a
-    GPU where the blocks ran triton)."""
-    cfg = run_config([*SMOKE, f"model={model}"])
+    per expert and the activation (BENCHMARKS.md), and a backend's support on the LoRA ranks,
+    so the probe asks with the problem every block asks with: a micro-batch's tokens, the
+    family's activation and biases, the adapters' ranks (separate gate and up adapters make
+    gate_up's rank 2r). One token of SwiGLU named grouped_mm on a GPU where the blocks ran
+    triton."""
+    cfg = run_config([*SMOKE, f"model={model}", *lora])
     built = setup.build_model(cfg, torch.float32, torch.device("cpu"))
+    if cfg.lora.rank is not None:
+        lora_mod.add_lora(built.params, cfg.lora)
     asked = []
-    chosen = types.SimpleNamespace(NAME="chosen")
-    monkeypatch.setattr(setup.registry, "resolve", lambda b, p: asked.append(p) or chosen)
-    name = setup.expert_backend(built, "auto", torch.float32, torch.device("cpu"), 8, 768)
-    assert name == "chosen" and len(asked) == 1
-    assert (asked[0].num_tokens, asked[0].activation, asked[0].has_bias) == (768, activation, bias)
-    assert (asked[0].num_experts, asked[0].top_k) == (built.config.num_experts, built.config.top_k)
+    resolve = setup.registry.resolve
+    monkeypatch.setattr(setup.registry, "resolve", lambda b, p: asked.append(p) or resolve(b, p))
+    ids = torch.randint(0, built.config.vocab_size, (2, 24))
+    built(ids)  # every MoE block resolves its backend
+    blocks = len(asked)
+    name = setup.expert_backend(built, "auto", torch.float32, torch.device("cpu"), ids.numel())
+    assert blocks >= 1 and len(asked) == blocks + 1
+    assert all(p == asked[-1] for p in asked[:blocks])
+    assert name == resolve(None, asked[-1]).NAME
+    expected_ranks = {0: (0, 0), 1: (8, 8), 2: (8, 16)}[len(lora)]
+    assert (asked[-1].lora_rank, asked[-1].lora_rank_max) == expected_ranks
 
 
 @pytest.mark.parametrize(

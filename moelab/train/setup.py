@@ -12,6 +12,7 @@ from moelab.checkpoints import api
 from moelab.kernels import registry
 from moelab.kernels.problem import ExpertProblem
 from moelab.models.model import Model
+from moelab.ops.lora import expert_lora_from_params
 from moelab.train import data as data_mod
 from moelab.train.config import RunConfig
 from moelab.train.lora import AdapterLayout
@@ -87,16 +88,18 @@ def expert_backend(
     backend: str,
     dtype: torch.dtype,
     device: torch.device,
-    rank: int,
     num_tokens: int,
     recompute: bool = False,
 ) -> str:
     """The expert backend this run's MoE layers will use on micro-batches of ``num_tokens``
     tokens, resolved as their block calls resolve it (activation, biases and token count
     included: ``auto``'s choice depends on rows per expert), for the log line; a request no
-    backend can serve fails here, before training."""
+    backend can serve fails here, before training. The LoRA ranks are read from the adapters
+    as the blocks read them (separate gate and up adapters make gate_up's rank twice down's)."""
     c = model.config
     experts = next(p["mlp"]["experts"] for p in model.params["layers"] if "experts" in p["mlp"])
+    adapters = experts.get("lora")
+    lora = expert_lora_from_params(adapters, 1.0) if adapters is not None else None
     problem = ExpertProblem(
         device=device,
         dtype=dtype,
@@ -105,7 +108,8 @@ def expert_backend(
         num_experts=c.num_experts,
         hidden=c.hidden_size,
         inter=c.moe_intermediate_size,
-        lora_rank=rank,
+        lora_rank=lora.rank if lora is not None else 0,
+        lora_rank_max=lora.rank_max if lora is not None else 0,
         has_bias=experts.get("gate_up_bias") is not None,
         activation=c.moe(model.options).activation,
         recompute=recompute,

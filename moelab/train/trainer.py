@@ -160,8 +160,8 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     )
     # fmt: off
     tokens = data.train.batch_size * cfg.data.seq_len  # one micro-batch's, as the blocks see
-    backend = setup.expert_backend(model, cfg.backend.name, dtype, device, lora.rank or 0,
-                                   tokens, cfg.trainer.moe_recompute)
+    backend = setup.expert_backend(model, cfg.backend.name, dtype, device, tokens,
+                                   cfg.trainer.moe_recompute)
     # fmt: on
     n_total, n_train = tree.count(model.params), sum(t.numel() for _, t in trainable)
     mode = "full" if lora.rank is None else f"LoRA r={lora.rank} on {', '.join(lora.targets)}"
