@@ -111,7 +111,9 @@ def trainables(p: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in named.items() if v is not None and v.requires_grad}
 
 
-def run_backend(p: dict, backend: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def run_backend(
+    p: dict, backend: str, recompute: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     routing = route(p["logits"], "softmax_topk", p["case"].top_k)
     out = moe_experts(
         p["x"],
@@ -123,6 +125,7 @@ def run_backend(p: dict, backend: str) -> tuple[torch.Tensor, dict[str, torch.Te
         activation=p["activation"],
         lora=p["lora"],
         backend=backend,
+        recompute=recompute,
     )
     named = trainables(p)
     grads = torch.autograd.grad(out, list(named.values()), p["dout"])

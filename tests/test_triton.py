@@ -14,7 +14,7 @@ from test_experts import CASES, VARIANTS, Case, make_problem, run_backend, run_r
 from moelab.kernels import triton as tr
 from moelab.kernels import triton_grads as tg
 from moelab.kernels import triton_kernels as tk
-from moelab.ops import moe_experts, route
+from moelab.ops import route
 
 PLACEMENTS = {
     "all in loop": dict.fromkeys(tr.LORA_PLACEMENT, tk.LORA_IN_LOOP),
@@ -24,8 +24,10 @@ PLACEMENTS = {
 }  # fmt: skip
 
 
-def _check_against_reference(p: dict) -> None:
-    out, grads = run_backend(p, "triton")
+def _check_against_reference(p: dict, recompute: bool = False) -> dict[str, torch.Tensor]:
+    """The triton backend's output and every gradient asked for, against float64; returns the
+    gradients."""
+    out, grads = run_backend(p, "triton", recompute)
     experts_TK = route(p["logits"], "softmax_topk", p["case"].top_k).experts
     ref_out, ref_grads = run_reference(p, experts_TK)
     tol = TOLERANCE[p["x"].dtype]
@@ -33,6 +35,7 @@ def _check_against_reference(p: dict) -> None:
     for name, grad in grads.items():
         limit = LOGITS_GRAD_TOLERANCE[p["x"].dtype] if name == "logits" else tol
         assert rel_err(grad, ref_grads[name]) <= limit, name
+    return grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -238,28 +241,14 @@ def test_auto_picks_triton_where_it_measured_faster(
         assert activation in reason and "rows per expert" in reason
 
 
-def _run(p: dict, backend: str, recompute: bool):
-    """``run_backend`` with the recompute option."""
-    from moelab.ops import moe_experts
-
-    routing = route(p["logits"], "softmax_topk", p["case"].top_k)
-    out = moe_experts(
-        p["x"], routing, p["gate_up"], p["down"], gate_up_bias=p["gate_up_bias"],
-        down_bias=p["down_bias"], activation=p["activation"], lora=p["lora"], backend=backend,
-        recompute=recompute,
-    )  # fmt: skip
-    named = trainables(p)
-    return out, dict(zip(named, torch.autograd.grad(out, list(named.values()), p["dout"])))
-
-
 @pytest.mark.parametrize("variant", ["lora", "all_trainable"])
 def test_recomputing_h_gives_the_same_bits(variant):
     """``recompute=True`` reruns the forward's up projection in backward instead of keeping h:
     the same kernel on the same rows, so outputs and gradients are bit-identical."""
     case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2, cold=(1,))
     p = make_problem(case, variant, torch.float32, seed=13)
-    out_kept, grads_kept = _run(p, "triton", recompute=False)
-    out, grads = _run(p, "triton", recompute=True)
+    out_kept, grads_kept = run_backend(p, "triton", recompute=False)
+    out, grads = run_backend(p, "triton", recompute=True)
     assert torch.equal(out, out_kept)
     for name in grads:
         assert torch.equal(grads[name], grads_kept[name]), name
@@ -270,7 +259,7 @@ def test_recompute_is_refused_by_backends_that_keep_h(backend):
     case = Case("wide", tokens=8, hidden=64, inter=48, experts=5, top_k=2)
     p = make_problem(case, "lora", torch.float32, seed=16)
     with pytest.raises(ValueError, match="recompute is triton's"):
-        _run(p, backend, recompute=True)
+        run_backend(p, backend, recompute=True)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -689,32 +678,17 @@ def test_partly_frozen_leaves_match_reference(monkeypatch, trained, recompute):
         return gemm(a, w, w_strides, n_out, *args, **kwargs)
 
     monkeypatch.setattr(tr, "expert_gemm", counting)
-    routing = route(p["logits"], "softmax_topk", 2)
-    out = moe_experts(p["x"], routing, p["gate_up"], p["down"], gate_up_bias=p["gate_up_bias"],
-                      down_bias=p["down_bias"], activation=p["activation"], lora=p["lora"],
-                      backend="triton", recompute=recompute)  # fmt: skip
-    named = trainables(p)
-    grads = dict(zip(named, torch.autograd.grad(out, list(named.values()), p["dout"])))
-    ref_out, ref_grads = run_reference(p, routing.experts)
-    assert rel_err(out, ref_out) <= TOLERANCE[torch.float32]
+    grads = _check_against_reference(p, recompute)
     assert set(grads) == FROZEN_SETS[trained]
-    for name, grad in grads.items():
-        limit = (
-            LOGITS_GRAD_TOLERANCE[torch.float32] if name == "logits" else TOLERANCE[torch.float32]
-        )
-        assert rel_err(grad, ref_grads[name]) <= limit, name
     assert len(dx_products) == (2 if "x" in FROZEN_SETS[trained] else 1)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_no_tokens_give_an_empty_output_and_zero_gradients(variant):
     p = make_problem(Case("T=0", tokens=0), variant, torch.float32)
-    routing = route(p["logits"], "softmax_topk", 2)
-    out = moe_experts(p["x"], routing, p["gate_up"], p["down"], gate_up_bias=p["gate_up_bias"],
-                      down_bias=p["down_bias"], activation=p["activation"], lora=p["lora"],
-                      backend="triton")  # fmt: skip
+    out, grads = run_backend(p, "triton")
     assert out.shape == (0, p["x"].shape[1])
     named = trainables(p)
-    grads = torch.autograd.grad(out, list(named.values()), p["dout"])
-    for (name, leaf), grad in zip(named.items(), grads):
-        assert grad.shape == leaf.shape and not grad.any(), name
+    assert set(grads) == set(named)
+    for name, grad in grads.items():
+        assert grad.shape == named[name].shape and not grad.any(), name
