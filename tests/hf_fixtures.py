@@ -6,6 +6,7 @@ the library's own init (unit norms, zero biases) would hide whole classes of bug
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -131,4 +132,9 @@ def load_reference(
     model = cls.from_pretrained(
         path, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
     )
+    if "quantization_config" in json.loads((Path(path) / "config.json").read_text()):
+        # with a GPU present and no `kernels` package, Transformers dequantises MXFP4 experts to
+        # bf16 whatever dtype is asked for; the values are exact in bf16, so this cast restores
+        # the asked-for dtype (not done elsewhere: it would undo modules Transformers keeps fp32)
+        model.to(dtype)
     return model.eval()

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 import moelab
 from moelab.models.options import ForwardOptions
+from moelab.train import config as config_mod
 from moelab.train import lora as lora_mod
 from moelab.train import setup, state
 from moelab.train.config import RunConfig
@@ -278,6 +279,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_job_multirun_and_report(tmp_path):
+    pytest.importorskip("wandb")  # a declared dependency; the GPU machine's image lacks it
     sweep = tmp_path / "sweep"
     out = _cli(
         [
@@ -329,3 +331,16 @@ def test_bad_values_stop_before_any_work(tmp_path, overrides, message):
     assert out.returncode != 0
     assert message in out.stderr + out.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_wandb_logger_without_wandb_stops_before_any_work(monkeypatch):
+    find_spec = config_mod.importlib.util.find_spec
+    monkeypatch.setattr(
+        config_mod.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "wandb" else find_spec(name, *args),
+    )
+    config_mod.validate(run_config(["logger=disabled"]))
+    for mode in ("offline", "online"):
+        with pytest.raises(ValueError, match=f"logger.mode='{mode}' logs to wandb, which is not"):
+            config_mod.validate(run_config([f"logger={mode}"]))

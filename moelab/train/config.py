@@ -6,6 +6,7 @@ an error); nothing here imports Hydra. :func:`validate` checks values before any
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -203,6 +204,11 @@ def validate(cfg: RunConfig) -> None:
         raise bad("optim.grad_clip", o.grad_clip, "> 0 (the max gradient norm; inf: no clipping)")
     if cfg.logger.mode not in LOGGER_MODES:
         raise bad("logger.mode", cfg.logger.mode, f"one of {LOGGER_MODES}")
+    if cfg.logger.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            f"logger.mode={cfg.logger.mode!r} logs to wandb, which is not installed here: "
+            "install it (pip install wandb) or run with logger=disabled"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
