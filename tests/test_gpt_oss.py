@@ -181,6 +181,33 @@ def test_mxfp4_resave_gives_back_the_same_experts(mxfp4_ckpt, tmp_path):
     assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
 
 
+def _theta_only(config: dict) -> None:
+    del config["rope_parameters"]
+    config["rope_theta"] = 20000.0
+
+
+def _scaling_without_theta(config: dict) -> None:
+    config["rope_scaling"] = config.pop("rope_parameters")
+    del config["rope_scaling"]["rope_theta"]
+
+
+def _parameters_without_theta(config: dict) -> None:
+    del config["rope_parameters"]["rope_theta"]
+
+
+@pytest.mark.parametrize("edit", [_theta_only, _scaling_without_theta, _parameters_without_theta])
+def test_partial_rope_settings_take_transformers_defaults(ckpt, tmp_path, edit):
+    """GPT-OSS's YaRN defaults and theta 150000 fill whatever rope keys a config leaves out."""
+    for file in ckpt.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((ckpt / "config.json").read_text())
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = moelab.load_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config.rope.kind == "yarn"
+    assert rel_err(model(IDS), load_reference(tmp_path)(IDS).logits) <= 1e-5
+
+
 def test_bf16_save_loads_in_transformers(ckpt, tmp_path):
     model = moelab.load_pretrained(ckpt)
     moelab.save_pretrained(model, tmp_path / "saved")

@@ -127,7 +127,7 @@ class Config:
             moe_intermediate_size=d["intermediate_size"],
             num_experts=num_experts,
             top_k=d["num_experts_per_tok"],
-            rope=rope_config(_with_default_rope(d), head_dim),
+            rope=_rope(d, head_dim),
             layer_types=layer_types,
             sliding_window=d.get("sliding_window") or 128,
             rms_norm_eps=d.get("rms_norm_eps", 1e-5),
@@ -169,10 +169,13 @@ class Config:
         return out
 
 
-# The released rope settings, which Transformers' GptOssConfig also applies when none are given.
+# The released rope settings, which Transformers' GptOssConfig also applies when neither
+# rope_parameters nor rope_scaling is given (a bare rope_theta keeps YaRN and sets its theta);
+# a theta given nowhere is GPT-OSS's own default, not the usual 10000.
+DEFAULT_THETA = 150000.0
 DEFAULT_ROPE = {
     "rope_type": "yarn",
-    "rope_theta": 150000.0,
+    "rope_theta": DEFAULT_THETA,
     "factor": 32.0,
     "beta_fast": 32.0,
     "beta_slow": 1.0,
@@ -181,10 +184,11 @@ DEFAULT_ROPE = {
 }
 
 
-def _with_default_rope(d: dict) -> dict:
-    if any(d.get(k) is not None for k in ("rope_parameters", "rope_scaling", "rope_theta")):
-        return d
-    return {**d, "rope_parameters": DEFAULT_ROPE}
+def _rope(d: dict, head_dim: int) -> RopeConfig:
+    if d.get("rope_parameters") is None and d.get("rope_scaling") is None:
+        theta = d["rope_theta"] if d.get("rope_theta") is not None else DEFAULT_THETA
+        d = {**d, "rope_parameters": {**DEFAULT_ROPE, "rope_theta": theta}}
+    return rope_config(d, head_dim, default_theta=DEFAULT_THETA)
 
 
 def init_params(
