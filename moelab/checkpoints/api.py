@@ -18,6 +18,7 @@ from moelab.checkpoints.safetensors_io import CheckpointError, checkpoint_entrie
 from moelab.models import gpt_oss, qwen3_moe, tree
 from moelab.models.model import Model
 from moelab.models.options import ForwardOptions
+from moelab.ops.lora import is_adapter
 
 log = logging.getLogger("moelab")
 
@@ -122,7 +123,18 @@ def save_pretrained(
                 f"{model.config.model_type} (layouts: {getattr(names, 'LAYOUTS', ())})"
             )
         layout = experts_format
+    adapters = [tree.dotted(p) for p, _ in tree.leaves(model.params) if is_adapter(p)]
+    if adapters:
+        raise ValueError(
+            f"the model carries LoRA adapters ({adapters[0]}, ...), which the hub layout has no "
+            "place for: save them with moelab.train.lora.save_adapter, or fold them into the "
+            "weights first (moelab.train.lora.merged)"
+        )
     targets = names.targets(model.config, model.params, layout)
+    stored = {t.path for t in targets.values()}
+    unmapped = [tree.dotted(p) for p, _ in tree.leaves(model.params) if p not in stored]
+    if unmapped:
+        raise ValueError(f"no hub name for params {unmapped[:4]}: nothing was written")
     dtypes = {t.dtype for _, t in tree.leaves(model.params)}
     config = model.config.to_hf()
     if len(dtypes) == 1:

@@ -74,14 +74,16 @@ def save_layout(cfg: Config) -> str:
 
 
 def targets(cfg: Config, params: dict, layout: str) -> dict[str, Target]:
-    """Every hub tensor name of this config and layout -> where it lives in ``params``."""
+    """Every hub tensor name of this config and layout -> where it lives in ``params`` (a
+    param with no hub name is left out: ``save_pretrained`` refuses it)."""
     if layout not in LAYOUTS:
         raise ValueError(f"GPT-OSS expert layout must be one of {LAYOUTS}, got {layout!r}")
     out = {}
     for path, _ in tree.leaves(params):
         if path[0] != "layers":
-            out[GLOBAL_NAMES[path]] = Target(path)
-        elif path[2:4] != ("mlp", "experts"):
+            if path in GLOBAL_NAMES:
+                out[GLOBAL_NAMES[path]] = Target(path)
+        elif path[2:4] != ("mlp", "experts") and path[2:] in LAYER_NAMES:
             out[f"model.layers.{path[1]}.{LAYER_NAMES[path[2:]]}"] = Target(path)
     for layer in range(len(params["layers"])):
         base = ("layers", layer, "mlp", "experts")

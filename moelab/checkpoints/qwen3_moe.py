@@ -65,18 +65,23 @@ def save_layout(cfg: Config) -> str:
 
 
 def targets(cfg: Config, params: dict, layout: str) -> dict[str, Target]:
-    """Every hub tensor name of this config and layout -> where it lives in ``params``."""
+    """Every hub tensor name of this config and layout -> where it lives in ``params`` (a
+    param with no hub name is left out: ``save_pretrained`` refuses it)."""
     prefix, inter = _prefix(cfg), cfg.moe_intermediate_size
     out = {}
     for path, _ in tree.leaves(params):
+        if path[0] == "lm_head":
+            out["lm_head.weight"] = Target(path)
+            continue
         if path[0] != "layers":
-            name = "lm_head.weight" if path[0] == "lm_head" else prefix + GLOBAL_NAMES[path]
-            out[name] = Target(path)
+            if path in GLOBAL_NAMES:
+                out[prefix + GLOBAL_NAMES[path]] = Target(path)
             continue
         layer, rest = path[1], path[2:]
         at = f"{prefix}layers.{layer}."
         if rest[:2] != ("mlp", "experts"):
-            out[at + LAYER_NAMES[rest]] = Target(path)
+            if rest in LAYER_NAMES:
+                out[at + LAYER_NAMES[rest]] = Target(path)
         elif layout != "per_expert":
             out[at + FUSED_NAMES[rest[2]]] = Target(path, transposed=layout == "fused_official")
         elif rest[2] == "gate_up":
@@ -87,7 +92,7 @@ def targets(cfg: Config, params: dict, layout: str) -> dict[str, Target]:
                 out[at + PER_EXPERT.format(e=e, proj="up_proj")] = Target(
                     path, (e, slice(inter, 2 * inter))
                 )
-        else:
+        elif rest[2] == "down":
             for e in range(cfg.num_experts):
                 out[at + PER_EXPERT.format(e=e, proj="down_proj")] = Target(path, (e,))
     return out

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moelab.files import fsync_folder
+from moelab.files import UMASK, fsync_folder
 
 DTYPES = {
     "F64": torch.float64,
@@ -143,12 +143,19 @@ def write_checkpoint(
     """Write ``config.json`` and the tensors (sharded past ``max_shard_bytes``) atomically.
 
     Everything goes to a temporary sibling folder first; only a complete checkpoint replaces
-    ``path``, by rename, so a failure leaves any checkpoint already there untouched.
+    ``path``, by rename, so a failure leaves any checkpoint already there untouched. The other
+    files of a folder already at ``path`` (tokenizer, generation config, ...) are copied into
+    the new one: only ``config.json`` and the safetensors weights are replaced.
     """
     target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file, not a folder: nothing was written")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it 0700; the folder is the checkpoint
+        if target.exists():
+            _copy_kept_files(target, tmp)
         # each shard is written as soon as it is full, so at most one shard is held on the CPU
         shard_maps: list[dict[str, int]] = []
         current: dict[str, torch.Tensor] = {}
@@ -177,6 +184,20 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replaced_by_a_save(name: str) -> bool:
+    return name == "config.json" or name.endswith((".safetensors", INDEX_FILE))
+
+
+def _copy_kept_files(old: Path, new: Path) -> None:
+    for entry in old.iterdir():
+        if _replaced_by_a_save(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def _write_shard(folder: Path, tensors: dict, shard_maps: list[dict[str, int]]) -> None:

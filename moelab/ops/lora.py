@@ -11,6 +11,15 @@ from typing import NamedTuple
 
 import torch
 
+# The keys adapters sit under in a params tree: a linear's "lora_a" and "lora_b", an experts
+# dict's "lora" subtree.
+ADAPTER_KEYS = ("lora", "lora_a", "lora_b")
+
+
+def is_adapter(path: tuple) -> bool:
+    """Whether a params path leads to a LoRA adapter tensor."""
+    return any(key in ADAPTER_KEYS for key in path)
+
 
 class ExpertLoRA(NamedTuple):
     """LoRA adapters for both expert projections.

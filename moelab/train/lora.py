@@ -34,7 +34,7 @@ from moelab.checkpoints.safetensors_io import (
     replace_folder,
 )
 from moelab.models import tree
-from moelab.ops.lora import expert_lora_from_params
+from moelab.ops.lora import ADAPTER_KEYS, expert_lora_from_params, is_adapter
 from moelab.train.config import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -98,7 +98,7 @@ def trainable_predicate(cfg: LoraConfig) -> Callable[[tree.Path], bool]:
     train_router = "router" in cfg.targets
 
     def predicate(path: tree.Path) -> bool:
-        if "lora" in path or path[-1] in ("lora_a", "lora_b"):
+        if is_adapter(path):
             return True
         return train_router and path[-3:-1] == ("mlp", "router")
 
@@ -113,7 +113,7 @@ def merged(params: dict, scale: float) -> dict:
             return [walk(v) for v in node]
         if not isinstance(node, dict):
             return node.detach().clone()
-        out = {k: walk(v) for k, v in node.items() if k not in ("lora_a", "lora_b", "lora")}
+        out = {k: walk(v) for k, v in node.items() if k not in ADAPTER_KEYS}
         if "lora_a" in node:
             delta = scale * node["lora_b"].float() @ node["lora_a"].float()
             out["weight"] = (node["weight"].float() + delta).to(node["weight"].dtype)
