@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from hf_fixtures import save_qwen3
 
 import moelab
@@ -51,6 +52,31 @@ def test_unexpected_and_wrong_shape_reported_together(ckpt):
     assert "q_norm.weight: stored [16], expected [32]" in message
 
 
+def test_fp8_tensors_are_refused_whole(ckpt):
+    def edit(t):
+        for name in [n for n in t if ".experts." in n]:
+            t[name] = t[name].to(torch.float8_e4m3fn)
+
+    _rewrite(ckpt, edit)
+    with pytest.raises(moelab.CheckpointError, match=r"\d+ tensors are stored as FP8 \(e\.g\. "):
+        moelab.load_pretrained(ckpt)
+
+
+def test_non_float_tensors_are_listed_before_any_is_read(ckpt):
+    def edit(t):
+        t["model.norm.weight"] = t["model.norm.weight"].to(torch.int32)
+        t["model.layers.1.self_attn.k_norm.weight"] = torch.ones_like(
+            t["model.layers.1.self_attn.k_norm.weight"], dtype=torch.uint8
+        )
+
+    _rewrite(ckpt, edit)
+    with pytest.raises(moelab.CheckpointError, match="2 wrong dtype: ") as info:
+        moelab.load_pretrained(ckpt)
+    message = str(info.value)
+    assert "model.norm.weight: stored int32, expected bf16, fp16 or fp32" in message
+    assert "k_norm.weight: stored uint8" in message
+
+
 def test_truncated_file(ckpt):
     file = ckpt / "model.safetensors"
     size = file.stat().st_size
@@ -87,6 +113,10 @@ def test_missing_shard(tmp_path):
             "unsupported rope type 'dynamic'",
         ),
         (lambda c: c.update(dtype="float13"), "unknown dtype"),
+        (
+            lambda c: c.update(quantization_config={"quant_method": "fp8"}),
+            "quant_method='fp8' is not supported for qwen3_moe",
+        ),
     ],
 )
 def test_bad_config(ckpt, edit, message):

@@ -171,6 +171,17 @@ def test_mxfp4_checkpoint_dequantises_exactly(mxfp4_ckpt, ckpt):
     assert rel_err(model(IDS), hf(IDS).logits) <= 1e-5
 
 
+@pytest.mark.parametrize("suffix, dtype", [("_scales", torch.float32), ("_blocks", torch.bfloat16)])
+def test_mxfp4_blocks_and_scales_must_be_uint8(mxfp4_ckpt, tmp_path, suffix, dtype):
+    tensors = load_file(mxfp4_ckpt / "model.safetensors")
+    name = f"model.layers.1.mlp.experts.down_proj{suffix}"
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_bytes((mxfp4_ckpt / "config.json").read_bytes())
+    with pytest.raises(moelab.CheckpointError, match=f"1 wrong dtype: {name}: stored .*uint8"):
+        moelab.load_pretrained(tmp_path)
+
+
 def test_mxfp4_resave_gives_back_the_same_experts(mxfp4_ckpt, tmp_path):
     model = moelab.load_pretrained(mxfp4_ckpt, dtype=torch.float32)
     moelab.save_pretrained(model, tmp_path / "again", experts_format="mxfp4")

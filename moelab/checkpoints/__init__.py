@@ -1,4 +1,4 @@
-"""safetensors read/write, per-family name maps, FP8-block and MXFP4 dequantisation."""
+"""safetensors read/write, per-family name maps, MXFP4 (de)quantisation (FP8 is refused)."""
 
 from moelab.checkpoints.api import load_pretrained, read_config, save_pretrained
 from moelab.checkpoints.safetensors_io import CheckpointError

@@ -47,7 +47,14 @@ def read_config(path: str | os.PathLike) -> qwen3_moe.Config | gpt_oss.Config:
         raise CheckpointError(f"{file} does not exist") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file} is not valid JSON ({e})") from e
-    model, _ = _family(raw.get("model_type"))
+    model, names = _family(raw.get("model_type"))
+    quant = raw.get("quantization_config")
+    if quant is not None and quant.get("quant_method") not in names.QUANT_METHODS:
+        raise CheckpointError(
+            f"{file}: quantization_config.quant_method={quant.get('quant_method')!r} is not "
+            f"supported for {raw['model_type']} (supported: {names.QUANT_METHODS or 'none'}); "
+            "dequantise the checkpoint to bf16 first"
+        )
     try:
         return model.Config.from_hf(raw)
     except ValueError as e:

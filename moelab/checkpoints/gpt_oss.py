@@ -40,6 +40,7 @@ MXFP4_CONFIG = {
         "lm_head",
     ],
 }
+QUANT_METHODS = ("mxfp4",)  # quantization_config.quant_method values loaded
 ADAPTER_LAYOUT = "bf16"  # unquantised v5 names, as PEFT sees the model
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 

@@ -67,8 +67,6 @@ class Target:
             for i in range(out.shape[0]):
                 out[i] = mxfp4.dequantize(value[i], scales[i], dtype)
             value = out
-        elif not value.is_floating_point():
-            raise CheckpointError(f"{name}: stored as {value.dtype}, expected a float tensor")
         if self.transposed:
             value = value.transpose(-1, -2)
         if self.interleaved_dim is not None:
@@ -97,10 +95,21 @@ def check_entries(
     meta_params: dict,
     ignored: Callable[[str], bool],
 ) -> None:
-    """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor."""
-    expected = {}
+    """Raise one CheckpointError listing every missing, unexpected, mis-shaped or mis-typed
+    tensor."""
+    fp8 = sorted(
+        n for n, e in entries.items() if e.dtype.is_floating_point and e.dtype.itemsize == 1
+    )
+    if fp8:  # one message, not one line per tensor: the whole checkpoint is in a format we lack
+        raise CheckpointError(
+            f"{len(fp8)} tensors are stored as FP8 (e.g. {fp8[0]}): moelab does not read FP8 "
+            "checkpoints (their block scales); dequantise them to bf16 first"
+        )
+    expected, quantized = {}, set()
     for name, target in targets.items():
         expected.update(target.stored_shapes(name, meta_params))
+        if target.mxfp4_scales is not None:
+            quantized.update((name, target.mxfp4_scales))
     missing = sorted(n for n in expected if n not in entries)
     unexpected = sorted(n for n in entries if n not in expected and not ignored(n))
     mismatched = sorted(
@@ -108,11 +117,19 @@ def check_entries(
         for n, shape in expected.items()
         if n in entries and tuple(entries[n].shape) != shape
     )
+    mistyped = sorted(
+        f"{n}: stored {str(entries[n].dtype).removeprefix('torch.')}, expected {wanted}"
+        for n in expected
+        if n in entries
+        for wanted in [_expected_dtype(n in quantized, entries[n].dtype)]
+        if wanted is not None
+    )
     problems = []
     for label, items in (
         ("missing", missing),
         ("unexpected", unexpected),
         ("wrong shape", mismatched),
+        ("wrong dtype", mistyped),
     ):
         if items:
             shown = "; ".join(items[:20]) + (
@@ -121,6 +138,16 @@ def check_entries(
             problems.append(f"{len(items)} {label}: {shown}")
     if problems:
         raise CheckpointError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+
+
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _expected_dtype(quantized: bool, stored: torch.dtype) -> str | None:
+    """What a tensor should be stored as where ``stored`` is wrong, else None."""
+    if quantized:
+        return None if stored == torch.uint8 else "uint8 (MXFP4 blocks and scales)"
+    return None if stored in _FLOATS else "bf16, fp16 or fp32"
 
 
 def load_into(

@@ -37,6 +37,7 @@ FUSED_NAMES = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_
 PER_EXPERT = "mlp.experts.{e}.{proj}.weight"
 
 LAYOUTS = ("per_expert", "fused", "fused_official")
+QUANT_METHODS: tuple[str, ...] = ()  # no quantised checkpoint is read
 ADAPTER_LAYOUT = "fused"  # unquantised v5 names, as PEFT sees the model
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
