@@ -159,6 +159,41 @@ def test_vl_round_trip_keeps_orientation(tmp_path):
     assert rel_err(moelab.load_pretrained(out)(IDS), model(IDS)) == 0.0
 
 
+@pytest.mark.parametrize("layout", ["fused_official", "fused"])
+def test_vl_saves_in_every_layout_and_loads_back_in_moelab_and_transformers(tmp_path, layout):
+    hf = qwen3_vl_model()
+    hf.save_pretrained(tmp_path / "vl")
+    model = moelab.load_pretrained(tmp_path / "vl", dtype=torch.bfloat16)
+    out = tmp_path / layout
+    moelab.save_pretrained(model, out, experts_format=layout)
+    config = json.loads((out / "config.json").read_text())
+    text = config["text_config"]
+    assert config["torch_dtype"] == text["torch_dtype"] == "bfloat16"  # the tensors' dtype
+    assert "dtype" not in config and "dtype" not in text
+    rope = hf.config.text_config.rope_parameters
+    for key in ("mrope_section", "mrope_interleaved"):
+        assert text["rope_parameters"][key] == rope[key]
+    again = moelab.load_pretrained(out)
+    for (path, a), (_, b) in zip(tree.leaves(model.params), tree.leaves(again.params)):
+        assert torch.equal(a, b), tree.dotted(path)
+    ref = load_reference(out, torch.float32, "Qwen3VLMoeForConditionalGeneration")
+    ours = moelab.load_pretrained(out, dtype=torch.float32)
+    assert rel_err(ours(IDS), ref(input_ids=IDS).logits) <= 1e-5
+
+
+def test_layouts_transformers_cannot_read_are_not_offered(tmp_path, main_ckpt):
+    vl = tmp_path / "vl"
+    qwen3_vl_model().save_pretrained(vl)
+    with pytest.raises(ValueError, match="'per_expert' is not available for qwen3_vl_moe"):
+        moelab.save_pretrained(
+            moelab.load_pretrained(vl), tmp_path / "x", experts_format="per_expert"
+        )
+    with pytest.raises(ValueError, match="'fused_official' is not available for qwen3_moe"):
+        model = moelab.load_pretrained(main_ckpt)
+        moelab.save_pretrained(model, tmp_path / "x", experts_format="fused_official")
+    assert not (tmp_path / "x").exists()
+
+
 def test_save_is_atomic_and_keeps_the_old_checkpoint(tmp_path, main_ckpt):
     model = moelab.load_pretrained(main_ckpt)
     out = tmp_path / "saved"

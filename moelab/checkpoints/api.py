@@ -124,10 +124,10 @@ def save_pretrained(
     _, names = _family(model.config.model_type)
     layout = names.save_layout(model.config)
     if experts_format is not None:
-        if experts_format not in getattr(names, "LAYOUTS", ()):
+        if experts_format not in names.save_layouts(model.config):
             raise ValueError(
                 f"experts_format={experts_format!r} is not available for "
-                f"{model.config.model_type} (layouts: {getattr(names, 'LAYOUTS', ())})"
+                f"{model.config.model_type} (layouts: {names.save_layouts(model.config)})"
             )
         layout = experts_format
     adapters = [tree.dotted(p) for p, _ in tree.leaves(model.params) if is_adapter(p)]
@@ -144,8 +144,12 @@ def save_pretrained(
         raise ValueError(f"no hub name for params {unmapped[:4]}: nothing was written")
     dtypes = {t.dtype for _, t in tree.leaves(model.params)}
     config = model.config.to_hf()
-    if len(dtypes) == 1:
-        config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    if len(dtypes) == 1:  # the tensors' dtype, at every level a loader reads one from
+        for level in (config, config.get("text_config")):
+            if level is not None:
+                level.pop("dtype", None)
+                level["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
+    config.update(names.provenance(layout))
     if layout == "mxfp4":
         config["quantization_config"] = dict(names.MXFP4_CONFIG)
     write_checkpoint(path, mapping.saved_tensors(model.params, targets), config, max_shard_bytes)

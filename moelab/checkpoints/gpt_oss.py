@@ -70,6 +70,14 @@ def expert_layout(cfg: Config, names: set[str]) -> str:
     return "mxfp4" if any(n.endswith("gate_up_proj_blocks") for n in names) else "bf16"
 
 
+def save_layouts(cfg: Config) -> tuple[str, ...]:
+    return LAYOUTS
+
+
+def provenance(layout: str) -> dict:
+    return {}
+
+
 def save_layout(cfg: Config) -> str:
     return "bf16"
 

@@ -56,6 +56,20 @@ def expert_layout(cfg: Config, names: set[str]) -> str:
     return "fused" if int(version.split(".")[0]) >= 5 else "fused_official"
 
 
+def save_layouts(cfg: Config) -> tuple[str, ...]:
+    """The layouts ``save_pretrained`` can write, those Transformers reads for the model type:
+    Qwen3-VL's experts are fused (either orientation), Qwen3-MoE's per expert or fused."""
+    return ("fused", "fused_official") if cfg.model_type == "qwen3_vl_moe" else LAYOUTS[:2]
+
+
+def provenance(layout: str) -> dict:
+    """``config.json`` keys that let ``expert_layout`` read a saved Qwen3-VL layout back: the
+    fused orientation is told by the writer's Transformers major version, v5 transposing."""
+    if layout == "fused_official":
+        return {"transformers_version": "4.57.0"}
+    return {"transformers_version": "5.0.0"} if layout == "fused" else {}
+
+
 def save_layout(cfg: Config) -> str:
     """The hub layout: per-expert, except Qwen3-VL-MoE (fused, orientation by provenance)."""
     return (

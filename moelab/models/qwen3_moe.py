@@ -187,7 +187,15 @@ def _merged(source: dict, ours: dict) -> dict:
         for k, v in source.items()
         if k not in VERSIONED_KEYS and k not in ("num_local_experts",)
     }
-    return {**kept, **ours}
+    out = {**kept, **ours}
+    # rope keys moelab does not model (Qwen3-VL's mrope_section and mrope_interleaved, plain
+    # RoPE for text) stay in the rope dicts written back, where Transformers reads them
+    source_rope = {**(source.get("rope_scaling") or {}), **(source.get("rope_parameters") or {})}
+    for key in ("rope_parameters", "rope_scaling"):
+        if out.get(key) is not None:
+            extra = {k: v for k, v in source_rope.items() if k not in out[key] and k != "type"}
+            out[key] = {**out[key], **extra}
+    return out
 
 
 def init_params(
