@@ -113,6 +113,12 @@ def test_missing_shard(tmp_path):
             "unsupported rope type 'dynamic'",
         ),
         (lambda c: c.update(dtype="float13"), "unknown dtype"),
+        (lambda c: c.update(decoder_sparse_step=0), "decoder_sparse_step must be >= 1"),
+        (lambda c: c.update(rms_norm_eps=-1.0), "rms_norm_eps=-1.0 must be > 0"),
+        (lambda c: c.update(num_key_value_heads=3), "4 attention heads do not group into 3 kv"),
+        (lambda c: c.update(num_experts_per_tok=9), "top-k 9 exceeds the 8 experts"),
+        (lambda c: c.update(hidden_size="64"), "hidden_size='64' must be an integer >= 1"),
+        (lambda c: c.update(moe_intermediate_size=0), "moe_intermediate_size=0 must be an"),
         (
             lambda c: c.update(quantization_config={"quant_method": "fp8"}),
             "quant_method='fp8' is not supported for qwen3_moe",

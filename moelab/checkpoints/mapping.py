@@ -9,7 +9,6 @@ are reported together) and saving.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,8 +17,6 @@ import torch
 from moelab.checkpoints import mxfp4
 from moelab.checkpoints.safetensors_io import CheckpointError, TensorEntry, read_tensor
 from moelab.models import tree
-
-log = logging.getLogger("moelab")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 from moelab.models import decoder
 from moelab.models.hf_config import (
     VERSIONED_KEYS,
+    check_sizes,
     config_dtype,
     first_key,
     require,
@@ -117,7 +118,7 @@ class Config:
             raise ValueError(f"layer_types must list {layers} of {LAYER_TYPES}, got {layer_types}")
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        return cls(
+        cfg = cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             num_layers=layers,
@@ -136,6 +137,7 @@ class Config:
             dtype=config_dtype(d),
             hf=d,
         )
+        return check_sizes(cfg)
 
     def to_hf(self) -> dict:
         kept = {

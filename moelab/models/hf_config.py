@@ -18,6 +18,25 @@ def require(d: dict, *keys: str, where: str = "config.json") -> None:
         raise ValueError(f"{where} lacks required keys: {', '.join(missing)}")
 
 
+def check_sizes(cfg: Any) -> Any:
+    """``cfg`` (a family's Config) if its sizes can make a model, else a ValueError naming the
+    first that cannot: a size that is not an int >= 1, top-k outside the experts, heads not
+    grouping into kv heads, a norm epsilon that is not positive."""
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "moe_intermediate_size", "num_experts", "top_k"):  # fmt: skip
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} must be an integer >= 1")
+    if cfg.top_k > cfg.num_experts:
+        raise ValueError(f"top-k {cfg.top_k} exceeds the {cfg.num_experts} experts")
+    if cfg.num_heads % cfg.num_kv_heads:
+        heads, kv = cfg.num_heads, cfg.num_kv_heads
+        raise ValueError(f"{heads} attention heads do not group into {kv} kv heads")
+    if not cfg.rms_norm_eps > 0:
+        raise ValueError(f"rms_norm_eps={cfg.rms_norm_eps} must be > 0")
+    return cfg
+
+
 def first_key(d: dict, *names: str, default: Any = None) -> Any:
     """The value of the first of ``names`` present in ``d`` (aliases across versions)."""
     for name in names:

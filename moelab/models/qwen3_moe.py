@@ -22,6 +22,7 @@ import torch
 from moelab.models import decoder
 from moelab.models.hf_config import (
     VERSIONED_KEYS,
+    check_sizes,
     config_dtype,
     first_key,
     require,
@@ -120,7 +121,9 @@ class Config:
             raise ValueError("Qwen3-MoE with use_sliding_window=true is not supported")
         heads = text["num_attention_heads"]
         head_dim = text.get("head_dim") or text["hidden_size"] // heads
-        return cls(
+        if text.get("decoder_sparse_step", 1) < 1:
+            raise ValueError("decoder_sparse_step must be >= 1 (1: every layer is MoE)")
+        cfg = cls(
             vocab_size=text["vocab_size"],
             hidden_size=text["hidden_size"],
             num_layers=text["num_hidden_layers"],
@@ -144,6 +147,7 @@ class Config:
             dtype=config_dtype(text) or config_dtype(d),
             hf=d,
         )
+        return check_sizes(cfg)
 
     def to_hf(self) -> dict:
         """A ``config.json`` dict in the hub spelling, keeping the source's other keys."""
