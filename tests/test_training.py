@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 import moelab
 from moelab.models.options import ForwardOptions
 from moelab.train import config as config_mod
+from moelab.train import data as data_mod
 from moelab.train import lora as lora_mod
 from moelab.train import setup, state
 from moelab.train.config import RunConfig
@@ -270,6 +271,30 @@ def test_fine_tune_a_checkpoint_on_jsonl_with_its_tokenizer(tmp_path):
     summary = run_training(cfg, tmp_path / "run")
     assert summary["mode"].startswith("LoRA r=8")
     assert (state.find(tmp_path / "run") / "adapter" / "adapter_config.json").exists()
+
+
+def test_one_text_file_is_split_into_train_and_held_out_text(tmp_path):
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(600)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    summary = run_training(
+        run_config(
+            SMOKE
+            + ["data=files", f"data.path={corpus}", "data.tokenizer=byte", "data.seq_len=64"]
+            + ["data.eval_fraction=0.1"]
+        ),
+        tmp_path / "run",
+    )
+    assert summary["steps"] == 6
+    head, tail = data_mod.split_documents(data_mod.file_documents(corpus), 0.1)
+    assert head[0][1] + tail[0][1] == corpus.read_text()  # nothing lost, nothing shared
+    assert tail[0][1].startswith("line ") and len(tail[0][1]) < len(head[0][1]) / 5
+
+
+def test_a_source_without_text_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no documents"):
+        data_mod.split_documents(data_mod.file_documents(tmp_path / "empty"), 0.1)
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -95,7 +95,15 @@ def file_documents(path: str | Path, text_field: str = "text") -> list[tuple[str
 def split_documents(
     docs: list[tuple[str, str]], eval_fraction: float
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Train and held-out documents, chosen by a hash of each name."""
+    """Train and held-out documents, chosen by a hash of each name; a lone document (one text
+    file) is split instead, its last ``eval_fraction`` held out from a line boundary on."""
+    if not docs:
+        raise ValueError("the data source holds no documents")
+    if len(docs) == 1:
+        name, text = docs[0]
+        at = int(len(text) * (1.0 - eval_fraction))
+        cut = text.rfind("\n", 0, at) + 1 or at
+        return [(f"{name} (head)", text[:cut])], [(f"{name} (tail)", text[cut:])]
     bucket = int(eval_fraction * 10_000)
     train, held_out = [], []
     for doc in docs:
@@ -123,6 +131,8 @@ def pack(
 ) -> Packed:
     ids = [tokenizer.encode(text) for _, text in docs]
     ids = [a for a in ids if len(a)]
+    if not ids:
+        raise ValueError(f"the {len(docs)} documents hold no text")
     tokens = np.concatenate(ids)
     doc_ids = np.repeat(np.arange(len(ids)), [len(a) for a in ids])
     width = seq_len + 1
