@@ -80,6 +80,35 @@ def test_few_steps_in_process(tmp_path, caplog):
     assert model.config.vocab_size == 256
 
 
+def test_logged_rates_are_the_steps_own(tmp_path, monkeypatch):
+    """lr is the rate the step trained at; tokens are whole rows (767 tokens fit 5 rows of 128);
+    evaluation and checkpoints take no time from the steps; the summary is tokens over time."""
+    from moelab.train import trainer as trainer_mod
+
+    offset = [0.0]  # evaluation and saving each take "100 s" on a clock the trainer reads
+    real = trainer_mod.time.perf_counter
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: real() + offset[0])
+    for module, name in ((trainer_mod, "evaluate"), (state, "save")):
+        slow = getattr(module, name)
+
+        def wrapped(*args, _slow=slow, **kwargs):
+            offset[0] += 100.0
+            return _slow(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+    cfg = SMOKE + ["data.seq_len=128", "trainer.micro_batch_tokens=767", "trainer.grad_accum=2"]
+    summary = run_training(run_config(cfg), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "lr" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for r in steps:  # warmup 20 steps from 3e-3: step n trains at 3e-3 * n / 20
+        assert r["lr"] == pytest.approx(3e-3 * r["step"] / 20)
+        assert r["tokens_per_s"] * r["step_ms"] / 1e3 == pytest.approx(5 * 128 * 2)
+        assert r["step_ms"] < 50_000  # no evaluation or checkpoint inside
+    total_s = sum(r["step_ms"] for r in steps) / 1e3
+    assert summary["tokens_per_s"] == pytest.approx(6 * 5 * 128 * 2 / total_s)
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny_gpt_oss"])
 @pytest.mark.parametrize(
     "lora",

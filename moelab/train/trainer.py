@@ -9,11 +9,13 @@ in place between replays, and evaluation and checkpoints run eagerly as before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -252,39 +254,47 @@ def _loop(run: _Run, start: int) -> dict:
     optimizer, schedule, tracker = run.optimizer, run.schedule, run.tracker
     eval_opts = run.eval_opts
     t = cfg.trainer
-    tokens_per_step = t.micro_batch_tokens * t.grad_accum
+    # the tokens a step trains on: whole rows of seq_len, as many as fit the micro-batch
+    tokens_per_step = data.train.batch_size * cfg.data.seq_len * t.grad_accum
     window = _Window(device)
     step_fn = functools.partial(_train_step, run, window)
     train_step = CapturedStep(step_fn) if t.cuda_graph else step_fn
     eval_loss, postfix = None, {}
     if start == 0:  # the untrained baseline, so the eval curve starts where training does
-        tracker.log({"eval_loss": evaluate(model, data.eval, eval_opts, cfg, device)}, 0)
+        with window.not_timed():
+            tracker.log({"eval_loss": evaluate(model, data.eval, eval_opts, cfg, device)}, 0)
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     for step in range(start, t.steps):
+        lr = float(schedule.get_last_lr()[0])  # the rate this step trains at
         train_step(_stack([data.train.next() for _ in range(t.grad_accum)]).to(device))
         schedule.step()
         window.end_step(t.grad_accum)
         done = step + 1
         if done % t.log_interval == 0 or done == t.steps:
-            record = window.flush(tokens_per_step, float(schedule.get_last_lr()[0]))
+            record = window.flush(tokens_per_step, lr)
             tracker.log(record, done)
             postfix.update(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.set_postfix(postfix)
         if done % t.eval_interval == 0 or done == t.steps:
-            eval_loss = evaluate(model, data.eval, eval_opts, cfg, device)
+            with window.not_timed():
+                eval_loss = evaluate(model, data.eval, eval_opts, cfg, device)
             tracker.log({"eval_loss": eval_loss}, done)
             postfix["eval"] = f"{eval_loss:.3f}"
             bar.set_postfix(postfix)
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
-            resume_state = _resume_state(optimizer, schedule, data, run.masters, cfg.lora)
-            state.save(run.run_dir, done, model, cfg.lora, run.names, resume_state, run.base_model)
+            with window.not_timed():
+                resume_state = _resume_state(optimizer, schedule, data, run.masters, cfg.lora)
+                # fmt: off
+                state.save(run.run_dir, done, model, cfg.lora, run.names, resume_state,
+                           run.base_model)
+                # fmt: on
         bar.update(1)
     bar.close()
     return {
         "final_loss": window.last_loss,
         "eval_loss": eval_loss,
         "steps": t.steps,
-        "tokens_per_s": window.mean_tokens_per_s(),
+        "tokens_per_s": window.overall_tokens_per_s(),
         "peak_mem_mib": window.peak_mib(),
     }
 
@@ -344,7 +354,7 @@ class _Window:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.rates: list[float] = []
+        self.total_tokens, self.total_seconds = 0, 0.0
         self.last_loss = None
         z = torch.zeros((), device=device)
         self.loss, self.ce, self.count, self.grad_norm = z.clone(), z.clone(), z.clone(), z.clone()
@@ -354,7 +364,23 @@ class _Window:
 
     def _restart(self) -> None:
         self.micro, self.steps = 0, 0
-        self.t0 = time.perf_counter()
+        self.t0, self.untimed = time.perf_counter(), 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def not_timed(self) -> Iterator[None]:
+        """Work inside (evaluation, checkpoints) does not count toward the steps' time; the
+        steps queued before it are waited for first, so their time does."""
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.untimed += time.perf_counter() - start
 
     def add(
         self,
@@ -382,12 +408,13 @@ class _Window:
         self.steps += 1
 
     def flush(self, tokens_per_step: int, lr: float) -> dict:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - self.t0
+        """The window's record: means over its steps, ``lr`` the rate its last step used."""
+        self._sync()
+        seconds = time.perf_counter() - self.t0 - self.untimed
         steps = max(1, self.steps)
         rate = tokens_per_step * steps / seconds
-        self.rates.append(rate)
+        self.total_tokens += tokens_per_step * steps
+        self.total_seconds += seconds
         self.last_loss = (self.ce / self.count.clamp_min(1)).item()
         record = {
             "loss": self.last_loss,
@@ -415,5 +442,6 @@ class _Window:
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**20
 
-    def mean_tokens_per_s(self) -> float | None:
-        return sum(self.rates) / len(self.rates) if self.rates else None
+    def overall_tokens_per_s(self) -> float | None:
+        """All the steps' tokens over all their time (not a mean of the windows' rates)."""
+        return self.total_tokens / self.total_seconds if self.total_seconds else None
