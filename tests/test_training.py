@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -385,6 +386,29 @@ def test_bad_values_stop_before_any_work(tmp_path, overrides, message):
     assert out.returncode != 0
     assert message in out.stderr + out.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lora.rank=4", "lora.alpha=0"], "lora.alpha=0.0 is not valid: expected > 0"),
+        (["trainer.device=cuda:99"], "trainer.device='cuda:99' is not valid: expected"),
+    ],
+)
+def test_values_validate_refuses(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_mod.validate(run_config(overrides))
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [("[router]", "router alone has no adapter"), ("[experts,shared]", r"\['shared'\] has no")],
+)
+def test_lora_targets_the_model_lacks_stop_before_anything_is_written(tmp_path, targets, message):
+    cfg = run_config(SMOKE + ["lora.rank=4", f"lora.targets={targets}"])
+    with pytest.raises(ValueError, match=message):
+        run_training(cfg, tmp_path)
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_wandb_logger_without_wandb_stops_before_any_work(monkeypatch):

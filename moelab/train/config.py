@@ -141,6 +141,8 @@ def validate(cfg: RunConfig) -> None:
         unknown = [t for t in lora.targets if t not in LORA_TARGETS]
         if unknown or not lora.targets:
             raise bad("lora.targets", list(lora.targets), f"a non-empty subset of {LORA_TARGETS}")
+        if not lora.alpha > 0:
+            raise bad("lora.alpha", lora.alpha, "> 0 (the adapters' scale is alpha / rank)")
         if lora.gate_up not in ("fused", "separate"):
             raise bad("lora.gate_up", lora.gate_up, "'fused' or 'separate'")
         if not 0.0 <= lora.dropout < 1.0:
@@ -182,6 +184,8 @@ def validate(cfg: RunConfig) -> None:
         device = resolve_device(t.device)
     except RuntimeError as e:  # torch's own words for what a device string may be
         raise bad("trainer.device", t.device, f'"auto" or a torch device ({e})') from None
+    if device.type == "cuda" and not _cuda_present(device):
+        raise bad("trainer.device", t.device, '"auto", "cpu" or a CUDA device this machine has')
     if t.cuda_graph and device.type != "cuda":
         raise ValueError(
             f"trainer.cuda_graph=true replays each step from a CUDA graph: it needs a CUDA device, "
@@ -209,6 +213,12 @@ def validate(cfg: RunConfig) -> None:
             f"logger.mode={cfg.logger.mode!r} logs to wandb, which is not installed here: "
             "install it (pip install wandb) or run with logger=disabled"
         )
+
+
+def _cuda_present(device: torch.device) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
 
 
 def resolve_device(name: str) -> torch.device:

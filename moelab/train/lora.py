@@ -60,8 +60,34 @@ def _kaiming_a(rank: int, fan_in: int, like: torch.Tensor, generator, lead=()) -
     return t.uniform_(-bound, bound, generator=generator).to(like.dtype)
 
 
+def present_targets(params: dict) -> set[str]:
+    """The LoRA targets this model has weights for (``router``: its router weights)."""
+    found = set()
+    for path, w in tree.leaves(params):
+        if path[-1] == "weight" and w.dim() == 2 and _kind(path) is not None:
+            found.add(_kind(path))
+        elif path[-1] == "gate_up":
+            found.add("experts")
+        elif path[-3:-1] == ("mlp", "router"):
+            found.add("router")
+    return found
+
+
+def check_targets(params: dict, cfg: LoraConfig) -> None:
+    """Raise, before anything is written, where a target of ``cfg`` matches no weight."""
+    present = present_targets(params)
+    absent = [t for t in cfg.targets if t not in present]
+    if absent or not present & (set(cfg.targets) - {"router"}):
+        raise ValueError(
+            f"lora.targets={list(cfg.targets)}: {absent or 'router alone'} has no adapter "
+            f"weights in this model (its targets: {sorted(present)}; router trains the router "
+            "weight beside adapters, not alone)"
+        )
+
+
 def add_lora(params: dict, cfg: LoraConfig, generator: torch.Generator | None = None) -> int:
     """Add adapters on ``cfg.targets`` in place; returns how many linears or stacks got one."""
+    check_targets(params, cfg)
     r, added = cfg.rank, 0
     for path, w in list(tree.leaves(params)):
         owner = tree.get(params, path[:-1])
@@ -86,8 +112,6 @@ def add_lora(params: dict, cfg: LoraConfig, generator: torch.Generator | None = 
                     lora[f"{half}_b"] = w.new_zeros(e, g // 2, r)
             owner["lora"] = lora
             added += 1
-    if added == 0:
-        raise ValueError(f"lora.targets={list(cfg.targets)} match no weight of this model")
     return added
 
 

@@ -104,6 +104,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     base_model = cfg.model.path
     lora = cfg.lora
     if lora.rank is not None:
+        lora_mod.check_targets(model.params, lora)
         if base_model is None:
             base_model = setup.save_base_model(model, run_dir)
         lora_mod.add_lora(
