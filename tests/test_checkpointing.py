@@ -25,15 +25,18 @@ def test_checkpointed_layers_give_the_same_gradients(model, backend):
 
     def loss_and_grads(checkpoint: bool):
         options = ForwardOptions(backend=backend, checkpoint_layers=checkpoint)
-        h, _ = family.hidden_states(cfg, params, ids, document_ids=docs, options=options)
-        loss, count = chunked_cross_entropy(
-            h[0, :-1], family.lm_head_weight(cfg, params), ids[0, 1:]
-        )
-        return loss / count, torch.autograd.grad(loss / count, leaves, allow_unused=True)
+        h, stats = family.hidden_states(cfg, params, ids, document_ids=docs, options=options)
+        ce, count = chunked_cross_entropy(h[0, :-1], family.lm_head_weight(cfg, params), ids[0, 1:])
+        # the router losses as the trainer adds them (coefficients 1): their gradients reach the
+        # routers through the checkpointed layers' outputs too
+        router_losses = torch.stack([s.aux_loss + s.z_loss for s in stats])
+        assert len(stats) == cfg.num_layers and router_losses.requires_grad
+        loss = ce / count + router_losses.mean()
+        return router_losses, loss, torch.autograd.grad(loss, leaves, allow_unused=True)
 
-    loss, grads = loss_and_grads(False)
-    loss_ckpt, grads_ckpt = loss_and_grads(True)
-    assert torch.equal(loss, loss_ckpt)
+    router_losses, loss, grads = loss_and_grads(False)
+    router_losses_ckpt, loss_ckpt, grads_ckpt = loss_and_grads(True)
+    assert torch.equal(router_losses, router_losses_ckpt) and torch.equal(loss, loss_ckpt)
     assert sum(g is not None for g in grads) >= len(leaves) - 1  # all but an unused tied head
     for g, g_ckpt in zip(grads, grads_ckpt):
         assert (g is None) == (g_ckpt is None)

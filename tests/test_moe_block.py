@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from reference import reference_experts
@@ -120,3 +122,104 @@ def test_block_without_router_stats_computes_the_same_output():
         outs.append(out)
         grads.append(torch.autograd.grad(out.square().sum(), params["router"]["weight"])[0])
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+
+
+def _reference_picks(logits_TE, kind, top_k, n_group=1, topk_group=1, correction_bias=None):
+    """The experts each token is routed to, token by token in plain Python: top-k of the logits
+    (softmax routers: the softmax is monotone), or DeepSeek-V3's group-limited pick on the
+    bias-corrected sigmoid scores (a group scores the sum of its best two experts)."""
+    picks = []
+    for row in logits_TE.tolist():
+        if kind == "sigmoid_group_topk":
+            bias = [0.0] * len(row) if correction_bias is None else correction_bias.tolist()
+            choice = [1 / (1 + math.exp(-v)) + b for v, b in zip(row, bias)]
+            size = len(row) // n_group
+            group = [choice[g * size : (g + 1) * size] for g in range(n_group)]
+            group_score = [sum(sorted(scores)[-2:]) for scores in group]
+            groups = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+            candidates = [e for g in groups for e in range(g * size, (g + 1) * size)]
+        else:
+            choice, candidates = row, range(len(row))
+        picks.append(sorted(candidates, key=lambda e: -choice[e])[:top_k])
+    return picks
+
+
+def _reference_stats(logits_TE, kind, picks, num_experts):
+    """Float64 router stats from their definitions (Switch balance loss in the Qwen/Mixtral form,
+    ST-MoE z-loss, mean token entropy), differentiable through ``logits_TE``."""
+    if kind == "sigmoid_group_topk":
+        scores = 1 / (1 + torch.exp(-logits_TE))
+        probs = scores / scores.sum(dim=-1, keepdim=True)  # sigmoid scores made a distribution
+    else:
+        probs = torch.exp(logits_TE) / torch.exp(logits_TE).sum(dim=-1, keepdim=True)
+    num_tokens = logits_TE.shape[0]
+    # f_e: routed rows of expert e per token, summed over the k slots (balanced scores k)
+    f_E = torch.tensor([sum(e in p for p in picks) for e in range(num_experts)]) / num_tokens
+    aux = num_experts * (f_E.double() * probs.mean(dim=0)).sum()
+    z = torch.log(torch.exp(logits_TE).sum(dim=-1)).square().mean()
+    entropy = -(probs * torch.log(probs)).sum(dim=-1).mean()
+    return aux, z, entropy, f_E * num_tokens
+
+
+ROUTERS = {
+    "softmax_topk": dict(),  # Qwen3-MoE
+    "topk_softmax": dict(),  # GPT-OSS (its router has a bias)
+    "sigmoid_group_topk": dict(n_group=4, topk_group=2, routed_scaling_factor=2.5),  # DeepSeek-V3
+}
+
+
+@pytest.mark.parametrize("kind", list(ROUTERS))
+def test_router_stats_match_float64_definitions(kind):
+    """Balance loss, z-loss, entropy and counts of the block against float64 formulas written
+    here, in value and in gradient with respect to the router weight (and bias)."""
+    e, h, top_k = 8, 16, 2
+    g = torch.Generator().manual_seed(3)
+    params = _params(g, e=e, h=h, dtype=torch.float32)
+    router = params["router"]
+    if kind != "sigmoid_group_topk":
+        del router["correction_bias"]
+    if kind == "topk_softmax":
+        router["bias"] = (torch.randn(e, generator=g) * 0.5).requires_grad_(True)
+    x = torch.randn(2, 7, h, generator=g)
+    cfg = MoEConfig(
+        num_experts=e,
+        top_k=top_k,
+        router=kind,
+        router_options=ROUTERS[kind],
+        backend="native_torch",
+    )
+    _, stats = moe_block(x, params, cfg)
+    # the correction bias only steers the pick: no gradient, checked through the counts
+    router_leaves = [router[name] for name in ("weight", "bias") if name in router]
+
+    router64 = [t.detach().double().requires_grad_(True) for t in router_leaves]
+    logits64 = x.reshape(-1, h).double() @ router64[0].T
+    if kind == "topk_softmax":
+        logits64 = logits64 + router64[1]
+    pick_options = {}
+    if kind == "sigmoid_group_topk":
+        pick_options = dict(
+            n_group=4, topk_group=2, correction_bias=router["correction_bias"].double()
+        )
+    picks = _reference_picks(logits64.detach(), kind, top_k, **pick_options)
+    aux, z, entropy, counts = _reference_stats(logits64, kind, picks, e)
+    if kind != "sigmoid_group_topk":
+        # the reference formula is Transformers' balance loss (Qwen3-MoE's; GPT-OSS's is a copy)
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+        hf_aux = load_balancing_loss_func((logits64.detach(),), e, top_k)
+        torch.testing.assert_close(hf_aux.double(), aux.detach(), rtol=1e-6, atol=0)
+
+    assert torch.equal(stats.counts, counts.long())
+    for actual, expected in ((stats.aux_loss, aux), (stats.z_loss, z), (stats.entropy, entropy)):
+        assert actual.dtype == torch.float32 and actual.dim() == 0
+        torch.testing.assert_close(actual.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for actual, expected in ((stats.aux_loss, aux), (stats.z_loss, z)):
+        # the stats share the router graph: keep it for the next one
+        grads = torch.autograd.grad(actual, router_leaves, retain_graph=True)
+        grads64 = torch.autograd.grad(expected, router64, retain_graph=True)
+        for grad, grad64 in zip(grads, grads64):
+            assert grad64.abs().max() > 1e-3  # a gradient worth comparing
+            torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-6)
+    # the entropy is a metric: a loss built from it must not steer the router
+    assert not stats.entropy.requires_grad
