@@ -16,6 +16,7 @@ block-diagonal B (the same function); see :func:`save_adapter` for the rank.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ from moelab.checkpoints.safetensors_io import (
 from moelab.models import tree
 from moelab.ops.lora import ADAPTER_KEYS, expert_lora_from_params, is_adapter
 from moelab.train.config import LoraConfig
+
+log = logging.getLogger("moelab")
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -241,13 +244,21 @@ def save_adapter(
             if ".lora_A." in k and ".experts." not in k
         }
     )
+    if "experts" in cfg.targets and {"gate_proj", "up_proj", "down_proj"} & set(modules):
+        log.warning(
+            "moelab: this adapter holds dense-MLP adapters beside the experts'; PEFT (0.21) "
+            "takes gate_proj/up_proj/down_proj in target_modules for the experts' names and "
+            "cannot load it (moelab.train.lora.load_adapter can)"
+        )
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": rank,
         "lora_alpha": cfg.alpha * rank / cfg.rank,
-        "lora_dropout": cfg.dropout,
+        # PEFT refuses dropout on adapted parameters (the experts); dropout only shapes
+        # training, so an adapter on the experts is written without it
+        "lora_dropout": 0.0 if "experts" in cfg.targets else cfg.dropout,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
