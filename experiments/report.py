@@ -23,12 +23,20 @@ def load_jobs(folder: Path) -> list[dict]:
     jobs = []
     for summary_file in sorted(folder.glob("*/summary.json"), key=lambda p: p.parent.name):
         job_dir = summary_file.parent
-        overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+        # the run's own records first: Hydra rewrites its .hydra files when a run is resumed
+        ours, hydras = job_dir / "overrides.json", job_dir / ".hydra" / "overrides.yaml"
+        if ours.exists():
+            overrides = json.loads(ours.read_text())
+        else:
+            overrides = yaml.safe_load(hydras.read_text()) if hydras.exists() else []
         records = [
             json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()
         ]
-        config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
+        recorded = job_dir / "run_config.json"
+        if recorded.exists():
+            config = json.loads(recorded.read_text())
+        else:
+            config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
         jobs.append(
             {
                 "job": job_dir.name,

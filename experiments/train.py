@@ -8,9 +8,11 @@ Composes the config with Hydra and hands a plain dataclass to ``moelab.train``; 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -44,15 +46,47 @@ def run_config(cfg: DictConfig) -> RunConfig:
     return run
 
 
+def resumed(cfg: DictConfig) -> DictConfig:
+    """A resumed run's config: the one its folder's ``run_config.json`` recorded, with this
+    command's ``key=value`` overrides on top (``trainer.steps=...`` to go on longer), not the
+    defaults recomposed, which would silently change the run."""
+    saved = Path(HydraConfig.get().runtime.output_dir) / "run_config.json"
+    if not cfg.trainer.resume or cfg.trainer.resume_from is not None or not saved.exists():
+        return cfg
+    hc = HydraConfig.get()
+    overrides = [o for o in hc.overrides.task if not o.startswith("hydra.")]
+    groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in hc.runtime.choices]
+    if groups or any(o.startswith("~") for o in overrides):
+        sys.exit(
+            f"config error: a resumed run keeps its recorded config ({saved}); change single "
+            f"values with key=value (e.g. backend.name=...), not config groups or deletions: "
+            f"{groups or overrides}"
+        )
+    recorded = OmegaConf.merge(OmegaConf.structured(RunConfig), json.loads(saved.read_text()))
+    return OmegaConf.merge(recorded, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+
+
+def record_overrides(run_dir: Path) -> None:
+    """The command's overrides, kept for ``report.py`` as the run's first command gave them
+    (Hydra rewrites ``.hydra/overrides.yaml`` when the run is resumed)."""
+    file = run_dir / "overrides.json"
+    if not file.exists():
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.")]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(overrides) + "\n")
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    run = run_config(cfg)
+    run = run_config(resumed(cfg))
     try:
         validate(run)
     except ValueError as e:  # a bad value stops the run before any work starts
         log.error("config error: %s", e)
         sys.exit(f"config error: {e}")
-    summary = train(run, HydraConfig.get().runtime.output_dir)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    record_overrides(run_dir)
+    summary = train(run, run_dir)
     return summary["eval_loss"]
 
 

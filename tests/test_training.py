@@ -372,6 +372,30 @@ def test_two_job_multirun_and_report(tmp_path):
     assert (sweep / "loss.png").stat().st_size > 0 and (sweep / "throughput.png").stat().st_size > 0
 
 
+def test_the_readme_resume_keeps_the_runs_config(tmp_path):
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    first = ["trainer=smoke", "backend=native_torch", "logger=offline", "data.max_bytes=400000"]
+    first += ["trainer.device=cpu", "optim.lr=2e-3"]
+    out = _cli([*first, f"hydra.run.dir={run}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # the README's command, plus a longer run: the recorded config, not the defaults, goes on
+    out = _cli(["trainer.resume=true", "trainer.steps=9", f"hydra.run.dir={run}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    resumed = json.loads((run / "run_config.resume_000006.json").read_text())
+    assert resumed["backend"]["name"] == "native_torch" and resumed["optim"]["lr"] == 2e-3
+    assert resumed["trainer"]["micro_batch_tokens"] == 512 and resumed["trainer"]["steps"] == 9
+    assert json.loads((run / "summary.json").read_text())["backend"] == "native_torch"
+    train_loss, _ = metrics(run)
+    assert sorted(train_loss) == list(range(1, 10))
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one wandb id
+    assert json.loads((run / "overrides.json").read_text()) == first  # for report.py
+    # a config group cannot be swapped under a resumed run
+    out = _cli(["trainer.resume=true", "backend=grouped_mm", f"hydra.run.dir={run}"], tmp_path)
+    assert out.returncode != 0 and "not config groups" in out.stderr
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

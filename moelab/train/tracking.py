@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,14 @@ class Tracker:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            # a resumed run continues its wandb run (same id) instead of starting another
+            id_file = Path(run_dir) / "wandb_id"
+            resuming = resume_step is not None and id_file.exists()
+            run_id = id_file.read_text().strip() if resuming else secrets.token_hex(4)
+            replace_text(id_file, run_id + "\n")
             self.run = wandb.init(
+                id=run_id,
+                resume="allow",
                 mode=cfg.mode,
                 dir=str(run_dir),
                 project=cfg.project,
