@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TEST_DEVICE, rel_err
-from hf_fixtures import gpt_oss_model, load_reference
+from hf_fixtures import GPT_OSS_MAIN, gpt_oss_model, load_reference
 from safetensors.torch import load_file, save_file
 
 import moelab
 from moelab.models import tree
-from moelab.ops.lora import init_expert_lora
 
 pytest.importorskip("transformers")
 
@@ -225,41 +224,74 @@ def test_bf16_save_loads_in_transformers(ckpt, tmp_path):
     assert rel_err(load_reference(tmp_path / "saved")(IDS).logits, model(IDS)) <= 1e-6
 
 
-def test_lora_training_step_gradients_match_float64(ckpt):
-    def loss_and_grads(dtype, backend):
-        model = moelab.load_pretrained(ckpt, dtype=dtype)
-        loras = []
-        for layer in model.params["layers"]:
-            experts = layer["mlp"]["experts"]
-            lora = init_expert_lora(
-                4, 64, 64, 8, 16.0, dtype=dtype, generator=torch.Generator().manual_seed(len(loras))
-            )
-            lora = lora._replace(
-                gate_up_b=torch.randn(lora.gate_up_b.shape).to(dtype) * 0.1,
-                down_b=torch.randn(lora.down_b.shape).to(dtype) * 0.1,
-            )
-            experts["lora"] = dict(
-                zip(("gate_up_a", "gate_up_b", "down_a", "down_b"), lora.tensors())
-            )
-            q = layer["attn"]["q_proj"]
-            q["lora_a"] = torch.randn(8, 64).to(dtype) * 0.1
-            q["lora_b"] = torch.randn(64, 8).to(dtype) * 0.1
-            loras += [*experts["lora"].values(), q["lora_a"], q["lora_b"]]
-        for t in loras:
-            t.requires_grad_(True)
-        options = moelab.ForwardOptions(backend=backend, lora_scale=2.0)
-        logits = model(IDS, options=options)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 128).float(), IDS[:, 1:].reshape(-1))
-        return loss, torch.autograd.grad(loss, loras)
+def _merged_into_transformers(hf, adapters, scale: float) -> dict[str, torch.Tensor]:
+    """Transformers' weights with each adapter merged in, ``W + scale * B A``: the formula that
+    moelab's split LoRA avoids forming, so the two share none of their LoRA code."""
+    base = dict(hf.named_parameters())
+    merged = {}
+    for layer, (a1, b1, a2, b2, q_a, q_b) in enumerate(adapters):
+        prefix = f"model.layers.{layer}."
+        # moelab's gate_up is [E, 2I, H], gate rows then up rows; Transformers' gate_up_proj is
+        # [E, H, 2I] with gate and up columns interleaved; down [E, H, I] is its [E, I, H]
+        d1 = scale * b1 @ a1
+        inter = d1.shape[1] // 2
+        d1 = torch.stack([d1[:, :inter], d1[:, inter:]], dim=2).reshape(d1.shape).transpose(1, 2)
+        for name, delta in (
+            ("mlp.experts.gate_up_proj", d1),
+            ("mlp.experts.down_proj", (scale * b2 @ a2).transpose(1, 2)),
+            ("self_attn.q_proj.weight", scale * q_b @ q_a),
+        ):
+            merged[prefix + name] = base[prefix + name] + delta
+    return merged
 
-    torch.manual_seed(0)
-    ref_loss, ref_grads = loss_and_grads(torch.float64, "native_torch")
+
+def test_lora_training_step_gradients_match_float64(ckpt):
+    """A LoRA training step's loss and adapter gradients (experts and attention, lora_scale 2)
+    against Transformers in float64 with the adapters merged into its weights."""
+    scale, experts, hidden, inter, rank = 2.0, 4, 64, 64, 8
+    g = torch.Generator().manual_seed(0)
+
+    def draw(*shape, std):
+        return (torch.randn(*shape, generator=g) * std).requires_grad_(True)
+
+    # per layer: experts' gate_up A, B and down A, B (ExpertLoRA's shapes), then q_proj's A, B;
+    # B nonzero (not PEFT's init) so that every adapter moves the loss
+    adapters = [
+        (
+            draw(experts, rank, hidden, std=hidden**-0.5),
+            draw(experts, 2 * inter, rank, std=0.1),
+            draw(experts, rank, inter, std=inter**-0.5),
+            draw(experts, hidden, rank, std=0.1),
+            draw(rank, hidden, std=0.1),
+            draw(hidden, rank, std=0.1),
+        )
+        for _ in range(GPT_OSS_MAIN["num_hidden_layers"])
+    ]
+    leaves = [t for layer in adapters for t in layer]
+
+    def next_token_loss(logits):  # in the logits' dtype: float64 for the reference
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 128), IDS[:, 1:].reshape(-1))
+
+    hf = load_reference(ckpt, torch.float64).requires_grad_(False)
+    ref_adapters = [[t.detach().double().requires_grad_(True) for t in a] for a in adapters]
+    merged = _merged_into_transformers(hf, ref_adapters, scale)
+    ref_logits = torch.func.functional_call(hf, merged, (IDS,)).logits
+    assert ref_logits.dtype == torch.float64
+    ref_loss = next_token_loss(ref_logits)
+    ref_grads = torch.autograd.grad(ref_loss, [t for layer in ref_adapters for t in layer])
+
     for backend in ("native_torch", "grouped_mm"):
-        torch.manual_seed(0)
-        loss, grads = loss_and_grads(torch.float32, backend)
-        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()
-        for g, r in zip(grads, ref_grads):
-            assert rel_err(g, r) <= 1e-4, backend
+        model = moelab.load_pretrained(ckpt, dtype=torch.float32)
+        for layer, (a1, b1, a2, b2, q_a, q_b) in zip(model.params["layers"], adapters):
+            layer["mlp"]["experts"]["lora"] = dict(gate_up_a=a1, gate_up_b=b1, down_a=a2, down_b=b2)
+            layer["attn"]["q_proj"].update(lora_a=q_a, lora_b=q_b)
+        logits = model(IDS, options=moelab.ForwardOptions(backend=backend, lora_scale=scale))
+        loss = next_token_loss(logits)
+        grads = torch.autograd.grad(loss, leaves)
+        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * ref_loss.item(), backend
+        for i, (grad, ref) in enumerate(zip(grads, ref_grads)):
+            assert rel_err(grad, ref) <= 1e-4, (backend, i)
+            assert ref.abs().sum() > 0, i  # every adapter reaches the loss
 
 
 def _edit(path, edit):
