@@ -60,6 +60,7 @@ def test_saving_over_a_folder_replaces_the_weights_and_keeps_the_rest(tmp_path):
     (folder / "tokenizer.json").write_text('{"tokens": 1}')
     (folder / "extra").mkdir()
     (folder / "extra" / "notes.txt").write_text("kept")
+    kept = (folder / "tokenizer.json").stat().st_ino
     for _, t in tree.leaves(model.params):
         t.data.add_(1.0)
     moelab.save_pretrained(model, folder)  # one file now: the old shards and index must go
@@ -70,6 +71,7 @@ def test_saving_over_a_folder_replaces_the_weights_and_keeps_the_rest(tmp_path):
         "tokenizer.json",
     ]
     assert (folder / "tokenizer.json").read_text() == '{"tokens": 1}'
+    assert (folder / "tokenizer.json").stat().st_ino == kept  # linked into place, not copied
     assert (folder / "extra" / "notes.txt").read_text() == "kept"
     again = moelab.load_pretrained(folder)
     for (path, a), (_, b) in zip(tree.leaves(model.params), tree.leaves(again.params)):

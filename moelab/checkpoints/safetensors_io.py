@@ -190,14 +190,23 @@ def _replaced_by_a_save(name: str) -> bool:
     return name == "config.json" or name.endswith((".safetensors", INDEX_FILE))
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the filesystem has them: a hub folder's other files can be large (GPT-OSS
+    ships its weights again under ``original/``), and the old folder is dropped after the swap."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
 def _copy_kept_files(old: Path, new: Path) -> None:
     for entry in old.iterdir():
         if _replaced_by_a_save(entry.name):
             continue
         if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True)
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
         else:
-            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+            _link_or_copy(str(entry), str(new / entry.name))
 
 
 def _write_shard(folder: Path, tensors: dict, shard_maps: list[dict[str, int]]) -> None:
