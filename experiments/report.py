@@ -32,7 +32,8 @@ def load_jobs(folder: Path) -> list[dict]:
         records = [
             json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()
         ]
-        recorded = job_dir / "run_config.json"
+        resumes = sorted(job_dir.glob("run_config.resume_*.json"))  # the config it last ran with
+        recorded = resumes[-1] if resumes else job_dir / "run_config.json"
         if recorded.exists():
             config = json.loads(recorded.read_text())
         else:

@@ -46,24 +46,42 @@ def run_config(cfg: DictConfig) -> RunConfig:
     return run
 
 
+def latest_config(run_dir: Path) -> Path:
+    """The config a run last ran with: its newest ``run_config.resume_*.json``, else the first."""
+    resumes = sorted(run_dir.glob("run_config.resume_*.json"))
+    return resumes[-1] if resumes else run_dir / "run_config.json"
+
+
 def resumed(cfg: DictConfig) -> DictConfig:
-    """A resumed run's config: the one its folder's ``run_config.json`` recorded, with this
-    command's ``key=value`` overrides on top (``trainer.steps=...`` to go on longer), not the
-    defaults recomposed, which would silently change the run."""
-    saved = Path(HydraConfig.get().runtime.output_dir) / "run_config.json"
+    """A resumed run's config: the one its folder recorded last, with this command's
+    ``key=value`` overrides on top (``trainer.steps=...`` to go on longer), not the defaults
+    recomposed, which would silently change the run. Config groups cannot change under a run;
+    the ones it was started with may be repeated (a sweep resumed job by job)."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    saved = latest_config(run_dir)
     if not cfg.trainer.resume or cfg.trainer.resume_from is not None or not saved.exists():
         return cfg
-    hc = HydraConfig.get()
+    first = run_dir / "overrides.json"
+    started_with = json.loads(first.read_text()) if first.exists() else []
     overrides = [o for o in hc.overrides.task if not o.startswith("hydra.")]
-    groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in hc.runtime.choices]
-    if groups or any(o.startswith("~") for o in overrides):
+    keys = [o.split("=", 1)[0].lstrip("+") for o in overrides]
+    changed = [
+        o
+        for o, k in zip(overrides, keys)
+        if o.startswith("~") or (k in hc.runtime.choices and o not in started_with)
+    ]
+    if changed:
         sys.exit(
             f"config error: a resumed run keeps its recorded config ({saved}); change single "
             f"values with key=value (e.g. backend.name=...), not config groups or deletions: "
-            f"{groups or overrides}"
+            f"{changed}"
         )
     recorded = OmegaConf.merge(OmegaConf.structured(RunConfig), json.loads(saved.read_text()))
-    return OmegaConf.merge(recorded, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    for key in keys:  # the values as Hydra parsed them, not the strings re-read
+        if key not in hc.runtime.choices:
+            OmegaConf.update(recorded, key, OmegaConf.select(cfg, key), force_add=True)
+    return recorded
 
 
 def record_overrides(run_dir: Path) -> None:

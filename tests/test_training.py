@@ -329,6 +329,12 @@ def test_one_text_file_is_split_into_train_and_held_out_text(tmp_path):
     assert tail[0][1].startswith("line ") and len(tail[0][1]) < len(head[0][1]) / 5
 
 
+def test_a_lone_document_is_cut_near_its_split_point(tmp_path):
+    text = "Title\n" + "word " * 20000  # its only newline is far before the split point
+    head, tail = data_mod.split_documents([("doc", text)], 0.05)
+    assert head[0][1] + tail[0][1] == text and len(tail[0][1]) == len(text) - int(len(text) * 0.95)
+
+
 def test_a_source_without_text_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no documents"):
@@ -391,7 +397,11 @@ def test_the_readme_resume_keeps_the_runs_config(tmp_path):
     runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one wandb id
     assert json.loads((run / "overrides.json").read_text()) == first  # for report.py
-    # a config group cannot be swapped under a resumed run
+    # a later resume goes on from the config the run last ran with (9 steps), and the groups
+    # it was started with may be repeated (a sweep resumed job by job); others cannot change
+    again = ["trainer.resume=true", "backend=native_torch", f"hydra.run.dir={run}"]
+    out = _cli(again, tmp_path)
+    assert out.returncode == 0 and "nothing to train (trainer.steps=9)" in out.stdout + out.stderr
     out = _cli(["trainer.resume=true", "backend=grouped_mm", f"hydra.run.dir={run}"], tmp_path)
     assert out.returncode != 0 and "not config groups" in out.stderr
 

@@ -102,7 +102,8 @@ def split_documents(
     if len(docs) == 1:
         name, text = docs[0]
         at = int(len(text) * (1.0 - eval_fraction))
-        cut = text.rfind("\n", 0, at) + 1 or at
+        line = text.rfind("\n", 0, at) + 1  # a line boundary, where there is one near
+        cut = line if at - line <= len(text) * eval_fraction / 2 else at
         return [(f"{name} (head)", text[:cut])], [(f"{name} (tail)", text[cut:])]
     bucket = int(eval_fraction * 10_000)
     train, held_out = [], []
