@@ -133,6 +133,14 @@ def test_bad_config(ckpt, edit, message):
         moelab.load_pretrained(ckpt)
 
 
+def test_null_sizes_take_their_defaults_as_in_transformers(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(num_key_value_heads=None, rms_norm_eps=None)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    cfg = moelab.read_config(ckpt)
+    assert cfg.num_kv_heads == cfg.num_heads and cfg.rms_norm_eps == 1e-6
+
+
 def test_missing_folder_and_files(tmp_path):
     with pytest.raises(moelab.CheckpointError, match="does not exist"):
         moelab.load_pretrained(tmp_path / "nowhere")

@@ -77,6 +77,7 @@ def test_saving_over_a_folder_replaces_the_weights_and_keeps_the_rest(tmp_path):
     for (path, a), (_, b) in zip(tree.leaves(model.params), tree.leaves(again.params)):
         assert torch.equal(a, b), tree.dotted(path)
     assert folder.stat().st_mode & 0o777 == 0o777 & ~UMASK
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~UMASK
 
 
 def test_a_file_in_the_way_is_refused(tmp_path):

@@ -210,7 +210,9 @@ def _copy_kept_files(old: Path, new: Path) -> None:
 
 
 def _write_shard(folder: Path, tensors: dict, shard_maps: list[dict[str, int]]) -> None:
-    save_file(tensors, str(folder / f"shard-{len(shard_maps)}"), metadata={"format": "pt"})
+    file = folder / f"shard-{len(shard_maps)}"
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    os.chmod(file, 0o666 & ~UMASK)  # safetensors writes 0600: others could not read the weights
     shard_maps.append({n: t.numel() * t.element_size() for n, t in tensors.items()})
 
 

@@ -32,7 +32,7 @@ def check_sizes(cfg: Any) -> Any:
     if cfg.num_heads % cfg.num_kv_heads:
         heads, kv = cfg.num_heads, cfg.num_kv_heads
         raise ValueError(f"{heads} attention heads do not group into {kv} kv heads")
-    if not cfg.rms_norm_eps > 0:
+    if not (isinstance(cfg.rms_norm_eps, (int, float)) and cfg.rms_norm_eps > 0):
         raise ValueError(f"rms_norm_eps={cfg.rms_norm_eps} must be > 0")
     return cfg
 
