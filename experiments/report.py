@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from moelab.train.config import latest_recorded_config  # noqa: E402
+
 
 def load_jobs(folder: Path) -> list[dict]:
     jobs = []
@@ -32,8 +34,7 @@ def load_jobs(folder: Path) -> list[dict]:
         records = [
             json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()
         ]
-        resumes = sorted(job_dir.glob("run_config.resume_*.json"))  # the config it last ran with
-        recorded = resumes[-1] if resumes else job_dir / "run_config.json"
+        recorded = latest_recorded_config(job_dir)
         if recorded.exists():
             config = json.loads(recorded.read_text())
         else:

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moelab.train.config import RunConfig, validate
+from moelab.train.config import RunConfig, latest_recorded_config, validate
 from moelab.train.trainer import train
 
 log = logging.getLogger("moelab")
@@ -46,10 +46,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
     return run
 
 
-def latest_config(run_dir: Path) -> Path:
-    """The config a run last ran with: its newest ``run_config.resume_*.json``, else the first."""
-    resumes = sorted(run_dir.glob("run_config.resume_*.json"))
-    return resumes[-1] if resumes else run_dir / "run_config.json"
+def task_overrides() -> list[str]:
+    """This command's overrides of the run's config (Hydra's own settings left out)."""
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.")]
 
 
 def resumed(cfg: DictConfig) -> DictConfig:
@@ -59,12 +58,12 @@ def resumed(cfg: DictConfig) -> DictConfig:
     the ones it was started with may be repeated (a sweep resumed job by job)."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    saved = latest_config(run_dir)
+    saved = latest_recorded_config(run_dir)
     if not cfg.trainer.resume or cfg.trainer.resume_from is not None or not saved.exists():
         return cfg
     first = run_dir / "overrides.json"
     started_with = json.loads(first.read_text()) if first.exists() else []
-    overrides = [o for o in hc.overrides.task if not o.startswith("hydra.")]
+    overrides = task_overrides()
     keys = [o.split("=", 1)[0].lstrip("+") for o in overrides]
     changed = [
         o
@@ -89,9 +88,8 @@ def record_overrides(run_dir: Path) -> None:
     (Hydra rewrites ``.hydra/overrides.yaml`` when the run is resumed)."""
     file = run_dir / "overrides.json"
     if not file.exists():
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.")]
         run_dir.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(overrides) + "\n")
+        file.write_text(json.dumps(task_overrides()) + "\n")
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

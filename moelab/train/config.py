@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -213,6 +214,20 @@ def validate(cfg: RunConfig) -> None:
             f"logger.mode={cfg.logger.mode!r} logs to wandb, which is not installed here: "
             "install it (pip install wandb) or run with logger=disabled"
         )
+
+
+def recorded_config_name(resume_step: int | None) -> str:
+    """The file a run records its config in: ``run_config.json`` at the start, and beside it one
+    per resume (the first config is kept)."""
+    if resume_step is None:
+        return "run_config.json"
+    return f"run_config.resume_{resume_step:06d}.json"
+
+
+def latest_recorded_config(run_dir: str | os.PathLike) -> Path:
+    """The config a run last ran with: its newest resume's, else its first."""
+    resumes = sorted(Path(run_dir).glob("run_config.resume_*.json"))  # zero-padded: name order
+    return resumes[-1] if resumes else Path(run_dir) / recorded_config_name(None)
 
 
 def _cuda_present(device: torch.device) -> bool:

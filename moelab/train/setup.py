@@ -55,6 +55,7 @@ class Data:
     eval: list[data_mod.Batch]
     tokenizer: object
     train_tokens: int
+    micro_batch_tokens: int  # whole rows of seq_len, as many as fit trainer.micro_batch_tokens
 
 
 def build_data(cfg: RunConfig, model: Model) -> Data:
@@ -80,6 +81,7 @@ def build_data(cfg: RunConfig, model: Model) -> Data:
         eval=data_mod.eval_batches(held_out, batch, cfg.trainer.eval_batches),
         tokenizer=tokenizer,
         train_tokens=train.rows * d.seq_len,
+        micro_batch_tokens=batch * d.seq_len,
     )
 
 

@@ -28,7 +28,7 @@ from moelab.models.options import ForwardOptions
 from moelab.ops.moe import RouterStats
 from moelab.train import lora as lora_mod
 from moelab.train import setup, state
-from moelab.train.config import RunConfig, resolve_device, validate
+from moelab.train.config import RunConfig, recorded_config_name, resolve_device, validate
 from moelab.train.data import Batch
 from moelab.train.graphs import CapturedStep
 from moelab.train.loss import chunked_cross_entropy
@@ -162,9 +162,8 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
         train_opts, lora_dropout=0.0, checkpoint_layers=False, moe_recompute=False
     )
     # fmt: off
-    tokens = data.train.batch_size * cfg.data.seq_len  # one micro-batch's, as the blocks see
-    backend = setup.expert_backend(model, cfg.backend.name, dtype, device, tokens,
-                                   cfg.trainer.moe_recompute)
+    backend = setup.expert_backend(model, cfg.backend.name, dtype, device,
+                                   data.micro_batch_tokens, cfg.trainer.moe_recompute)
     # fmt: on
     n_total, n_train = tree.count(model.params), sum(t.numel() for _, t in trainable)
     mode = "full" if lora.rank is None else f"LoRA r={lora.rank} on {', '.join(lora.targets)}"
@@ -184,10 +183,9 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     )
 
     resolved = dataclasses.asdict(cfg)
-    # a resumed run keeps the first config and adds its own beside it
-    config_file = f"run_config.resume_{start:06d}.json" if saved is not None else "run_config.json"
-    (run_dir / config_file).write_text(json.dumps(resolved, indent=2) + "\n")
     resume_step = start if saved is not None else None
+    config_file = recorded_config_name(resume_step)
+    (run_dir / config_file).write_text(json.dumps(resolved, indent=2) + "\n")
     tracker = Tracker(cfg.logger, run_dir, resolved, resume_step=resume_step)
     run = _Run(
         cfg,
@@ -255,8 +253,7 @@ def _loop(run: _Run, start: int) -> dict:
     optimizer, schedule, tracker = run.optimizer, run.schedule, run.tracker
     eval_opts = run.eval_opts
     t = cfg.trainer
-    # the tokens a step trains on: whole rows of seq_len, as many as fit the micro-batch
-    tokens_per_step = data.train.batch_size * cfg.data.seq_len * t.grad_accum
+    tokens_per_step = data.micro_batch_tokens * t.grad_accum
     window = _Window(device)
     step_fn = functools.partial(_train_step, run, window)
     train_step = CapturedStep(step_fn) if t.cuda_graph else step_fn
