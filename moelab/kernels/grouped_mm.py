@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from moelab.kernels.problem import ExpertProblem
 from moelab.ops.activations import activation_backward, activation_forward
@@ -231,6 +232,7 @@ class _GroupedExperts(torch.autograd.Function):
         return out_TH
 
     @staticmethod
+    @once_differentiable  # its out= ops have no backward: differentiating it again must raise
     def backward(ctx, dout_TH):
         # fmt: off
         (x_TH, weights_TK, experts_TK, gate_up, down, down_bias,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from moelab.kernels import launch as kl
 
@@ -93,6 +94,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @once_differentiable  # the kernel has no backward: differentiating it again must raise
     def backward(ctx, dy):
         x_2d, weight, rstd = ctx.saved_tensors
         rows, dim = x_2d.shape

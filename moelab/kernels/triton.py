@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from moelab.kernels import grouped_mm as gmm
 from moelab.kernels import launch as kl
@@ -949,6 +950,7 @@ class _TritonExperts(torch.autograd.Function):
         return out_TH
 
     @staticmethod
+    @once_differentiable  # the kernels have no backward: differentiating it again must raise
     def backward(ctx, dout_TH):
         if ctx.empty:
             zeros = [torch.zeros_like(t) if n and t is not None else None
