@@ -79,4 +79,9 @@ def experts_mlp(
         else:
             contrib = y_MH.to(acc_dtype) * w_M1.to(acc_dtype)
         out_TH = out_TH.index_add(0, token_M, contrib)
+    if not out_TH.numel():  # no tokens: an empty output still in the graph (zero gradients)
+        inputs = (x_TH, weights_TK, gate_up_EGH, down_EHI, gate_up_bias_EG, down_bias_EH)
+        for t in (*inputs, *lora_tensors):
+            if t is not None:
+                out_TH = out_TH + t[:0].sum().to(acc_dtype)
     return out_TH.to(x_TH.dtype)

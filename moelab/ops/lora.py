@@ -85,8 +85,12 @@ def expert_lora_from_params(params: dict, scale: float) -> ExpertLoRA:
             params["gate_up_a"], params["gate_up_b"], params["down_a"], params["down_b"], scale
         )
     gate_b, up_b = params["gate_b"], params["up_b"]
-    zeros = gate_b.new_zeros(gate_b.shape)
-    b = torch.cat([torch.cat([gate_b, zeros], dim=2), torch.cat([zeros, up_b], dim=2)], dim=1)
+    # each B beside zeros as wide as the other's rank (the two ranks may differ)
+    gate_zeros = gate_b.new_zeros(*gate_b.shape[:2], up_b.shape[2])
+    up_zeros = up_b.new_zeros(*up_b.shape[:2], gate_b.shape[2])
+    b = torch.cat(
+        [torch.cat([gate_b, gate_zeros], dim=2), torch.cat([up_zeros, up_b], dim=2)], dim=1
+    )
     a = torch.cat([params["gate_a"], params["up_a"]], dim=1)
     return ExpertLoRA(a, b, params["down_a"], params["down_b"], scale)
 

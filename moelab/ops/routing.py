@@ -141,12 +141,14 @@ def _sigmoid_group_topk(
     if n_group > 1:
         grouped = choice_TE.view(num_tokens, n_group, num_experts // n_group)
         group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        keep_group = group_score.topk(topk_group, dim=-1).indices
+        keep_group = group_score.topk(topk_group, dim=-1, sorted=False).indices
         mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep_group, True)
         choice_TE = grouped.masked_fill(~mask[..., None], float("-inf")).view(
             num_tokens, num_experts
         )
-    experts_TK = choice_TE.topk(top_k, dim=-1).indices
+    # unsorted top-k's, as the reference models pick: their ids in their order (ties too), so
+    # the renormalising sum below rounds as theirs does
+    experts_TK = choice_TE.topk(top_k, dim=-1, sorted=False).indices
     weights_TK = scores_TE.gather(1, experts_TK)
     if renormalize:
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
