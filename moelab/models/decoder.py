@@ -49,6 +49,8 @@ def hidden_states(
     document when ``document_ids`` marks packed documents (attention stays inside each).
     """
     ids_BS = input_ids if input_ids.dim() == 2 else input_ids[None]
+    if position_ids is not None and position_ids.dim() == 1:  # [S], like input_ids
+        position_ids = position_ids[None]
     if position_ids is None:
         if document_ids is not None:
             position_ids = positions_from_documents(document_ids)

@@ -74,8 +74,10 @@ def rope_frequencies(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
     if low == high:
         high += 0.001  # avoids a division by zero in the ramp
     ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    # low (fast-rotating) dims keep their frequency, high ones are interpolated by 1/s
-    inv_freq = (1.0 / (s * pos_freqs)) * ramp + (1.0 / pos_freqs) * (1 - ramp)
+    # low (fast-rotating) dims keep their frequency, high ones are interpolated by 1/s; the
+    # weights are spelled as the reference does (1 - (1 - ramp) is not ramp in fp32)
+    keep = 1 - ramp
+    inv_freq = (1.0 / (s * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
     if cfg.attention_factor is not None:
         factor = cfg.attention_factor
     elif cfg.mscale and cfg.mscale_all_dim:
