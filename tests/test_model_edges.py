@@ -291,14 +291,10 @@ def test_padding_as_a_document_matches_transformers_attention_mask(tmp_path, fam
     assert rel_err(out[1, :12], expected[1, :12]) <= 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GPT-OSS config.json without head_dim / num_key_value_heads: Transformers takes "
-    "GptOssConfig's defaults 64 and 8, moelab hidden/heads and heads, so it refuses the "
-    "checkpoint (wrong shapes)",
-    raises=moelab.CheckpointError,
-)
 def test_gpt_oss_config_without_head_dim_takes_transformers_defaults(tmp_path):
+    """A config.json without head_dim or num_key_value_heads: Transformers takes
+    GptOssConfig's class defaults, 64 and 8 (moelab took hidden / heads and heads, and refused
+    the checkpoint's shapes)."""
     path = _save_gpt_oss(tmp_path / "ckpt", num_attention_heads=16, num_key_value_heads=8,
                          head_dim=64)  # fmt: skip
     config = json.loads((path / "config.json").read_text())

@@ -117,13 +117,16 @@ class Config:
         if len(layer_types) != layers or any(t not in LAYER_TYPES for t in layer_types):
             raise ValueError(f"layer_types must list {layers} of {LAYER_TYPES}, got {layer_types}")
         heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        # absent keys take GptOssConfig's class defaults, as Transformers loads them; null ones
+        # its fallbacks (hidden / heads, and as many kv heads as heads)
+        head_dim = d.get("head_dim", DEFAULT_HEAD_DIM) or d["hidden_size"] // heads
+        kv_heads = d.get("num_key_value_heads", DEFAULT_KV_HEADS) or heads
         cfg = cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=first_key(d, "num_key_value_heads", default=heads),
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
             moe_intermediate_size=d["intermediate_size"],
             num_experts=num_experts,
@@ -171,6 +174,8 @@ class Config:
         return out
 
 
+# GptOssConfig's defaults for sizes a config.json may leave out (the released ones)
+DEFAULT_HEAD_DIM, DEFAULT_KV_HEADS = 64, 8
 # The released rope settings, which Transformers' GptOssConfig also applies when neither
 # rope_parameters nor rope_scaling is given (a bare rope_theta keeps YaRN and sets its theta);
 # a theta given nowhere is GPT-OSS's own default, not the usual 10000.
