@@ -107,12 +107,13 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
 
 
 def checkpoint_entries(path: str | os.PathLike) -> dict[str, TensorEntry]:
-    """All tensors of a checkpoint folder: one file or shards listed by the index."""
+    """All tensors of a checkpoint folder: one file or shards listed by the index (the file
+    wins where both are present, as in Transformers)."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist")
     index = root / INDEX_FILE
-    if index.exists():
+    if index.exists() and not (root / SINGLE_FILE).exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:

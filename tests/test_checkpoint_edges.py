@@ -1,0 +1,202 @@
+"""Odd-but-valid checkpoints: shard indexes, stored dtypes, layer subsets, MXFP4 extremes.
+
+Each is loaded by moelab and by Transformers (the oracle) and the two are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import rel_err
+from hf_fixtures import gpt_oss_model, load_reference, save_qwen3
+from safetensors.torch import load_file, save_file
+
+import moelab
+from moelab.checkpoints.gpt_oss import MXFP4_CONFIG
+
+pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    return save_qwen3(tmp_path_factory.mktemp("edges") / "sharded", max_shard_size="100KB")
+
+
+@pytest.fixture(scope="module")
+def sharded_logits(sharded):
+    return load_reference(sharded)(IDS).logits
+
+
+def _index(path) -> dict:
+    return json.loads((path / INDEX).read_text())
+
+
+def test_index_naming_the_wrong_shard_loads_the_tensor_where_it_is(
+    sharded, sharded_logits, tmp_path
+):
+    path = shutil.copytree(sharded, tmp_path / "ckpt")
+    index = _index(path)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    moved = next(n for n, s in index["weight_map"].items() if s == shards[-1])
+    index["weight_map"][moved] = shards[0]  # the tensor lives in the last shard, not the first
+    (path / INDEX).write_text(json.dumps(index))
+    assert rel_err(moelab.load_pretrained(path)(IDS), sharded_logits) <= 1e-5
+    assert rel_err(load_reference(path)(IDS).logits, sharded_logits) == 0.0
+
+
+def test_index_listing_a_tensor_no_shard_holds_is_refused_by_name(sharded, tmp_path):
+    path = shutil.copytree(sharded, tmp_path / "ckpt")
+    index = _index(path)
+    shard = index["weight_map"]["model.norm.weight"]
+    tensors = load_file(path / shard)
+    del tensors["model.norm.weight"]
+    save_file(tensors, path / shard, metadata={"format": "pt"})
+    with pytest.raises(moelab.CheckpointError, match=r"absent: \['model\.norm\.weight'\]"):
+        moelab.load_pretrained(path)
+
+
+def test_extra_tensor_hidden_in_a_shard_is_named(sharded, tmp_path):
+    path = shutil.copytree(sharded, tmp_path / "ckpt")
+    shard = sorted(set(_index(path)["weight_map"].values()))[1]
+    tensors = load_file(path / shard)
+    tensors["model.layers.0.mlp.shared_expert.weight"] = torch.ones(3)
+    save_file(tensors, path / shard, metadata={"format": "pt"})
+    with pytest.raises(moelab.CheckpointError, match=r"1 unexpected: .*shared_expert\.weight"):
+        moelab.load_pretrained(path)
+
+
+def test_single_file_beside_a_shard_index_wins_as_in_transformers(sharded, tmp_path):
+    # Transformers looks for model.safetensors before the index; a folder holding both (a
+    # consolidated file added next to the shards) must give the same weights in moelab
+    path = shutil.copytree(sharded, tmp_path / "ckpt")
+    save_qwen3(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", path / "model.safetensors")
+    ref = load_reference(path)(IDS).logits
+    assert rel_err(ref, load_reference(tmp_path / "other")(IDS).logits) == 0.0
+    assert rel_err(moelab.load_pretrained(path)(IDS), ref) <= 1e-5
+
+
+def test_stored_dtype_is_cast_to_the_config_dtype_as_transformers_does(sharded, tmp_path):
+    # a bf16 file under an fp32 config loads as fp32, exactly the bf16 values
+    bf16_file = shutil.copytree(sharded, tmp_path / "bf16_file")
+    for shard in sorted(set(_index(bf16_file)["weight_map"].values())):
+        tensors = {n: t.bfloat16() for n, t in load_file(bf16_file / shard).items()}
+        save_file(tensors, bf16_file / shard, metadata={"format": "pt"})
+    model = moelab.load_pretrained(bf16_file)
+    hf = load_reference(bf16_file)
+    assert model.params["embed"]["weight"].dtype == torch.float32
+    assert torch.equal(model.params["embed"]["weight"], hf.model.embed_tokens.weight)
+    assert rel_err(model(IDS), hf(IDS).logits) <= 1e-5
+    # an fp32 file under a bf16 config loads as bf16 when no dtype is asked for, as in Transformers
+    bf16_config = shutil.copytree(sharded, tmp_path / "bf16_config")
+    config = json.loads((bf16_config / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (bf16_config / "config.json").write_text(json.dumps(config))
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(bf16_config)
+    model = moelab.load_pretrained(bf16_config)
+    assert model.params["norm"]["weight"].dtype == hf.model.norm.weight.dtype == torch.bfloat16
+    assert torch.equal(model.params["norm"]["weight"], hf.model.norm.weight)
+
+
+def test_fewer_layers_than_stored_qwen3(sharded, tmp_path):
+    path = shutil.copytree(sharded, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    model = moelab.load_pretrained(path)
+    assert len(model.params["layers"]) == 2
+    assert rel_err(model(IDS), load_reference(path)(IDS).logits) <= 1e-5
+
+
+# ---- GPT-OSS MXFP4 ----
+
+
+@pytest.fixture(scope="module")
+def odd_mxfp4(tmp_path_factory):
+    """3 experts, random codes and exponents over the whole byte range, 0 and 255 included."""
+    root = tmp_path_factory.mktemp("mxfp4")
+    gpt_oss_model(num_local_experts=3, num_hidden_layers=2).save_pretrained(root / "bf16")
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, t in load_file(root / "bf16" / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, k, rows = t.shape  # v5 orientation [E, K, R]
+            blocks = torch.randint(0, 256, (experts, rows, k // 32, 16), generator=g)
+            scales = torch.randint(0, 256, (experts, rows, k // 32), generator=g)
+            scales[0, 0, :2] = torch.tensor([0, 255])
+            scales[-1, -1, :2] = torch.tensor([1, 254])
+            out[f"{name}_blocks"] = blocks.to(torch.uint8)
+            out[f"{name}_scales"] = scales.to(torch.uint8)
+        else:
+            out[name] = t.bfloat16()
+    path = root / "mxfp4"
+    path.mkdir()
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((root / "bf16" / "config.json").read_text())
+    config["quantization_config"] = dict(MXFP4_CONFIG)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_extreme_exponents_dequantise_as_transformers_bit_for_bit(odd_mxfp4, dtype):
+    model = moelab.load_pretrained(odd_mxfp4, dtype=dtype)
+    hf = load_reference(odd_mxfp4, dtype)
+    for layer in range(2):
+        ref = hf.model.layers[layer].mlp.experts
+        gate_up = ref.gate_up_proj.detach().transpose(1, 2)  # [E, 2I, H], gate/up interleaved
+        gate_up = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1)
+        down = ref.down_proj.detach().transpose(1, 2)
+        ours = model.params["layers"][layer]["mlp"]["experts"]
+        assert ours["gate_up"].dtype == gate_up.dtype == dtype
+        # exponent 255 overflows to inf, exponent 0 gives subnormals: compare the bits
+        assert torch.equal(_bits(ours["gate_up"]), _bits(gate_up)), layer
+        assert torch.equal(_bits(ours["down"]), _bits(down)), layer
+    values = ours["gate_up"].float()
+    assert values.isinf().any() and values.isfinite().any()
+    assert ((values != 0) & (values.abs() < 2.0**-126)).any()  # subnormal
+
+
+def test_mxfp4_save_split_across_shards_loads_in_transformers(tmp_path):
+    gpt_oss_model(num_local_experts=3, num_hidden_layers=2).save_pretrained(tmp_path / "bf16")
+    model = moelab.load_pretrained(tmp_path / "bf16")
+    out = tmp_path / "mxfp4"
+    moelab.save_pretrained(model, out, experts_format="mxfp4", max_shard_bytes=3000)
+    weight_map = _index(out)["weight_map"]
+    blocks = [n for n in weight_map if n.endswith("_blocks")]
+    assert len(blocks) == 4
+    assert any(weight_map[n] != weight_map[n.replace("_blocks", "_scales")] for n in blocks)
+    again = moelab.load_pretrained(out)
+    hf = load_reference(out, torch.float32)
+    ref = hf.model.layers[1].mlp.experts.gate_up_proj.detach().transpose(1, 2)
+    ref = torch.cat([ref[:, 0::2], ref[:, 1::2]], dim=1)
+    assert torch.equal(again.params["layers"][1]["mlp"]["experts"]["gate_up"], ref)
+    assert rel_err(again(IDS), hf(IDS).logits) <= 1e-5
+
+
+def test_mxfp4_fewer_layers_than_stored(odd_mxfp4, tmp_path):
+    path = shutil.copytree(odd_mxfp4, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    config["layer_types"] = config["layer_types"][:1]
+    (path / "config.json").write_text(json.dumps(config))
+    full = moelab.load_pretrained(odd_mxfp4)
+    model = moelab.load_pretrained(path)
+    assert len(model.params["layers"]) == 1
+    for name in ("gate_up", "down", "gate_up_bias"):
+        a = model.params["layers"][0]["mlp"]["experts"][name]
+        b = full.params["layers"][0]["mlp"]["experts"][name]
+        assert torch.equal(_bits(a), _bits(b)), name
