@@ -98,7 +98,8 @@ def targets(cfg: Config, params: dict, layout: str) -> dict[str, Target]:
             if rest in LAYER_NAMES:
                 out[at + LAYER_NAMES[rest]] = Target(path)
         elif layout != "per_expert":
-            out[at + FUSED_NAMES[rest[2]]] = Target(path, transposed=layout == "fused_official")
+            if rest[2] in FUSED_NAMES:  # not an experts dict's "lora" adapters
+                out[at + FUSED_NAMES[rest[2]]] = Target(path, transposed=layout == "fused_official")
         elif rest[2] == "gate_up":
             for e in range(cfg.num_experts):
                 out[at + PER_EXPERT.format(e=e, proj="gate_proj")] = Target(

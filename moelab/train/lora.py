@@ -36,7 +36,7 @@ from moelab.checkpoints.safetensors_io import (
 )
 from moelab.models import tree
 from moelab.ops.lora import ADAPTER_KEYS, expert_lora_from_params, is_adapter
-from moelab.train.config import LoraConfig
+from moelab.train.config import LORA_TARGETS, LoraConfig
 
 log = logging.getLogger("moelab")
 
@@ -244,9 +244,10 @@ def save_adapter(
             if ".lora_A." in k and ".experts." not in k
         }
     )
-    if "experts" in cfg.targets and {"gate_proj", "up_proj", "down_proj"} & set(modules):
+    # PEFT's v5 remap reads these names as the experts' whether the experts are adapted or not
+    if {"gate_proj", "up_proj", "down_proj"} & set(modules):
         log.warning(
-            "moelab: this adapter holds dense-MLP adapters beside the experts'; PEFT (0.21) "
+            "moelab: this adapter holds dense-MLP adapters; PEFT (0.21) "
             "takes gate_proj/up_proj/down_proj in target_modules for the experts' names and "
             "cannot load it (moelab.train.lora.load_adapter can)"
         )
@@ -294,7 +295,7 @@ def load_adapter(params: dict, layout: AdapterLayout, path: str | os.PathLike) -
     by_module = {
         v.removesuffix(".weight").removesuffix(".gate_up_proj"): k for k, v in hub_names.items()
     }
-    used = set()
+    used, targets = set(), set()
     for key, entry in entries.items():
         module = key.removeprefix(PEFT_PREFIX)
         for suffix in (
@@ -311,12 +312,14 @@ def load_adapter(params: dict, layout: AdapterLayout, path: str | os.PathLike) -
                 base = next(p for p, n in hub_names.items() if n == module)
                 tree.get(params, base).data.copy_(read_tensor(entry))
                 used.add(key)
+                targets.add("router")
             continue
         base = by_module.get(module)
         if base is None:
             raise CheckpointError(f"{folder}: adapter key {key!r} matches no module of the model")
         _place(params, base, key, read_tensor(entry), layout.interleaved_gate_up)
         used.add(key)
+        targets.add("experts" if base[-1] == "gate_up" else _kind(base))
     unused = sorted(set(entries) - used)
     if unused:
         raise CheckpointError(f"{folder}: adapter keys not understood: {unused[:8]}")
@@ -324,7 +327,8 @@ def load_adapter(params: dict, layout: AdapterLayout, path: str | os.PathLike) -
         rank=config["r"],
         alpha=config["lora_alpha"],
         dropout=config.get("lora_dropout", 0.0),
-        targets=config.get("moelab", {}).get("targets", ["experts", "attention"]),
+        # what the adapter holds (save_adapter writes no moelab targets into its config)
+        targets=[t for t in LORA_TARGETS if t in targets],
     )
 
 
