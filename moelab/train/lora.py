@@ -57,6 +57,16 @@ def _kind(path: tree.Path) -> str | None:
     return None
 
 
+def _target(path: tree.Path) -> str | None:
+    """The LoRA target a parameter at ``path`` belongs to: ``experts`` (the stacked expert
+    weights' ``gate_up``), ``router``, a dense linear's kind (its 2-D ``weight``), or None."""
+    if path[-1] == "gate_up":
+        return "experts"
+    if path[-3:-1] == ("mlp", "router"):
+        return "router"
+    return _kind(path) if path[-1] == "weight" else None
+
+
 def _kaiming_a(rank: int, fan_in: int, like: torch.Tensor, generator, lead=()) -> torch.Tensor:
     bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)), as nn.Linear and PEFT
     t = torch.empty(*lead, rank, fan_in, dtype=torch.float32, device=like.device)
@@ -65,15 +75,11 @@ def _kaiming_a(rank: int, fan_in: int, like: torch.Tensor, generator, lead=()) -
 
 def present_targets(params: dict) -> set[str]:
     """The LoRA targets this model has weights for (``router``: its router weights)."""
-    found = set()
-    for path, w in tree.leaves(params):
-        if path[-1] == "weight" and w.dim() == 2 and _kind(path) is not None:
-            found.add(_kind(path))
-        elif path[-1] == "gate_up":
-            found.add("experts")
-        elif path[-3:-1] == ("mlp", "router"):
-            found.add("router")
-    return found
+    return {
+        _target(path)
+        for path, w in tree.leaves(params)
+        if _target(path) is not None and (path[-1] != "weight" or w.dim() == 2)
+    }
 
 
 def check_targets(params: dict, cfg: LoraConfig) -> None:
@@ -312,14 +318,14 @@ def load_adapter(params: dict, layout: AdapterLayout, path: str | os.PathLike) -
                 base = next(p for p, n in hub_names.items() if n == module)
                 tree.get(params, base).data.copy_(read_tensor(entry))
                 used.add(key)
-                targets.add("router")
+                targets.add(_target(base))
             continue
         base = by_module.get(module)
         if base is None:
             raise CheckpointError(f"{folder}: adapter key {key!r} matches no module of the model")
         _place(params, base, key, read_tensor(entry), layout.interleaved_gate_up)
         used.add(key)
-        targets.add("experts" if base[-1] == "gate_up" else _kind(base))
+        targets.add(_target(base))
     unused = sorted(set(entries) - used)
     if unused:
         raise CheckpointError(f"{folder}: adapter keys not understood: {unused[:8]}")
