@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from moelab.kernels.first_order import first_order_backward
 from moelab.kernels.problem import ExpertProblem
 from moelab.ops.activations import activation_backward, activation_forward
 from moelab.ops.dispatch import DispatchPlan, combine, dispatch, scatter_to_slots
@@ -232,7 +232,7 @@ class _GroupedExperts(torch.autograd.Function):
         return out_TH
 
     @staticmethod
-    @once_differentiable  # its out= ops have no backward: differentiating it again must raise
+    @first_order_backward("the grouped_mm expert MLP")
     def backward(ctx, dout_TH):
         # fmt: off
         (x_TH, weights_TK, experts_TK, gate_up, down, down_bias,

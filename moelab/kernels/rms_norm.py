@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from moelab.kernels import launch as kl
+from moelab.kernels.first_order import first_order_backward
 
 _BLOCK_ELEMENTS = 4096  # elements per program: many rows per program for narrow (per-head) rows
 
@@ -94,7 +94,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
-    @once_differentiable  # the kernel has no backward: differentiating it again must raise
+    @first_order_backward("the RMSNorm kernel")
     def backward(ctx, dy):
         x_2d, weight, rstd = ctx.saved_tensors
         rows, dim = x_2d.shape

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from moelab.kernels import launch as kl
+from moelab.kernels.first_order import first_order_backward
 
 
 @triton.jit
@@ -95,7 +95,7 @@ class _Rope(torch.autograd.Function):
         return _rotate(x_BNSD, cos_BSR, sin_BSR, transposed=False)
 
     @staticmethod
-    @once_differentiable  # the kernel has no backward: differentiating it again must raise
+    @first_order_backward("the RoPE kernel")
     def backward(ctx, dout_BNSD):
         cos_BSR, sin_BSR = ctx.saved_tensors
         return _rotate(dout_BNSD, cos_BSR, sin_BSR, transposed=True), None, None

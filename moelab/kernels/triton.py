@@ -45,13 +45,13 @@ from typing import NamedTuple
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 
 from moelab.kernels import grouped_mm as gmm
 from moelab.kernels import launch as kl
 from moelab.kernels import triton_grads as tg
 from moelab.kernels import triton_kernels as tk
 from moelab.kernels import triton_tuning as tuning
+from moelab.kernels.first_order import first_order_backward
 from moelab.kernels.measured import MeasuredChoices
 from moelab.kernels.problem import ExpertProblem
 from moelab.kernels.triton_grads import transposed_strides as _t
@@ -950,7 +950,7 @@ class _TritonExperts(torch.autograd.Function):
         return out_TH
 
     @staticmethod
-    @once_differentiable  # the kernels have no backward: differentiating it again must raise
+    @first_order_backward("the triton expert MLP")
     def backward(ctx, dout_TH):
         if ctx.empty:
             zeros = [torch.zeros_like(t) if n and t is not None else None

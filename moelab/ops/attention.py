@@ -10,7 +10,8 @@ Sinks (GPT-OSS): one learned logit per query head joins the softmax denominator 
 value, so a row's weights sum to less than 1. The SDPA path runs a fused kernel that returns the
 row log-sum-exp and rescales its output: on CUDA in half precision the flash kernel (GQA and
 sliding window native; ``_FlashSinkAttention``), elsewhere or with packed documents the
-memory-efficient / CPU flash kernel over an additive mask (``_SinkAttention``). The eager path
+memory-efficient / CPU flash kernel over an additive mask (``_SinkAttention``). Neither has a
+second derivative (a gradient penalty through them raises); the eager path does. The eager path
 follows the reference (scores, sink column, max subtraction and softmax all in the compute
 dtype).
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from moelab.kernels.first_order import first_order_backward
 
 ATTENTION_IMPLS = ("sdpa", "eager")
 
@@ -202,6 +205,11 @@ def _through_sinks(dout, out, w, head_dims, sink_dtype) -> tuple[torch.Tensor, t
     return d_o, -((1.0 - w) * row_dot).sum(dim=head_dims).to(sink_dtype)
 
 
+# the fused paths' second-derivative error: their backwards are aten kernels' (sinks_N is saved
+# only so that the error reaches a gradient penalty on the sinks)
+_FUSED, _USE_EAGER = "sink attention (impl='sdpa')", "use impl='eager' for a gradient penalty"
+
+
 class _SinkAttention(torch.autograd.Function):
     """Attention with sinks on a fused kernel that also returns the row log-sum-exp.
 
@@ -226,13 +234,14 @@ class _SinkAttention(torch.autograd.Function):
         seq = q.shape[2]
         w = torch.sigmoid(lse[..., :seq].float() - sinks_N.float()[None, :, None])
         out = _scaled_by_sinks(out, w)
-        ctx.save_for_backward(q, k, v, bias, out, lse, w, seed, offset)
+        ctx.save_for_backward(q, k, v, sinks_N, bias, out, lse, w, seed, offset)
         ctx.is_causal, ctx.scale, ctx.sink_dtype = is_causal, scale, sinks_N.dtype
         return out
 
     @staticmethod
+    @first_order_backward(_FUSED, _USE_EAGER)
     def backward(ctx, dout):
-        q, k, v, bias, out, lse, w, seed, offset = ctx.saved_tensors
+        q, k, v, _, bias, out, lse, w, seed, offset = ctx.saved_tensors
         d_o, d_sinks = _through_sinks(dout, out, w, (0, 2), ctx.sink_dtype)
         if q.is_cuda:
             dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
@@ -262,13 +271,14 @@ class _FlashSinkAttention(torch.autograd.Function):
         lse_TN = lse.t() if lse.dim() == 2 else lse.transpose(1, 2).reshape(-1, lse.shape[1])
         w_TN = torch.sigmoid(lse_TN.float() - sinks_N.float())
         out = _scaled_by_sinks(out, w_TN)
-        ctx.save_for_backward(q_TND, k_TMD, v_TMD, out, lse, w_TN, bounds, rng, unused)
+        ctx.save_for_backward(q_TND, k_TMD, v_TMD, sinks_N, out, lse, w_TN, bounds, rng, unused)
         ctx.max_seq, ctx.scale, ctx.sides, ctx.sink_dtype = max_seq, scale, sides, sinks_N.dtype
         return out
 
     @staticmethod
+    @first_order_backward(_FUSED, _USE_EAGER)
     def backward(ctx, dout):
-        q, k, v, out, lse, w_TN, bounds, rng, unused = ctx.saved_tensors
+        q, k, v, _, out, lse, w_TN, bounds, rng, unused = ctx.saved_tensors
         d_o, d_sinks = _through_sinks(dout, out, w_TN, 0, ctx.sink_dtype)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             d_o, q, k, v, out, lse, bounds, bounds, ctx.max_seq, ctx.max_seq, 0.0, True,
