@@ -28,10 +28,41 @@ DEFAULT_OPTIONS = ForwardOptions()
 def positions_from_documents(document_ids_BS: torch.Tensor) -> torch.Tensor:
     """Position ids restarting at 0 at every document boundary of a packed row."""
     seq = torch.arange(document_ids_BS.shape[1], device=document_ids_BS.device)
+    start_index = torch.where(_document_starts(document_ids_BS), seq, 0).cummax(dim=1).values
+    return seq - start_index
+
+
+def document_runs(document_ids_BS: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` int64: each token's document index within its row, counting from 0.
+
+    A document is a maximal run of equal consecutive ids, the same boundaries
+    :func:`positions_from_documents` restarts at: ``[0, 0, 1, 1, 0, 0]`` is three documents.
+    """
+    return _document_starts(document_ids_BS).cumsum(dim=1) - 1
+
+
+def _document_starts(document_ids_BS: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(document_ids_BS, dtype=torch.bool)
     starts[:, 1:] = document_ids_BS[:, 1:] != document_ids_BS[:, :-1]
-    start_index = torch.where(starts, seq, torch.zeros_like(seq)).cummax(dim=1).values
-    return seq - start_index
+    return starts
+
+
+def _batched_documents(document_ids: torch.Tensor, ids_BS: torch.Tensor) -> torch.Tensor:
+    """``document_ids`` as ``[B, S]``: ``[S]`` and ``[1, S]`` broadcast over the batch, as
+    position ids do; anything else must be ``input_ids``' shape."""
+    if not isinstance(document_ids, torch.Tensor):
+        raise ValueError(f"document_ids must be a tensor, got {type(document_ids).__name__}")
+    dtype = document_ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"document_ids must be an integer tensor, got {dtype}")
+    docs_BS = document_ids[None] if document_ids.dim() == 1 else document_ids
+    batch, seq = ids_BS.shape
+    if docs_BS.dim() != 2 or docs_BS.shape[0] not in (1, batch) or docs_BS.shape[1] != seq:
+        raise ValueError(
+            f"document_ids must be [B, S] = {list(ids_BS.shape)} like input_ids (or [S]), "
+            f"got {list(document_ids.shape)}"
+        )
+    return docs_BS.expand_as(ids_BS)
 
 
 def hidden_states(
@@ -47,16 +78,23 @@ def hidden_states(
 
     ``input_ids`` is ``[B, S]`` (or ``[S]``); positions default to ``0..S-1``, restarting per
     document when ``document_ids`` marks packed documents (attention stays inside each).
+    ``document_ids``: integer ``[B, S]``, or ``[S]`` / ``[1, S]`` for every row as position ids;
+    a document is a maximal run of equal consecutive ids, so an id may come back later in a row
+    as another document (:func:`document_runs`).
     """
     ids_BS = input_ids if input_ids.dim() == 2 else input_ids[None]
     if position_ids is not None and position_ids.dim() == 1:  # [S], like input_ids
         position_ids = position_ids[None]
-    if position_ids is None:
-        if document_ids is not None:
+    if document_ids is not None:
+        document_ids = _batched_documents(document_ids, ids_BS)
+        if position_ids is None:
             position_ids = positions_from_documents(document_ids)
-        else:
-            position_ids = torch.arange(ids_BS.shape[1], device=ids_BS.device)[None]
-            position_ids = position_ids.expand_as(ids_BS)
+        # attention masks by id equality: as run indices, a reused id ([0, 0, 1, 1, 0, 0]) starts
+        # a new document for attention too, where its positions restart
+        document_ids = document_runs(document_ids)
+    if position_ids is None:
+        position_ids = torch.arange(ids_BS.shape[1], device=ids_BS.device)[None]
+        position_ids = position_ids.expand_as(ids_BS)
     h = F.embedding(ids_BS, params["embed"]["weight"])
     cos, sin = rope_cos_sin(cfg.rope, position_ids, h.dtype)
     stats = []

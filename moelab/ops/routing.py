@@ -178,8 +178,16 @@ _OPTIONS = {
 
 
 def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert, ``[E]`` int64, counted on device (no host sync)."""
-    flat_N = experts_TK.reshape(-1)
+    """Tokens routed to each expert, ``[E]`` int64, counted on device (no host sync).
+
+    ``experts_TK`` may be of any integer dtype (:func:`route` gives int64; ``moe_experts``
+    takes others).
+    """
+    dtype = experts_TK.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"expert ids must be an integer tensor, got {dtype}")
+    # scatter_add_ wants int64 indices (and int64 ones to add); a no-op for route's ids
+    flat_N = experts_TK.reshape(-1).long()
     return torch.zeros(num_experts, dtype=torch.int64, device=flat_N.device).scatter_add_(
         0, flat_N, torch.ones_like(flat_N)
     )
