@@ -11,16 +11,17 @@ import shutil
 import pytest
 import torch
 from conftest import rel_err
-from hf_fixtures import gpt_oss_model, load_reference, save_qwen3
+from hf_fixtures import gpt_oss_model, load_reference, qwen3_model, save_qwen3
 from safetensors.torch import load_file, save_file
 
 import moelab
 from moelab.checkpoints.gpt_oss import MXFP4_CONFIG
+from moelab.models import tree
 
 pytest.importorskip("transformers")
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
-INDEX = "model.safetensors.index.json"
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,91 @@ def test_stored_dtype_is_cast_to_the_config_dtype_as_transformers_does(sharded, 
     model = moelab.load_pretrained(bf16_config)
     assert model.params["norm"]["weight"].dtype == hf.model.norm.weight.dtype == torch.bfloat16
     assert torch.equal(model.params["norm"]["weight"], hf.model.norm.weight)
+
+
+def _drop_config_dtype(path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _dtypes(model) -> set[torch.dtype]:
+    return {t.dtype for _, t in tree.leaves(model.params)}
+
+
+@pytest.mark.parametrize("shards", [None, "30KB"], ids=["one file", "shards"])
+@pytest.mark.parametrize("family", ["qwen3", "gpt_oss"])
+def test_config_without_dtype_loads_the_stored_dtype_as_transformers_does(tmp_path, family, shards):
+    """Transformers 5's from_pretrained defaults to dtype="auto", which takes a config with no
+    dtype / torch_dtype to the stored one: bf16 here (moelab loaded fp32). A dtype asked for
+    still wins."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "ckpt"
+    model = (qwen3_model if family == "qwen3" else gpt_oss_model)().to(torch.bfloat16)
+    model.save_pretrained(path, **({"max_shard_size": shards} if shards else {}))
+    _drop_config_dtype(path)
+    assert (path / INDEX).exists() == (shards is not None)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(path, dtype="auto").dtype == torch.bfloat16
+    ours = moelab.load_pretrained(path)
+    assert _dtypes(ours) == {torch.bfloat16}
+    assert torch.equal(ours.params["embed"]["weight"], hf.model.embed_tokens.weight)
+    assert _dtypes(moelab.load_pretrained(path, dtype=torch.float32)) == {torch.float32}
+
+
+# Which stored dtype Transformers' dtype="auto" picks where the tensors disagree: the index's
+# metadata.dtype, else the first floating-point tensor by name, of the first shard only.
+# (tensor stored as fp16 or the index's metadata.dtype, files, the dtype picked)
+PICKED = {
+    "first name fp16 (lm_head)": ("lm_head.weight", "one file", torch.float16),
+    "a later name fp16": ("model.norm.weight", "one file", torch.bfloat16),
+    "first name fp16, first shard": ("lm_head.weight", "shards", torch.float16),
+    # the shard holding lm_head renamed to sort last: the new first shard's tensors are bf16
+    "first name fp16, last shard": ("lm_head.weight", "shards, lm_head's last", torch.bfloat16),
+    "index metadata.dtype float16": ("metadata.dtype", "shards", torch.float16),
+}
+
+
+def _swap_first_and_last_shard(path) -> None:
+    index = _index(path)
+    first, *_, last = sorted(set(index["weight_map"].values()))
+    swap = {first: last, last: first}
+    (path / first).rename(path / "swapping")
+    (path / last).rename(path / first)
+    (path / "swapping").rename(path / last)
+    index["weight_map"] = {n: swap.get(f, f) for n, f in index["weight_map"].items()}
+    (path / INDEX).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("case", list(PICKED))
+def test_config_without_dtype_picks_among_stored_dtypes_as_transformers_does(tmp_path, case):
+    from transformers import AutoModelForCausalLM
+
+    fp16, files, expected = PICKED[case]
+    path = tmp_path / "ckpt"
+    sharded = files != "one file"
+    qwen3_model().to(torch.bfloat16).save_pretrained(
+        path, **({"max_shard_size": "100KB"} if sharded else {})
+    )
+    _drop_config_dtype(path)
+    if fp16 == "metadata.dtype":
+        index = _index(path)
+        index["metadata"]["dtype"] = "float16"
+        (path / INDEX).write_text(json.dumps(index))
+    for file in sorted(set(_index(path)["weight_map"].values())) if sharded else [SINGLE]:
+        tensors = load_file(path / file)
+        if fp16 in tensors:
+            tensors[fp16] = tensors[fp16].half()
+            save_file(tensors, path / file, metadata={"format": "pt"})
+            # Transformers writes lm_head into the first shard, which the swap below moves
+            assert not sharded or file == min(_index(path)["weight_map"].values())
+    if files == "shards, lm_head's last":
+        _swap_first_and_last_shard(path)
+    assert AutoModelForCausalLM.from_pretrained(path).dtype == expected
+    assert _dtypes(moelab.load_pretrained(path)) == {expected}
 
 
 def test_fewer_layers_than_stored_qwen3(sharded, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,7 +15,13 @@ from tqdm.auto import tqdm
 from moelab.checkpoints import gpt_oss as gpt_oss_names
 from moelab.checkpoints import mapping
 from moelab.checkpoints import qwen3_moe as qwen3_names
-from moelab.checkpoints.safetensors_io import CheckpointError, checkpoint_entries, write_checkpoint
+from moelab.checkpoints.safetensors_io import (
+    CheckpointError,
+    TensorEntry,
+    checkpoint_entries,
+    stored_dtype,
+    write_checkpoint,
+)
 from moelab.models import gpt_oss, qwen3_moe, tree
 from moelab.models.model import Model
 from moelab.models.options import ForwardOptions
@@ -28,6 +35,7 @@ FAMILIES: dict[str, tuple[ModuleType, ModuleType]] = {
     "qwen3_vl_moe": (qwen3_moe, qwen3_names),
     "gpt_oss": (gpt_oss, gpt_oss_names),
 }
+HEAD_NAME = "lm_head.weight"  # every family's
 
 
 def _family(model_type: str | None) -> tuple[ModuleType, ModuleType]:
@@ -71,20 +79,30 @@ def load_pretrained(
 
     Args:
         path: folder with ``config.json`` and ``model.safetensors`` or a shard index.
-        dtype: parameter dtype (default: the config's ``torch_dtype``, else float32).
+        dtype: parameter dtype. Default: what Transformers' ``from_pretrained`` picks without
+            one (``dtype="auto"``): the config's ``dtype`` / ``torch_dtype``, else the shard
+            index's ``metadata.dtype``, else the dtype of the first floating-point tensor by
+            name in the first file, else float32.
         device: where the parameters live (default CPU).
         options: default forward options of the returned model.
 
     Tensors are read one at a time straight into their final (stacked) place; the checkpoint is
-    checked in full before any of it is read, so a bad one raises before memory is spent.
+    checked in full before any of it is read, so a bad one raises before memory is spent. A
+    config that ties the embeddings but a file that also holds an ``lm_head.weight`` loads as
+    Transformers 5 loads it: tied only where the two are equal in ``dtype``.
     """
     cfg = read_config(path)
     model_module, names = _family(cfg.model_type)
-    dtype = dtype or cfg.dtype or torch.float32
     entries = checkpoint_entries(path)
+    dtype = dtype or cfg.dtype or stored_dtype(path, entries) or torch.float32
+    head_stored = cfg.tie_word_embeddings and HEAD_NAME in entries
+    if head_stored:  # loaded as its own param first; tied again below if it equals the embedding
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     meta = model_module.init_params(cfg, dtype=dtype, device="meta")
     layout = names.expert_layout(cfg, set(entries))
     targets = names.targets(cfg, meta, layout)
+    if head_stored:
+        entries = _embedding_from_head_if_absent(entries, targets)
     mapping.check_entries(entries, targets, meta, lambda n: names.ignored(cfg, n))
     params = tree.map_leaves(lambda p, t: torch.empty(t.shape, dtype=dtype, device=device), meta)
 
@@ -99,6 +117,8 @@ def load_pretrained(
         )
 
     mapping.load_into(params, entries, targets, progress)
+    if head_stored:
+        cfg = _tie_if_equal(cfg, params, path)
     log.info(
         "moelab: loaded %s from %s: %.3fB parameters, %s on %s",
         cfg.model_type,
@@ -108,6 +128,35 @@ def load_pretrained(
         device or "cpu",
     )
     return Model(model_module, cfg, params, options or ForwardOptions())
+
+
+def _embedding_from_head_if_absent(
+    entries: dict[str, TensorEntry], targets: dict[str, mapping.Target]
+) -> dict[str, TensorEntry]:
+    # NOTE: Transformers ties symmetrically: a tied config whose file holds the head but not the
+    # embedding gets the embedding from the head
+    embed = next(name for name, t in targets.items() if t.path == ("embed", "weight"))
+    return {embed: entries[HEAD_NAME], **entries}
+
+
+def _tie_if_equal(
+    cfg: qwen3_moe.Config | gpt_oss.Config, params: dict, path: str | os.PathLike
+) -> qwen3_moe.Config | gpt_oss.Config:
+    """The config tied again, the head dropped, where the loaded head equals the embedding.
+
+    Transformers 5 (``PreTrainedModel.tie_weights``) compares the two after the cast to the
+    load dtype and leaves them untied where they differ, so the stored head makes the logits.
+    """
+    if torch.equal(params["lm_head"]["weight"], params["embed"]["weight"]):
+        del params["lm_head"]
+        return dataclasses.replace(cfg, tie_word_embeddings=True)
+    log.warning(
+        "moelab: %s: config.json ties the embeddings but %s differs from them; using it "
+        "untied, as Transformers does (the model saves with tie_word_embeddings false)",
+        path,
+        HEAD_NAME,
+    )
+    return cfg
 
 
 def save_pretrained(

@@ -118,7 +118,5 @@ def ignored(cfg: Config, name: str) -> bool:
     """Tensors a text model deliberately drops: rotary caches, vision tower, extra layers."""
     if name.endswith("rotary_emb.inv_freq") or name.startswith("model.visual."):
         return True
-    if cfg.tie_word_embeddings and name == "lm_head.weight":
-        return True
     match = _LAYER_INDEX.search(name)
     return match is not None and int(match.group(1)) >= cfg.num_layers

@@ -135,6 +135,31 @@ def checkpoint_entries(path: str | os.PathLike) -> dict[str, TensorEntry]:
     return read_header(single)
 
 
+def stored_dtype(path: str | os.PathLike, entries: dict[str, TensorEntry]) -> torch.dtype | None:
+    """The dtype Transformers' ``dtype="auto"`` reads off a checkpoint whose config names none.
+
+    A shard index's ``metadata.dtype`` where one is read, else the first floating-point tensor,
+    by name, of the first file (shard names sorted; FP8 skipped, as Transformers cannot make a
+    model of it); None where no tensor is floating point.
+    """
+    index = Path(path) / INDEX_FILE
+    if not (Path(path) / SINGLE_FILE).exists() and index.exists():
+        named = (json.loads(index.read_text()).get("metadata") or {}).get("dtype")
+        if named is not None:
+            dtype = getattr(torch, str(named).removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype):
+                raise CheckpointError(f"{index}: metadata names an unknown dtype {named!r}")
+            return dtype
+    if not entries:
+        return None
+    first = min(e.file for e in entries.values())
+    for name in sorted(n for n, e in entries.items() if e.file == first):
+        dtype = entries[name].dtype
+        if dtype.is_floating_point and dtype.itemsize > 1:
+            return dtype
+    return None
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     tensors: Iterator[tuple[str, torch.Tensor]],
