@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import rel_err
 from hf_fixtures import gpt_oss_model, load_reference, qwen3_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import moelab
 from moelab.models import tree
@@ -181,3 +181,75 @@ def test_dense_mlp_adapters_without_the_experts_either_load_in_peft_or_warn(
     with torch.no_grad():
         matches = rel_err(with_adapter(IDS).logits, expected) <= 2e-5
     assert matches or warned
+
+
+OVER = [
+    # family, targets and gate/up layout of adapter A in the params, targets of B loaded over it
+    ("qwen3", ["experts", "attention"], "separate", ["experts"]),  # A's attention stayed
+    ("qwen3", ["experts"], "separate", ["experts"]),  # A's gate/up stayed beside B's gate_up
+    ("qwen3", ["experts", "mlp"], "fused", ["attention"]),  # A's experts and dense MLP stayed
+    ("gpt_oss", ["experts", "attention"], "separate", ["experts", "router"]),
+    ("gpt_oss", ["experts", "router"], "fused", ["attention", "router"]),  # B's router wins
+    ("gpt_oss", ["attention"], "fused", ["experts"]),
+]
+
+
+def _adapters(model) -> dict[tuple, torch.Tensor]:
+    return {path: t for path, t in tree.leaves(model.params) if is_adapter(path)}
+
+
+@pytest.mark.parametrize(
+    "family, a_targets, a_gate_up, b_targets", OVER, ids=["-".join(map(str, c)) for c in OVER]
+)
+def test_an_adapter_loaded_over_another_replaces_it(
+    bases, tmp_path, family, a_targets, a_gate_up, b_targets
+):
+    """The params hold exactly B's adapters, and the forward is B's on a fresh base, bit for
+    bit; A's entries used to stay (logits 0.90 to 1.37 off where A adapted what B does not)."""
+    folder = bases(family, 3 if family == "qwen3" else 2)
+    b_cfg = LoraConfig(rank=3, alpha=6.0, targets=b_targets)
+    b = with_adapters(folder, b_cfg, seed=2)
+    lora_mod.save_adapter(b.params, setup.adapter_layout(b), b_cfg, tmp_path / "b")
+    fresh = moelab.load_pretrained(folder)
+    loaded = lora_mod.load_adapter(fresh.params, setup.adapter_layout(fresh), tmp_path / "b")
+    a_cfg = LoraConfig(rank=2, alpha=4.0, targets=a_targets, gate_up=a_gate_up)
+    over = with_adapters(folder, a_cfg, seed=1)
+    lora_mod.load_adapter(over.params, setup.adapter_layout(over), tmp_path / "b")
+    ours, want = _adapters(over), _adapters(fresh)
+    assert ours.keys() == want.keys()
+    assert all(torch.equal(ours[path], t) for path, t in want.items())
+    options = ForwardOptions(lora_scale=loaded.alpha / loaded.rank)
+    assert torch.equal(over(IDS, options=options), fresh(IDS, options=options))
+
+
+def test_an_adapter_that_does_not_fit_leaves_the_params_adapters_as_they_were(bases, tmp_path):
+    folder = bases("qwen3", 3)
+    cfg = LoraConfig(rank=2, targets=["experts", "attention"])
+    model = with_adapters(folder, cfg)
+    lora_mod.save_adapter(model.params, setup.adapter_layout(model), cfg, tmp_path / "b")
+    tensors = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    tensors["base_model.model.model.vision.lora_A.weight"] = torch.ones(2, 3)
+    save_file(tensors, tmp_path / "b" / "adapter_model.safetensors")
+    a = with_adapters(folder, LoraConfig(rank=1, targets=["mlp"]), seed=3)
+    before = {path: t.clone() for path, t in _adapters(a).items()}
+    with pytest.raises(moelab.CheckpointError, match="matches no module"):
+        lora_mod.load_adapter(a.params, setup.adapter_layout(a), tmp_path / "b")
+    after = _adapters(a)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[path], t) for path, t in before.items())
+
+
+def test_a_router_an_earlier_adapter_trained_stays_with_a_warning(bases, tmp_path, caplog):
+    """A router is a full weight, not an adapter: where B holds none, the one A changed cannot
+    be told from the base's and stays (B's adapters replace A's all the same)."""
+    folder = bases("gpt_oss", 2)
+    b_cfg = LoraConfig(rank=2, targets=["attention"])
+    b = with_adapters(folder, b_cfg, seed=2)
+    lora_mod.save_adapter(b.params, setup.adapter_layout(b), b_cfg, tmp_path / "b")
+    a = with_adapters(folder, LoraConfig(rank=2, targets=["experts", "router"]), seed=1)
+    router = a.params["layers"][0]["mlp"]["router"]["weight"].clone()
+    with caplog.at_level(logging.WARNING, logger="moelab"):
+        lora_mod.load_adapter(a.params, setup.adapter_layout(a), tmp_path / "b")
+    assert "holds no router" in caplog.text
+    assert torch.equal(a.params["layers"][0]["mlp"]["router"]["weight"], router)
+    assert _adapters(a).keys() == _adapters(b).keys()

@@ -290,18 +290,56 @@ def save_adapter(
 
 
 def load_adapter(params: dict, layout: AdapterLayout, path: str | os.PathLike) -> LoraConfig:
-    """Put the adapters of a PEFT-layout folder into ``params`` (in place; fused form)."""
-    hub_names = layout.names
+    """Put the adapters of a PEFT-layout folder into ``params`` (in place; fused form).
+
+    Adapters the params already carry, of any targets or gate/up layout, are removed first: the
+    params then hold exactly this folder's, and the forward is that of the folder loaded into a
+    fresh base. Every key is resolved and read before the params change, so a folder that does
+    not fit raises and leaves them as they were. A router the folder holds
+    (``modules_to_save``) is copied over the params' router; one that an earlier adapter or its
+    training replaced cannot be told from the base's, so it stays where the folder holds none
+    (a warning says so when adapters were replaced): load into a fresh base then.
+    """
     folder = Path(path)
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG} does not exist") from e
+    routers, adapters, targets = _read_adapter(params, layout, folder)
+    if any(is_adapter(p) for p, _ in tree.leaves(params)):
+        _drop_adapters(params)
+        if not routers:
+            log.warning(
+                "moelab: %s replaces the params' adapters but holds no router: the routers "
+                "stay as the params hold them, changed if an earlier adapter or its training "
+                "changed them (router target); load into a fresh base model to drop that",
+                folder,
+            )
+    with torch.no_grad():
+        for router, value in routers:
+            router.copy_(value)
+    for owner, keys, value in adapters:
+        for key in keys[:-1]:
+            owner = owner.setdefault(key, {})
+        owner[keys[-1]] = value
+    return LoraConfig(
+        rank=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        # what the adapter holds (save_adapter writes no moelab targets into its config)
+        targets=[t for t in LORA_TARGETS if t in targets],
+    )
+
+
+def _read_adapter(params: dict, layout: AdapterLayout, folder: Path):
+    """``(routers, adapters, targets)``: (router, value) pairs, (owner dict, keys under it,
+    value) for each adapter tensor in the params' layout, and the LoRA targets held."""
+    hub_names = layout.names
     entries = read_header(folder / ADAPTER_FILE)
     by_module = {
         v.removesuffix(".weight").removesuffix(".gate_up_proj"): k for k, v in hub_names.items()
     }
-    used, targets = set(), set()
+    routers, adapters, used, targets = [], [], set(), set()
     for key, entry in entries.items():
         module = key.removeprefix(PEFT_PREFIX)
         for suffix in (
@@ -316,35 +354,46 @@ def load_adapter(params: dict, layout: AdapterLayout, path: str | os.PathLike) -
         else:
             if module in hub_names.values():  # modules_to_save: a fully trained tensor
                 base = next(p for p, n in hub_names.items() if n == module)
-                tree.get(params, base).data.copy_(read_tensor(entry))
+                router, value = tree.get(params, base), read_tensor(entry)
+                if value.shape != router.shape:  # copy_ would broadcast it
+                    raise CheckpointError(
+                        f"{folder}: {key!r} has shape {list(value.shape)}, the model's "
+                        f"{list(router.shape)}"
+                    )
+                routers.append((router, value))
                 used.add(key)
                 targets.add(_target(base))
             continue
         base = by_module.get(module)
         if base is None:
             raise CheckpointError(f"{folder}: adapter key {key!r} matches no module of the model")
-        _place(params, base, key, read_tensor(entry), layout.interleaved_gate_up)
+        adapters.append(_placed(params, base, key, read_tensor(entry), layout.interleaved_gate_up))
         used.add(key)
         targets.add(_target(base))
     unused = sorted(set(entries) - used)
     if unused:
         raise CheckpointError(f"{folder}: adapter keys not understood: {unused[:8]}")
-    return LoraConfig(
-        rank=config["r"],
-        alpha=config["lora_alpha"],
-        dropout=config.get("lora_dropout", 0.0),
-        # what the adapter holds (save_adapter writes no moelab targets into its config)
-        targets=[t for t in LORA_TARGETS if t in targets],
-    )
+    return routers, adapters, targets
 
 
-def _place(params: dict, base: tuple, key: str, value: torch.Tensor, interleaved: bool) -> None:
+def _drop_adapters(node) -> None:
+    if isinstance(node, dict):
+        for key in ADAPTER_KEYS:
+            node.pop(key, None)
+        node = list(node.values())
+    if isinstance(node, (list, tuple)):
+        for child in node:
+            _drop_adapters(child)
+
+
+def _placed(
+    params: dict, base: tuple, key: str, value: torch.Tensor, interleaved: bool
+) -> tuple[dict, tuple[str, ...], torch.Tensor]:
     owner = tree.get(params, base[:-1])
     is_a = ".lora_A." in key
     if base[-1] == "weight":  # dense linear
         w = owner["weight"]
-        owner["lora_a" if is_a else "lora_b"] = value.to(w.dtype, copy=True).to(w.device)
-        return
+        return owner, ("lora_a" if is_a else "lora_b",), value.to(w.dtype, copy=True).to(w.device)
     stack = "gate_up" if ".base_layer." in key else "down"
     w = owner[stack]
     e = w.shape[0]
@@ -354,5 +403,5 @@ def _place(params: dict, base: tuple, key: str, value: torch.Tensor, interleaved
         t = value.reshape(value.shape[0], -1, e).permute(2, 0, 1)
         if interleaved and stack == "gate_up":
             t = _deinterleave_rows(t)
-    lora = owner.setdefault("lora", {})
-    lora[f"{stack}_{'a' if is_a else 'b'}"] = t.to(w.dtype).contiguous().to(w.device)
+    half = f"{stack}_{'a' if is_a else 'b'}"
+    return owner, ("lora", half), t.to(w.dtype).contiguous().to(w.device)
