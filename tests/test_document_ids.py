@@ -107,6 +107,29 @@ def test_document_ids_that_do_not_fit_are_refused(case):
         family.forward(cfg, params, ids, document_ids=BAD_DOCUMENTS[case](docs))
 
 
+BAD_POSITIONS = {
+    "one token short": lambda pos: pos[:, :-1],
+    "one token short, [S]": lambda pos: pos[0, :-1],
+    "three rows for two": lambda pos: pos[:1].expand(3, -1),
+    "3-D": lambda pos: pos[None],
+    "float positions": lambda pos: pos.float(),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_POSITIONS))
+def test_position_ids_that_do_not_fit_are_refused(case):
+    """Before: a broadcast error inside RoPE or the attention, or (float) no error at all."""
+    family, cfg, params = _model("tiny-qwen3")
+    ids = _ids(cfg, 2, 12)
+    positions = torch.arange(12).expand(2, -1)
+    with pytest.raises(ValueError, match="position_ids"):
+        family.forward(cfg, params, ids, position_ids=BAD_POSITIONS[case](positions))
+    # the shapes that fit: [S], [1, S] and [B, S] give the same logits
+    expected = family.forward(cfg, params, ids)
+    for fits in (positions[0], positions[:1], positions):
+        assert torch.equal(family.forward(cfg, params, ids, position_ids=fits), expected)
+
+
 @pytest.mark.parametrize("attention", list(OPTIONS))
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_reused_id_is_a_new_document(name, attention):

@@ -47,22 +47,21 @@ def _document_starts(document_ids_BS: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def _batched_documents(document_ids: torch.Tensor, ids_BS: torch.Tensor) -> torch.Tensor:
-    """``document_ids`` as ``[B, S]``: ``[S]`` and ``[1, S]`` broadcast over the batch, as
-    position ids do; anything else must be ``input_ids``' shape."""
-    if not isinstance(document_ids, torch.Tensor):
-        raise ValueError(f"document_ids must be a tensor, got {type(document_ids).__name__}")
-    dtype = document_ids.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise ValueError(f"document_ids must be an integer tensor, got {dtype}")
-    docs_BS = document_ids[None] if document_ids.dim() == 1 else document_ids
+def _per_row(name: str, t: torch.Tensor, ids_BS: torch.Tensor) -> torch.Tensor:
+    """Integer ``t`` as ``[1, S]`` or ``[B, S]`` like ``input_ids`` (``[S]``: one row for all),
+    or a ValueError naming ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    t_BS = t[None] if t.dim() == 1 else t
     batch, seq = ids_BS.shape
-    if docs_BS.dim() != 2 or docs_BS.shape[0] not in (1, batch) or docs_BS.shape[1] != seq:
+    if t_BS.dim() != 2 or t_BS.shape[0] not in (1, batch) or t_BS.shape[1] != seq:
         raise ValueError(
-            f"document_ids must be [B, S] = {list(ids_BS.shape)} like input_ids (or [S]), "
-            f"got {list(document_ids.shape)}"
+            f"{name} must be [B, S] = {list(ids_BS.shape)} like input_ids (or [S]), "
+            f"got {list(t.shape)}"
         )
-    return docs_BS.expand_as(ids_BS)
+    return t_BS
 
 
 def hidden_states(
@@ -78,15 +77,17 @@ def hidden_states(
 
     ``input_ids`` is ``[B, S]`` (or ``[S]``); positions default to ``0..S-1``, restarting per
     document when ``document_ids`` marks packed documents (attention stays inside each).
-    ``document_ids``: integer ``[B, S]``, or ``[S]`` / ``[1, S]`` for every row as position ids;
+    ``position_ids`` and ``document_ids``: integer ``[B, S]``, or ``[S]`` / ``[1, S]`` for
+    every row (anything else raises a ValueError);
     a document is a maximal run of equal consecutive ids, so an id may come back later in a row
     as another document (:func:`document_runs`).
     """
     ids_BS = input_ids if input_ids.dim() == 2 else input_ids[None]
-    if position_ids is not None and position_ids.dim() == 1:  # [S], like input_ids
-        position_ids = position_ids[None]
+    if position_ids is not None:
+        position_ids = _per_row("position_ids", position_ids, ids_BS)
     if document_ids is not None:
-        document_ids = _batched_documents(document_ids, ids_BS)
+        # every row's own: the positions and the attention mask are built per row
+        document_ids = _per_row("document_ids", document_ids, ids_BS).expand_as(ids_BS)
         if position_ids is None:
             position_ids = positions_from_documents(document_ids)
         # attention masks by id equality: as run indices, a reused id ([0, 0, 1, 1, 0, 0]) starts
