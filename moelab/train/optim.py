@@ -36,11 +36,17 @@ class MasterWeights:
                 p.copy_(m)
 
 
+def _decays(path: tree.Path, master: torch.Tensor) -> bool:
+    # NOTE: a bias is told by its name, not its rank: GPT-OSS's stacked expert biases
+    # (gate_up_bias [E, 2I], down_bias [E, H]) are 2-D, one bias row per expert
+    return master.dim() >= 2 and path[0] != "embed" and not str(path[-1]).endswith("bias")
+
+
 def param_groups(masters: MasterWeights, weight_decay: float) -> list[dict]:
     """Decay matrices (LoRA factors included); never norms, biases, 1-D tensors or embeddings."""
     decay, no_decay = [], []
     for path, m in zip(masters.paths, masters.masters):
-        (decay if m.dim() >= 2 and path[0] != "embed" else no_decay).append(m)
+        (decay if _decays(path, m) else no_decay).append(m)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -44,9 +44,17 @@ log = logging.getLogger("moelab")
 
 
 def step_loss(
-    model: Model, batch: Batch, options: ForwardOptions, cfg: RunConfig
+    model: Model,
+    batch: Batch,
+    options: ForwardOptions,
+    cfg: RunConfig,
+    ce_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[RouterStats]]:
-    """(total loss, CE sum, counted tokens, router stats) of one micro-batch."""
+    """(total loss, CE sum, counted tokens, router stats) of one micro-batch.
+
+    The total is the CE sum over ``ce_tokens`` (default: this micro-batch's counted tokens)
+    plus the router losses, each a mean over the MoE layers.
+    """
     fam = model.family
     h, stats = fam.hidden_states(
         model.config,
@@ -60,7 +68,7 @@ def step_loss(
         fam.lm_head_weight(model.config, model.params),
         batch.labels.reshape(-1),
     )
-    loss = ce_sum / count.clamp_min(1)
+    loss = ce_sum / (count.clamp_min(1) if ce_tokens is None else ce_tokens)
     if stats:
         t = cfg.trainer
         loss = loss + t.aux_loss_coef * torch.stack([s.aux_loss for s in stats]).mean()
@@ -308,9 +316,14 @@ def _train_step(run: _Run, window: _Window, batches_A3BS: torch.Tensor) -> None:
     state, so that a CUDA graph can replay it (the window's sums are added in place)."""
     cfg, masters, optimizer = run.cfg, run.masters, run.optimizer
     micro = batches_A3BS.shape[0]
+    # NOTE: every counted token of the step weighs the same, as in one batch of all its rows:
+    # each micro-batch's CE sum is divided by the step's mean count per micro-batch (then by
+    # ``micro`` below). Its own count would over-weight the tokens of a micro-batch with fewer
+    # counted tokens. A device tensor: no host synchronisation (a CUDA graph replays it).
+    ce_tokens = (batches_A3BS[:, 1] != -100).sum().clamp_min(1) / micro
     for input_ids, labels, document_ids in batches_A3BS:
         batch = Batch(input_ids, labels, document_ids)
-        loss, ce_sum, count, stats = step_loss(run.model, batch, run.train_opts, cfg)
+        loss, ce_sum, count, stats = step_loss(run.model, batch, run.train_opts, cfg, ce_tokens)
         (loss / micro).backward()
         window.add(loss.detach(), ce_sum.detach(), count, stats)
     masters.grads_to_masters()
