@@ -82,7 +82,10 @@ class Target:
             value = value.transpose(-1, -2)
         if self.mxfp4_scales is None:
             return [(name, value)]
-        blocks, scales = mxfp4.quantize(value.contiguous())
+        try:
+            blocks, scales = mxfp4.quantize(value.contiguous())
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
         return [(name, blocks), (self.mxfp4_scales, scales)]
 
 

@@ -43,21 +43,36 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[..., R, K]`` -> (blocks, scales). Per group: exponent ``ceil(log2(amax / 6))``, then
-    nearest FP4 code. Values that came out of :func:`dequantize` come back bit for bit."""
+    """``[..., R, K]`` -> (blocks, scales). Per group: exponent ``ceil(log2(amax / 6))`` over
+    the finite values (clamped to [-127, 127]), then the nearest FP4 code (ties to the smaller
+    magnitude) with the value's sign bit, so -0 stays -0.
+
+    Values :func:`dequantize` cannot give back are handled so that what it does give back
+    round-trips bit for bit: a finite value never takes a code that would decode past float32's
+    range (it saturates to the largest finite one); ±inf takes code ±6 with an exponent of at
+    least 126, which decodes to ±inf; NaN, which the format cannot hold, raises ValueError.
+    """
     *lead, rows, cols = weight.shape
     if cols % GROUP:
         raise ValueError(f"MXFP4 needs a last dim divisible by 32, got {cols}")
     groups = weight.float().reshape(*lead, rows, cols // GROUP, GROUP)
-    amax = groups.abs().amax(dim=-1)
+    nans = int(groups.isnan().sum())
+    if nans:
+        raise ValueError(f"MXFP4 cannot store NaN ({nans} NaN values)")
+    magnitude = groups.abs()
+    infinite = magnitude.isinf()
+    amax = magnitude.masked_fill(infinite, 0.0).amax(dim=-1)
     exponent = torch.where(
         amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127)
     )
-    exponent = exponent.clamp(-127, 127)
-    scaled = groups / torch.ldexp(torch.ones_like(amax), exponent.to(torch.int32))[..., None]
+    # NOTE: 6 * 2^126 is past float32's range: ±inf is stored as ±6 at an exponent >= 126
+    exponent = torch.where(infinite.any(dim=-1), exponent.clamp(min=126), exponent)
+    exponent = exponent.clamp(-127, 127).to(torch.int32)
+    scaled = magnitude / torch.ldexp(torch.ones_like(amax), exponent)[..., None]
     table = torch.tensor(FP4_VALUES[:8], device=weight.device)
-    magnitude = (scaled.abs()[..., None] - table).abs().argmin(dim=-1)  # nearest |code|
-    codes = (magnitude + 8 * (scaled < 0)).to(torch.uint8)
-    pairs = codes.reshape(*lead, rows, cols // GROUP, GROUP // 2, 2)
+    overflows = (table * torch.exp2(exponent[..., None].float())).isinf()
+    distance = (scaled[..., None] - table).abs().masked_fill(overflows[..., None, :], torch.inf)
+    codes = torch.where(infinite, 7, distance.argmin(dim=-1)) + 8 * groups.signbit()
+    pairs = codes.to(torch.uint8).reshape(*lead, rows, cols // GROUP, GROUP // 2, 2)
     blocks = pairs[..., 0] | (pairs[..., 1] << 4)
     return blocks, (exponent + 127).to(torch.uint8)

@@ -8,12 +8,14 @@ before any data is used: a truncated or corrupt file is refused up front.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ DTYPES = {
 }
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # as Transformers names them
 _MAX_HEADER = 100 * 2**20
 
 
@@ -181,7 +184,7 @@ def write_checkpoint(
     try:
         os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it 0700; the folder is the checkpoint
         if target.exists():
-            _copy_kept_files(target, tmp)
+            copy_kept_files(target, tmp, _replaced_by_a_save)
         # each shard is written as soon as it is full, so at most one shard is held on the CPU
         shard_maps: list[dict[str, int]] = []
         current: dict[str, torch.Tensor] = {}
@@ -213,7 +216,9 @@ def write_checkpoint(
 
 
 def _replaced_by_a_save(name: str) -> bool:
-    return name == "config.json" or name.endswith((".safetensors", INDEX_FILE))
+    # NOTE: the weights' names only, as Transformers: other .safetensors files (a PEFT adapter
+    # beside the model) are kept
+    return name in ("config.json", SINGLE_FILE, INDEX_FILE) or bool(SHARD_FILE.fullmatch(name))
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -225,9 +230,10 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def _copy_kept_files(old: Path, new: Path) -> None:
+def copy_kept_files(old: Path, new: Path, replaced: Callable[[str], bool]) -> None:
+    """Link (or copy) into ``new`` every entry of ``old`` a save does not replace."""
     for entry in old.iterdir():
-        if _replaced_by_a_save(entry.name):
+        if replaced(entry.name):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
@@ -251,7 +257,12 @@ def replace_folder(new: Path, target: Path) -> None:
                 os.fsync(f.fileno())
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / "previous")
+        try:
+            os.replace(target, old / "previous")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                old.rmdir()  # only while empty: never drops the old folder itself
+            raise
         try:
             os.replace(new, target)
         except BaseException:

@@ -30,10 +30,12 @@ from safetensors.torch import save_file
 
 from moelab.checkpoints.safetensors_io import (
     CheckpointError,
+    copy_kept_files,
     read_header,
     read_tensor,
     replace_folder,
 )
+from moelab.files import UMASK
 from moelab.models import tree
 from moelab.ops.lora import ADAPTER_KEYS, expert_lora_from_params, is_adapter
 from moelab.train.config import LORA_TARGETS, LoraConfig
@@ -234,6 +236,8 @@ def save_adapter(
 ) -> None:
     """Write the adapters (and a trained router) in PEFT's layout, atomically.
 
+    Into a folder that exists, only the two adapter files are replaced; its other files stay.
+
     PEFT takes one rank for all adapters: separate gate/up adapters make the experts' gate_up
     adapter rank 2r, so every adapter is written at rank 2r, zero-padded, with alpha doubled
     to keep the scale alpha / r.
@@ -278,10 +282,16 @@ def save_adapter(
         "modules_to_save": sorted({k.split(".")[-2] for k in tensors if ".lora_" not in k}) or None,
     }
     target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file, not a folder: nothing was written")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it 0700
+        if target.exists():
+            copy_kept_files(target, tmp, (ADAPTER_FILE, ADAPTER_CONFIG).__contains__)
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        os.chmod(tmp / ADAPTER_FILE, 0o666 & ~UMASK)  # safetensors writes 0600
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         replace_folder(tmp, target)
     except BaseException:
