@@ -8,6 +8,7 @@ Composes the config with Hydra and hands a plain dataclass to ``moelab.train``; 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -16,11 +17,19 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moelab.train.config import RunConfig, latest_recorded_config, validate
+from moelab.train.config import (
+    RunConfig,
+    check_run_dir,
+    config_warnings,
+    latest_recorded_config,
+    validate,
+)
 from moelab.train.trainer import train
 
 log = logging.getLogger("moelab")
@@ -83,25 +92,63 @@ def resumed(cfg: DictConfig) -> DictConfig:
     return recorded
 
 
-def record_overrides(run_dir: Path) -> None:
+def record_overrides(run_dir: Path, resuming: bool) -> None:
     """The command's overrides, kept for ``report.py`` as the run's first command gave them
-    (Hydra rewrites ``.hydra/overrides.yaml`` when the run is resumed)."""
+    (Hydra rewrites ``.hydra/overrides.yaml`` when the run is resumed); a new run replaces
+    those of an attempt that stopped before training."""
     file = run_dir / "overrides.json"
-    if not file.exists():
+    if not (resuming and file.exists()):
         run_dir.mkdir(parents=True, exist_ok=True)
         file.write_text(json.dumps(task_overrides()) + "\n")
+
+
+def sweep_jobs() -> list[list[str]]:
+    """Every job's overrides of this basic-sweeper multirun, as Hydra's sweeper expands them
+    (``hydra.sweeper.params`` first, then the command's own, each key's values in order)."""
+    hc = HydraConfig.get()
+    command = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml").hydra.overrides.task
+    params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
+    parser = OverridesParser.create(GlobalHydra.instance().config_loader())
+    values: dict[str, list[str]] = {}
+    for o in parser.parse_overrides([*params, *command]):
+        key = o.get_key_element()
+        if o.is_discrete_sweep():
+            values[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            values[key] = [f"{key}={o.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*values.values())]
+
+
+def validate_sweep() -> None:
+    """The first job of a multirun checks every job's values, so that a bad one stops the
+    sweep before any job trains, not after the jobs before it."""
+    hc = HydraConfig.get()
+    basic = hc.sweeper.get("_target_", "").endswith(".BasicSweeper")
+    if hc.mode != RunMode.MULTIRUN or hc.job.num != 0 or not basic:
+        return
+    for num, job in enumerate(sweep_jobs()):
+        run = OmegaConf.to_object(hydra.compose(config_name=hc.job.config_name, overrides=job))
+        try:
+            validate(run)
+        except ValueError as e:
+            raise ValueError(f"sweep job #{num} ({' '.join(job)}): {e}") from None
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run = run_config(resumed(cfg))
-    try:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:  # a bad value stops the run before any work starts and before anything is written
         validate(run)
-    except ValueError as e:  # a bad value stops the run before any work starts
+        validate_sweep()
+        check_run_dir(run, run_dir)
+    except ValueError as e:
         log.error("config error: %s", e)
         sys.exit(f"config error: {e}")
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    record_overrides(run_dir)
+    for note in config_warnings(run):
+        log.warning("moelab: %s", note)
+    resuming = run.trainer.resume or run.trainer.resume_from is not None
+    record_overrides(run_dir, resuming)
     summary = train(run, run_dir)
     return summary["eval_loss"]
 

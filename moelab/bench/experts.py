@@ -384,7 +384,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--backends", default=None, help="comma-separated (default: all available)")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) or float32")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="default: bfloat16 on GPU, float32 on CPU",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--check", action="store_true", help="check correctness first")
     p.add_argument(

@@ -106,4 +106,4 @@ def run(args: argparse.Namespace) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="--json outputs of the experts or train benchmark")
     p.add_argument("--out", default="experts_sweep.png")
-    p.add_argument("--mode", help="only the experts rows of this mode (lora or full)")
+    p.add_argument("--mode", choices=("lora", "full"), help="only the experts rows of this mode")

@@ -24,6 +24,7 @@ import torch
 from moelab.bench.step_probes import host_syncs, longest_sequence, profile_step, sync
 from moelab.bench.timing import median_ms
 from moelab.checkpoints import api
+from moelab.kernels import registry
 from moelab.models import tree
 from moelab.models.options import ForwardOptions
 from moelab.ops.attention import attention
@@ -410,7 +411,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", default="8192", help="comma-separated sequence lengths")
     p.add_argument("--mode", default="lora", choices=["lora", "full"])
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--backend", default="auto", help="moelab's expert backend")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", *registry.BACKENDS),
+        help="moelab's expert backend",
+    )
     p.add_argument("--systems", default="moelab,hf:grouped_mm,hf:eager", help=SYSTEMS_HELP)
     p.add_argument("--budget-gb", type=float, default=0.0, help="search the longest sequence")
     p.add_argument("--breakdown", action="store_true", help="time moelab's parts separately")

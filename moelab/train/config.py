@@ -1,12 +1,14 @@
 """The configuration of a training run, as plain dataclasses.
 
 ``experiments/train.py`` registers these as Hydra structured configs (so a mistyped override is
-an error); nothing here imports Hydra. :func:`validate` checks values before any work starts.
+an error); nothing here imports Hydra. :func:`validate` checks values before any work starts,
+:func:`check_run_dir` that a run neither writes over another nor resumes from nothing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ LORA_TARGETS = ("experts", "attention", "mlp", "shared", "router")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOGGER_MODES = ("offline", "online", "disabled")
 DATA_SOURCES = ("stdlib", "files")
+# what a run writes into its folder (Hydra's .hydra/ and log file are not the run's own)
+RUN_FILES = ("run_config.json", "metrics.jsonl", "summary.json", "checkpoints", "base_model")
 
 
 @dataclass
@@ -121,99 +125,240 @@ class RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Raise ValueError naming the first bad value; cheap checks only (no data, no model)."""
-    from moelab.checkpoints.api import FAMILIES
-
-    def bad(key: str, value: Any, expected: str) -> ValueError:
-        return ValueError(f"{key}={value!r} is not valid: expected {expected}")
-
-    if cfg.model.family not in FAMILIES:
-        raise bad("model.family", cfg.model.family, f"one of {sorted(FAMILIES)}")
-    if cfg.model.path is None and not cfg.model.arch:
-        raise ValueError("model needs a checkpoint path (model.path=...) or an arch to init")
-    if cfg.model.path is not None and not os.path.isdir(cfg.model.path):
-        raise ValueError(f"model.path={cfg.model.path!r} is not a folder")
-    if cfg.backend.name not in BACKENDS:
-        raise bad("backend.name", cfg.backend.name, f"one of {BACKENDS}")
-    lora = cfg.lora
-    if lora.rank is not None:
-        if lora.rank < 1:
-            raise bad("lora.rank", lora.rank, ">= 1 (lora=none trains without LoRA)")
-        unknown = [t for t in lora.targets if t not in LORA_TARGETS]
-        if unknown or not lora.targets:
-            raise bad("lora.targets", list(lora.targets), f"a non-empty subset of {LORA_TARGETS}")
-        if not lora.alpha > 0:
-            raise bad("lora.alpha", lora.alpha, "> 0 (the adapters' scale is alpha / rank)")
-        if lora.gate_up not in ("fused", "separate"):
-            raise bad("lora.gate_up", lora.gate_up, "'fused' or 'separate'")
-        if not 0.0 <= lora.dropout < 1.0:
-            raise bad("lora.dropout", lora.dropout, "in [0, 1)")
-    if cfg.data.source not in DATA_SOURCES:
-        raise bad("data.source", cfg.data.source, f"one of {DATA_SOURCES}")
-    if cfg.data.source == "files":
-        if not cfg.data.path:
-            raise ValueError("data.source=files needs data.path (a file, folder or .jsonl)")
-        if not os.path.exists(cfg.data.path):
-            raise ValueError(f"data.path={cfg.data.path!r} does not exist")
-    if cfg.data.tokenizer not in ("byte", "model"):
-        raise bad("data.tokenizer", cfg.data.tokenizer, "'byte' or 'model'")
-    if cfg.data.tokenizer == "model" and cfg.model.path is None:
-        raise ValueError("data.tokenizer=model needs model.path (its tokenizer.json)")
-    if cfg.data.max_bytes < 1:
-        raise bad("data.max_bytes", cfg.data.max_bytes, ">= 1")
-    if cfg.data.seq_len < 2:
-        raise bad("data.seq_len", cfg.data.seq_len, ">= 2")
-    if not 0.0 < cfg.data.eval_fraction < 1.0:
-        raise bad("data.eval_fraction", cfg.data.eval_fraction, "in (0, 1)")
-    t = cfg.trainer
-    if t.precision not in PRECISIONS:
-        raise bad("trainer.precision", t.precision, f"one of {PRECISIONS}")
-    for key in ("steps", "grad_accum", "eval_batches", "log_interval", "eval_interval"):
-        if getattr(t, key) < 1:
-            raise bad(f"trainer.{key}", getattr(t, key), ">= 1")
-    if t.checkpoint_interval < 0:
-        raise bad("trainer.checkpoint_interval", t.checkpoint_interval, ">= 0 (0: only at the end)")
-    if t.resume_from is not None and not os.path.isdir(t.resume_from):
-        raise ValueError(f"trainer.resume_from={t.resume_from!r} is not a folder")
-    if t.micro_batch_tokens < cfg.data.seq_len:
-        raise bad(
-            "trainer.micro_batch_tokens",
-            t.micro_batch_tokens,
-            f">= data.seq_len ({cfg.data.seq_len})",
-        )
-    try:
-        device = resolve_device(t.device)
-    except RuntimeError as e:  # torch's own words for what a device string may be
-        raise bad("trainer.device", t.device, f'"auto" or a torch device ({e})') from None
-    if device.type == "cuda" and not _cuda_present(device):
-        raise bad("trainer.device", t.device, '"auto", "cpu" or a CUDA device this machine has')
-    if t.cuda_graph and device.type != "cuda":
-        raise ValueError(
-            f"trainer.cuda_graph=true replays each step from a CUDA graph: it needs a CUDA device, "
-            f"and trainer.device={t.device!r} is not one here"
-        )
-    o = cfg.optim
-    if o.lr <= 0:
-        raise bad("optim.lr", o.lr, "> 0")
-    if o.weight_decay < 0:
-        raise bad("optim.weight_decay", o.weight_decay, ">= 0")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise bad("optim.betas", list(o.betas), "two values in [0, 1)")
-    if o.eps <= 0:
-        raise bad("optim.eps", o.eps, "> 0")
-    if o.warmup_steps < 0:
-        raise bad("optim.warmup_steps", o.warmup_steps, ">= 0")
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise bad("optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
-    if o.grad_clip <= 0:
-        raise bad("optim.grad_clip", o.grad_clip, "> 0 (the max gradient norm; inf: no clipping)")
+    """Raise ValueError naming the first bad value; cheap checks only (no data, no tensors: at
+    most a checkpoint's ``config.json`` is read)."""
+    model_cfg = _check_model(cfg)
+    _check_lora(cfg.lora)
+    _check_data(cfg, model_cfg.vocab_size)
+    device = _check_trainer(cfg)
+    _check_backend(cfg, device)
+    _check_optim(cfg.optim)
     if cfg.logger.mode not in LOGGER_MODES:
-        raise bad("logger.mode", cfg.logger.mode, f"one of {LOGGER_MODES}")
+        raise _bad("logger.mode", cfg.logger.mode, f"one of {LOGGER_MODES}")
     if cfg.logger.mode != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ValueError(
             f"logger.mode={cfg.logger.mode!r} logs to wandb, which is not installed here: "
             "install it (pip install wandb) or run with logger=disabled"
         )
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """Values that are valid but rarely meant: the run goes on, and the entry point says so."""
+    notes = []
+    if cfg.optim.warmup_steps >= cfg.trainer.steps:
+        notes.append(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} >= trainer.steps={cfg.trainer.steps}: "
+            f"the learning rate never reaches optim.lr={cfg.optim.lr:g} nor decays"
+        )
+    return notes
+
+
+def check_run_dir(cfg: RunConfig, run_dir: str | os.PathLike) -> None:
+    """Raise ValueError if the run would write over another run's files (a new run into a folder
+    that holds one) or ``trainer.resume=true`` finds no checkpoint in ``run_dir``."""
+    run_dir = Path(run_dir)
+    t = cfg.trainer
+    if t.resume_from is not None:  # validate found its checkpoint; a run may go on in its folder
+        return
+    if t.resume:
+        _find_checkpoint(run_dir, "trainer.resume=true", "a new run: leave trainer.resume off")
+        return
+    kept = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if kept:
+        raise ValueError(
+            f"{run_dir} already holds a run ({', '.join(kept)}): go on with it with "
+            "trainer.resume=true, or give this run its own folder (hydra.run.dir=...)"
+        )
+
+
+def _bad(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{key}={value!r} is not valid: expected {expected}")
+
+
+def _check_model(cfg: RunConfig) -> Any:
+    """The family ``Config`` the run will build, parsed from ``model.arch`` or from
+    ``model.path``'s config.json: a size or key that cannot make a model fails here, named."""
+    from moelab.checkpoints.api import FAMILIES, read_config
+
+    m = cfg.model
+    if m.family not in FAMILIES:
+        raise _bad("model.family", m.family, f"one of {sorted(FAMILIES)}")
+    family, _ = FAMILIES[m.family]
+    if m.path is None and not m.arch:
+        raise ValueError("model needs a checkpoint path (model.path=...) or an arch to init")
+    if m.path is None:
+        try:
+            return family.Config.from_hf({**m.arch, "model_type": m.family})
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"model.arch is not a {m.family} model: {e}") from None
+    if not os.path.isdir(m.path):
+        raise ValueError(f"model.path={m.path!r} is not a folder")
+    try:
+        model_cfg = read_config(m.path)
+    except ValueError as e:  # CheckpointError: a missing, corrupt or unsupported config.json
+        raise ValueError(f"model.path={m.path!r}: {e}") from None
+    if FAMILIES[model_cfg.model_type][0] is not family:
+        raise ValueError(
+            f"model.family={m.family!r}, and model.path={m.path!r} holds a "
+            f"{model_cfg.model_type!r} checkpoint: use the model group of its family"
+        )
+    return model_cfg
+
+
+def _check_lora(lora: LoraConfig) -> None:
+    # checked with or without a rank: a sweep over lora.rank=null,16 runs with them
+    if lora.rank is not None and lora.rank < 1:
+        raise _bad("lora.rank", lora.rank, ">= 1 (lora=none trains without LoRA)")
+    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
+    if unknown or not lora.targets or len(set(lora.targets)) < len(lora.targets):
+        raise _bad("lora.targets", list(lora.targets), f"a non-empty subset of {LORA_TARGETS}")
+    if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        raise _bad("lora.alpha", lora.alpha, "> 0 and finite (the adapters' scale is alpha / rank)")
+    if lora.gate_up not in ("fused", "separate"):
+        raise _bad("lora.gate_up", lora.gate_up, "'fused' or 'separate'")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise _bad("lora.dropout", lora.dropout, "in [0, 1)")
+
+
+def _check_data(cfg: RunConfig, vocab_size: int) -> None:
+    d, path = cfg.data, cfg.model.path
+    if d.source not in DATA_SOURCES:
+        raise _bad("data.source", d.source, f"one of {DATA_SOURCES}")
+    if d.source == "files":
+        if not d.path:
+            raise ValueError("data.source=files needs data.path (a file, folder or .jsonl)")
+        if not os.path.exists(d.path):
+            raise ValueError(f"data.path={d.path!r} does not exist")
+        if not d.text_field:
+            raise _bad("data.text_field", d.text_field, "the name of a .jsonl's text field")
+    if d.tokenizer not in ("byte", "model"):
+        raise _bad("data.tokenizer", d.tokenizer, "'byte' or 'model'")
+    if d.tokenizer == "model" and path is None:
+        raise ValueError("data.tokenizer=model needs model.path (its tokenizer.json)")
+    if d.tokenizer == "model" and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise ValueError(
+            f"data.tokenizer=model reads model.path's tokenizer.json, and {path!r} has none: "
+            "add it, or use data.tokenizer=byte"
+        )
+    if d.tokenizer == "byte" and vocab_size < 256:
+        raise ValueError(
+            f"data.tokenizer=byte has 256 tokens, and the model's vocab_size is {vocab_size}"
+        )
+    if d.max_bytes < 1:
+        raise _bad("data.max_bytes", d.max_bytes, ">= 1")
+    if d.seq_len < 2:
+        raise _bad("data.seq_len", d.seq_len, ">= 2")
+    if not 0.0 < d.eval_fraction < 1.0:
+        raise _bad("data.eval_fraction", d.eval_fraction, "in (0, 1)")
+
+
+def _check_trainer(cfg: RunConfig) -> torch.device:
+    """The trainer's values; returns the device the run will use."""
+    t = cfg.trainer
+    if t.precision not in PRECISIONS:
+        raise _bad("trainer.precision", t.precision, f"one of {PRECISIONS}")
+    for key in ("steps", "grad_accum", "eval_batches", "log_interval", "eval_interval"):
+        if getattr(t, key) < 1:
+            raise _bad(f"trainer.{key}", getattr(t, key), ">= 1")
+    if t.checkpoint_interval < 0:
+        raise _bad("trainer.checkpoint_interval", t.checkpoint_interval, ">= 0 (0: at the end)")
+    for key in ("aux_loss_coef", "z_loss_coef"):
+        if not (math.isfinite(getattr(t, key)) and getattr(t, key) >= 0):
+            raise _bad(f"trainer.{key}", getattr(t, key), ">= 0 and finite")
+    if t.resume_from is not None:
+        if not os.path.isdir(t.resume_from):
+            raise ValueError(f"trainer.resume_from={t.resume_from!r} is not a folder")
+        hint = "a run, its checkpoints folder or one step_* folder in it"
+        _find_checkpoint(t.resume_from, "trainer.resume_from", hint)
+    if t.micro_batch_tokens < cfg.data.seq_len:
+        seq_len = cfg.data.seq_len
+        raise _bad(
+            "trainer.micro_batch_tokens", t.micro_batch_tokens, f">= data.seq_len ({seq_len})"
+        )
+    try:
+        device = resolve_device(t.device)
+    except RuntimeError as e:  # torch's own words for what a device string may be
+        raise _bad("trainer.device", t.device, f'"auto" or a torch device ({e})') from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not _cuda_present(device)):
+        raise _bad("trainer.device", t.device, '"auto", "cpu" or a CUDA device this machine has')
+    if t.cuda_graph and device.type != "cuda":
+        raise ValueError(
+            f"trainer.cuda_graph=true replays each step from a CUDA graph: it needs a CUDA device, "
+            f"and trainer.device={t.device!r} is not one here"
+        )
+    return device
+
+
+def _check_backend(cfg: RunConfig, device: torch.device) -> None:
+    """The expert backend can serve this device, precision, recompute and LoRA rank (its limits
+    on the model's sizes are judged when the model is built)."""
+    import torch
+
+    from moelab.kernels import registry
+    from moelab.kernels.problem import ExpertProblem
+
+    name, recompute, where = cfg.backend.name, cfg.trainer.moe_recompute, cfg.trainer.device
+    if name not in BACKENDS:
+        raise _bad("backend.name", name, f"one of {BACKENDS}")
+    if recompute and name not in ("auto", "triton"):
+        raise ValueError(
+            f"trainer.moe_recompute=true with backend.name={name!r}: recompute is triton's "
+            "(backend=triton, on CUDA)"
+        )
+    if recompute and name == "auto" and device.type != "cuda":
+        raise ValueError(
+            "trainer.moe_recompute=true recomputes in the triton backend, which auto picks on "
+            f"CUDA only, and trainer.device={where!r} is not CUDA here"
+        )
+    if name == "auto":
+        return
+    lora, precision = cfg.lora, cfg.trainer.precision
+    rank = lora.rank if lora.rank is not None and "experts" in lora.targets else 0
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    # sizes every backend takes (rows of 256 bytes), so that only the request is judged
+    probe = ExpertProblem(
+        device=device,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        num_tokens=256,
+        top_k=2,
+        num_experts=8,
+        hidden=128,
+        inter=128,
+        lora_rank=rank,
+        lora_rank_max=2 * rank if lora.gate_up == "separate" else rank,
+        has_bias=False,
+        activation="swiglu",
+        recompute=recompute,
+    )
+    reason = registry.unsupported_reason(name, probe)
+    if reason is not None:
+        raise ValueError(f"backend.name={name!r} cannot run on trainer.device={where!r}: {reason}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise _bad("optim.lr", o.lr, "> 0 and finite")
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise _bad("optim.weight_decay", o.weight_decay, ">= 0 and finite")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise _bad("optim.betas", list(o.betas), "two values in [0, 1)")
+    if not (math.isfinite(o.eps) and o.eps > 0):
+        raise _bad("optim.eps", o.eps, "> 0 and finite")
+    if o.warmup_steps < 0:
+        raise _bad("optim.warmup_steps", o.warmup_steps, ">= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise _bad("optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+    if not o.grad_clip > 0:  # NaN fails this too
+        raise _bad("optim.grad_clip", o.grad_clip, "> 0 (the max gradient norm; inf: no clipping)")
+
+
+def _find_checkpoint(path: str | os.PathLike, key: str, hint: str) -> None:
+    from moelab.train import state
+
+    try:
+        state.find(path)
+    except ValueError as e:  # CheckpointError
+        raise ValueError(f"{key}: {e} ({hint})") from None
 
 
 def recorded_config_name(resume_step: int | None) -> str:
