@@ -138,3 +138,35 @@ def load_reference(
         # the asked-for dtype (not done elsewhere: it would undo modules Transformers keeps fp32)
         model.to(dtype)
     return model.eval()
+
+
+def save_random_mxfp4(root: Path, edit=None) -> Path:
+    """A tiny GPT-OSS checkpoint (3 experts, 2 layers) whose MXFP4 expert blocks and scales
+    are random bytes, every code and exponent; ``edit(blocks, scales)`` may set chosen bytes of
+    each expert tensor (uint8-valued int64 tensors ``[E, R, K/32, 16]`` and ``[E, R, K/32]``).
+    Returns the MXFP4 folder, under ``root``."""
+    from safetensors.torch import load_file, save_file
+
+    from moelab.checkpoints.gpt_oss import MXFP4_CONFIG
+
+    gpt_oss_model(num_local_experts=3, num_hidden_layers=2).save_pretrained(root / "bf16")
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, t in load_file(root / "bf16" / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, k, rows = t.shape  # v5 orientation [E, K, R]
+            blocks = torch.randint(0, 256, (experts, rows, k // 32, 16), generator=g)
+            scales = torch.randint(0, 256, (experts, rows, k // 32), generator=g)
+            if edit is not None:
+                edit(blocks, scales)
+            out[f"{name}_blocks"] = blocks.to(torch.uint8)
+            out[f"{name}_scales"] = scales.to(torch.uint8)
+        else:
+            out[name] = t.bfloat16()
+    path = root / "mxfp4"
+    path.mkdir()
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((root / "bf16" / "config.json").read_text())
+    config["quantization_config"] = dict(MXFP4_CONFIG)
+    (path / "config.json").write_text(json.dumps(config))
+    return path

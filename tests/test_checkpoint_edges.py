@@ -11,11 +11,16 @@ import shutil
 import pytest
 import torch
 from conftest import rel_err
-from hf_fixtures import gpt_oss_model, load_reference, qwen3_model, save_qwen3
+from hf_fixtures import (
+    gpt_oss_model,
+    load_reference,
+    qwen3_model,
+    save_qwen3,
+    save_random_mxfp4,
+)
 from safetensors.torch import load_file, save_file
 
 import moelab
-from moelab.checkpoints.gpt_oss import MXFP4_CONFIG
 from moelab.models import tree
 
 pytest.importorskip("transformers")
@@ -209,28 +214,12 @@ def test_fewer_layers_than_stored_qwen3(sharded, tmp_path):
 @pytest.fixture(scope="module")
 def odd_mxfp4(tmp_path_factory):
     """3 experts, random codes and exponents over the whole byte range, 0 and 255 included."""
-    root = tmp_path_factory.mktemp("mxfp4")
-    gpt_oss_model(num_local_experts=3, num_hidden_layers=2).save_pretrained(root / "bf16")
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for name, t in load_file(root / "bf16" / "model.safetensors").items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            experts, k, rows = t.shape  # v5 orientation [E, K, R]
-            blocks = torch.randint(0, 256, (experts, rows, k // 32, 16), generator=g)
-            scales = torch.randint(0, 256, (experts, rows, k // 32), generator=g)
-            scales[0, 0, :2] = torch.tensor([0, 255])
-            scales[-1, -1, :2] = torch.tensor([1, 254])
-            out[f"{name}_blocks"] = blocks.to(torch.uint8)
-            out[f"{name}_scales"] = scales.to(torch.uint8)
-        else:
-            out[name] = t.bfloat16()
-    path = root / "mxfp4"
-    path.mkdir()
-    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((root / "bf16" / "config.json").read_text())
-    config["quantization_config"] = dict(MXFP4_CONFIG)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+
+    def edit(blocks, scales):
+        scales[0, 0, :2] = torch.tensor([0, 255])
+        scales[-1, -1, :2] = torch.tensor([1, 254])
+
+    return save_random_mxfp4(tmp_path_factory.mktemp("mxfp4"), edit)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,13 @@ import os
 import pytest
 import torch
 from conftest import rel_err
-from hf_fixtures import gpt_oss_model, load_reference, qwen3_model
-from safetensors.torch import load_file, save_file
+from hf_fixtures import gpt_oss_model, load_reference, qwen3_model, save_random_mxfp4
+from safetensors.torch import save_file
 
 import moelab
 from moelab.bench.train_step import hf_config
 from moelab.checkpoints import api, mxfp4
 from moelab.checkpoints import safetensors_io as sio
-from moelab.checkpoints.gpt_oss import MXFP4_CONFIG
 from moelab.files import UMASK
 from moelab.models import tree
 from moelab.models.model import Model
@@ -135,29 +134,13 @@ def test_mxfp4_nan_is_refused_by_name_and_the_folder_kept(tmp_path):
 @pytest.fixture(scope="module")
 def odd_bytes(tmp_path_factory):
     """MXFP4 experts of random bytes: every code, exponents 0 (subnormal) to 255 (overflow)."""
-    root = tmp_path_factory.mktemp("odd_bytes")
-    gpt_oss_model(num_local_experts=3, num_hidden_layers=2).save_pretrained(root / "bf16")
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for name, t in load_file(root / "bf16" / sio.SINGLE_FILE).items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            experts, k, rows = t.shape  # v5 orientation [E, K, R]
-            blocks = torch.randint(0, 256, (experts, rows, k // 32, 16), generator=g)
-            scales = torch.randint(0, 256, (experts, rows, k // 32), generator=g)
-            scales[0, 0, :2] = torch.tensor([0, 255])
-            scales[0, 1, :2] = torch.tensor([253, 254])  # 4·2^126 and 2·2^127 overflow float32
-            blocks[0, 2, 0] = 0x88  # -0, -0
-            out[f"{name}_blocks"] = blocks.to(torch.uint8)
-            out[f"{name}_scales"] = scales.to(torch.uint8)
-        else:
-            out[name] = t.bfloat16()
-    path = root / "mxfp4"
-    path.mkdir()
-    save_file(out, path / sio.SINGLE_FILE, metadata={"format": "pt"})
-    config = json.loads((root / "bf16" / "config.json").read_text())
-    config["quantization_config"] = dict(MXFP4_CONFIG)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+
+    def edit(blocks, scales):
+        scales[0, 0, :2] = torch.tensor([0, 255])
+        scales[0, 1, :2] = torch.tensor([253, 254])  # 4·2^126 and 2·2^127 overflow float32
+        blocks[0, 2, 0] = 0x88  # -0, -0
+
+    return save_random_mxfp4(tmp_path_factory.mktemp("odd_bytes"), edit)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
