@@ -102,7 +102,11 @@ def test_the_run_folder_is_checked(tmp_path):
     check(fresh, tmp_path)
     with pytest.raises(ValueError, match="trainer.resume=true: no training checkpoint"):
         check(resume, tmp_path)
+    # a killed save's hidden leftovers are no run: the next save clears them
+    (tmp_path / "checkpoints" / ".step_000002.tmp-abc").mkdir(parents=True)
+    check(fresh, tmp_path)
     (tmp_path / "base_model").mkdir()  # a LoRA run's first write
+    (tmp_path / "base_model" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"already holds a run \(base_model\)"):
         check(fresh, tmp_path)
 

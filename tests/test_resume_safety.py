@@ -141,3 +141,14 @@ def test_a_resume_with_no_checkpoint_writes_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         run_training(run_config([*SMOKE, "lora.rank=4", "trainer.resume=true"]), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_called_from_python_does_not_write_over_a_finished_run(tmp_path):
+    """The command line checked the run folder; ``train()`` itself did not, so a second run
+    from Python replaced the first one's metrics, summary and checkpoints."""
+    run_training(run_config(SMOKE), tmp_path)
+    files = ("metrics.jsonl", "run_config.json", "summary.json")
+    before = {name: (tmp_path / name).read_bytes() for name in files}
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_training(run_config([*SMOKE, "optim.lr=1e-3"]), tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in files} == before

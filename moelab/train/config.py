@@ -163,12 +163,20 @@ def check_run_dir(cfg: RunConfig, run_dir: str | os.PathLike) -> None:
     if t.resume:
         _find_checkpoint(run_dir, "trainer.resume=true", "a new run: leave trainer.resume off")
         return
-    kept = [name for name in RUN_FILES if (run_dir / name).exists()]
+    kept = [name for name in RUN_FILES if _holds_output(run_dir / name)]
     if kept:
         raise ValueError(
             f"{run_dir} already holds a run ({', '.join(kept)}): go on with it with "
             "trainer.resume=true, or give this run its own folder (hydra.run.dir=...)"
         )
+
+
+def _holds_output(path: Path) -> bool:
+    """A run's file, or a folder with something in it besides the hidden leftovers of a save
+    that was killed half-way (which the next save clears)."""
+    if not path.is_dir():
+        return path.exists()
+    return any(not entry.name.startswith(".") for entry in path.iterdir())
 
 
 def _bad(key: str, value: Any, expected: str) -> ValueError:

@@ -28,7 +28,13 @@ from moelab.models.options import ForwardOptions
 from moelab.ops.moe import RouterStats
 from moelab.train import lora as lora_mod
 from moelab.train import setup, state
-from moelab.train.config import RunConfig, recorded_config_name, resolve_device, validate
+from moelab.train.config import (
+    RunConfig,
+    check_run_dir,
+    recorded_config_name,
+    resolve_device,
+    validate,
+)
 from moelab.train.data import Batch
 from moelab.train.graphs import CapturedStep
 from moelab.train.loss import chunked_cross_entropy
@@ -95,6 +101,9 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     """Run the configured training; returns the run summary (also in ``summary.json``)."""
     validate(cfg)
     run_dir = Path(run_dir)
+    resuming = cfg.trainer.resume or cfg.trainer.resume_from is not None
+    if not resuming:  # before anything is written: never over another run's files
+        check_run_dir(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     registry.forget_logged()
     device = resolve_device(cfg.trainer.device)
@@ -104,11 +113,12 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     torch.manual_seed(cfg.trainer.seed)
 
     # the checkpoint to resume from, before anything is written to the run folder
-    resuming = cfg.trainer.resume or cfg.trainer.resume_from is not None
     ckpt = state.find(cfg.trainer.resume_from or run_dir) if resuming else None
     saved = state.load_trainer_state(ckpt) if ckpt is not None else None
     model = setup.build_model(cfg, dtype, device)
     names = setup.adapter_layout(model)
+    # the data (its vocabulary against the model's) before a LoRA run writes its base model
+    data = setup.build_data(cfg, model)
     base_model = cfg.model.path
     lora = cfg.lora
     if lora.rank is not None:
@@ -129,7 +139,6 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     masters = MasterWeights(trainable)
     optimizer = build_optimizer(masters, cfg.optim, capturable=cfg.trainer.cuda_graph)
     schedule = build_schedule(optimizer, cfg.optim, cfg.trainer.steps)
-    data = setup.build_data(cfg, model)
     start = 0
     if saved is not None:
         load_optimizer_state(optimizer, saved["optimizer"])
