@@ -259,9 +259,10 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.graph and not device.startswith("cuda"):
+    cuda = torch.device(device).type == "cuda"  # "cuda:1" too
+    if args.graph and not cuda:
         raise ValueError(f"--graph replays CUDA graphs: it needs a CUDA device, not {device}")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     shape = SHAPES[args.shape]
     backends = args.backends.split(",") if args.backends else available()
     rows = []
@@ -301,7 +302,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if args.json:  # after every row: a run cut short keeps what it measured
                     with open(args.json, "w") as f:
                         json.dump(rows, f, indent=1)
-                if device == "cuda":
+                if cuda:
                     torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
