@@ -28,6 +28,7 @@ from moelab.train.config import (
     check_run_dir,
     config_warnings,
     latest_recorded_config,
+    resumes,
     validate,
 )
 from moelab.train.trainer import train
@@ -147,8 +148,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(f"config error: {e}")
     for note in config_warnings(run):
         log.warning("moelab: %s", note)
-    resuming = run.trainer.resume or run.trainer.resume_from is not None
-    record_overrides(run_dir, resuming)
+    record_overrides(run_dir, resumes(run))
     summary = train(run, run_dir)
     return summary["eval_loss"]
 

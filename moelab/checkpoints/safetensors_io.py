@@ -115,8 +115,8 @@ def checkpoint_entries(path: str | os.PathLike) -> dict[str, TensorEntry]:
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist")
-    index = root / INDEX_FILE
-    if index.exists() and not (root / SINGLE_FILE).exists():
+    index = _shard_index(root)
+    if index is not None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -138,6 +138,13 @@ def checkpoint_entries(path: str | os.PathLike) -> dict[str, TensorEntry]:
     return read_header(single)
 
 
+def _shard_index(root: Path) -> Path | None:
+    """The shard index a load reads: none where a single file stands beside it (the file wins,
+    as in Transformers)."""
+    index = root / INDEX_FILE
+    return index if index.exists() and not (root / SINGLE_FILE).exists() else None
+
+
 def stored_dtype(path: str | os.PathLike, entries: dict[str, TensorEntry]) -> torch.dtype | None:
     """The dtype Transformers' ``dtype="auto"`` reads off a checkpoint whose config names none.
 
@@ -145,8 +152,8 @@ def stored_dtype(path: str | os.PathLike, entries: dict[str, TensorEntry]) -> to
     by name, of the first file (shard names sorted; FP8 skipped, as Transformers cannot make a
     model of it); None where no tensor is floating point.
     """
-    index = Path(path) / INDEX_FILE
-    if not (Path(path) / SINGLE_FILE).exists() and index.exists():
+    index = _shard_index(Path(path))
+    if index is not None:
         named = (json.loads(index.read_text()).get("metadata") or {}).get("dtype")
         if named is not None:
             dtype = getattr(torch, str(named).removeprefix("torch."), None)

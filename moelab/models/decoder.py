@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from moelab.models.options import ForwardOptions
 from moelab.ops.moe import RouterStats
 from moelab.ops.rope import rope_cos_sin
+from moelab.ops.routing import is_integer_dtype
 
 if TYPE_CHECKING:  # the families import this module
     from moelab.models import gpt_oss, qwen3_moe
@@ -52,7 +53,7 @@ def _per_row(name: str, t: torch.Tensor, ids_BS: torch.Tensor) -> torch.Tensor:
     or a ValueError naming ``name``."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    if not is_integer_dtype(t.dtype):
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
     t_BS = t[None] if t.dim() == 1 else t
     batch, seq = ids_BS.shape

@@ -13,7 +13,7 @@ from moelab.kernels import registry
 from moelab.kernels.problem import ExpertProblem
 from moelab.ops.activations import ACTIVATIONS
 from moelab.ops.lora import ExpertLoRA
-from moelab.ops.routing import Routing, should_validate
+from moelab.ops.routing import Routing, is_integer_dtype, should_validate
 
 ACCUMULATE = ("fp32", "input")
 
@@ -131,7 +131,7 @@ def _check_routing(routing) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(
             f"routing.experts must be a tensor shaped like weights {list(weights_TK.shape)}"
         )
-    if experts_TK.is_floating_point() or experts_TK.is_complex() or experts_TK.dtype == torch.bool:
+    if not is_integer_dtype(experts_TK.dtype):
         raise ValueError(f"routing.experts must hold integer ids, got {experts_TK.dtype}")
     return weights_TK, experts_TK
 

@@ -32,6 +32,11 @@ class Routing(NamedTuple):
     experts: torch.Tensor
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integer ids (bool, float and complex do not)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def should_validate(validate: bool | None, t: torch.Tensor) -> bool:
     """Resolve the data-check policy: explicit flag, else check only what lives on the CPU."""
     return t.device.type == "cpu" if validate is None else validate
@@ -183,9 +188,8 @@ def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     ``experts_TK`` may be of any integer dtype (:func:`route` gives int64; ``moe_experts``
     takes others).
     """
-    dtype = experts_TK.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise ValueError(f"expert ids must be an integer tensor, got {dtype}")
+    if not is_integer_dtype(experts_TK.dtype):
+        raise ValueError(f"expert ids must be an integer tensor, got {experts_TK.dtype}")
     # scatter_add_ wants int64 indices (and int64 ones to add); a no-op for route's ids
     flat_N = experts_TK.reshape(-1).long()
     return torch.zeros(num_experts, dtype=torch.int64, device=flat_N.device).scatter_add_(

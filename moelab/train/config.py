@@ -153,6 +153,11 @@ def config_warnings(cfg: RunConfig) -> list[str]:
     return notes
 
 
+def resumes(cfg: RunConfig) -> bool:
+    """Whether the run goes on from a checkpoint (``trainer.resume`` or ``trainer.resume_from``)."""
+    return cfg.trainer.resume or cfg.trainer.resume_from is not None
+
+
 def check_run_dir(cfg: RunConfig, run_dir: str | os.PathLike) -> None:
     """Raise ValueError if the run would write over another run's files (a new run into a folder
     that holds one) or ``trainer.resume=true`` finds no checkpoint in ``run_dir``."""

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moelab.train.loss import IGNORE_LABEL
+
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 
 
@@ -164,7 +166,7 @@ class Batch:
 
 def make_batch(tokens: torch.Tensor, docs: torch.Tensor) -> Batch:
     labels = tokens[:, 1:].clone()
-    labels[docs[:, 1:] != docs[:, :-1]] = -100
+    labels[docs[:, 1:] != docs[:, :-1]] = IGNORE_LABEL
     return Batch(tokens[:, :-1], labels, docs[:, :-1])
 
 

@@ -18,6 +18,8 @@ from moelab.kernels.cross_entropy import softmax_xent_grad_
 # Target bytes of logits per chunk: 2^28 (256 MiB), i.e. 441 tokens of fp32 log-probabilities
 # at a 152k vocabulary, or 882 of bf16 logits on the in-place kernel.
 _CHUNK_BYTES = 2**28
+# the label of a token no loss is taken on (the next token starts another document)
+IGNORE_LABEL = -100
 
 
 def _chunk_rows(vocab: int, bytes_per_logit: int) -> int:
@@ -35,7 +37,7 @@ def _loss_and_grads(hidden_NH, weight_VH, labels_N, chunk: int, need_h: bool, ne
     grad_w = torch.zeros(weight_VH.shape, device=weight_VH.device) if need_w else None
     for start in range(0, hidden_NH.shape[0], chunk):
         h, y = hidden_NH[start : start + chunk], labels_N[start : start + chunk]
-        valid = y != -100
+        valid = y != IGNORE_LABEL
         logits = F.linear(h, weight_VH)
         # d(sum of losses)/d logits = softmax - one_hot; the ignored rows are masked on the
         # [chunk, H] side instead of the [chunk, V] one
@@ -104,7 +106,7 @@ def chunked_cross_entropy(
         )
     bytes_per_logit = hidden_NH.element_size() if _in_place_kernel(hidden_NH) else 4
     rows = chunk or _chunk_rows(weight_VH.shape[0], bytes_per_logit)
-    count = (labels_N != -100).sum()
+    count = (labels_N != IGNORE_LABEL).sum()
     if torch.is_grad_enabled() and (hidden_NH.requires_grad or weight_VH.requires_grad):
         return _LinearCrossEntropy.apply(hidden_NH, weight_VH, labels_N, rows), count
     return _loss_and_grads(hidden_NH, weight_VH, labels_N, rows, False, False)[0], count

@@ -33,11 +33,12 @@ from moelab.train.config import (
     check_run_dir,
     recorded_config_name,
     resolve_device,
+    resumes,
     validate,
 )
 from moelab.train.data import Batch
 from moelab.train.graphs import CapturedStep
-from moelab.train.loss import chunked_cross_entropy
+from moelab.train.loss import IGNORE_LABEL, chunked_cross_entropy
 from moelab.train.optim import (
     MasterWeights,
     build_optimizer,
@@ -101,7 +102,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     """Run the configured training; returns the run summary (also in ``summary.json``)."""
     validate(cfg)
     run_dir = Path(run_dir)
-    resuming = cfg.trainer.resume or cfg.trainer.resume_from is not None
+    resuming = resumes(cfg)
     if not resuming:  # before anything is written: never over another run's files
         check_run_dir(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +330,7 @@ def _train_step(run: _Run, window: _Window, batches_A3BS: torch.Tensor) -> None:
     # each micro-batch's CE sum is divided by the step's mean count per micro-batch (then by
     # ``micro`` below). Its own count would over-weight the tokens of a micro-batch with fewer
     # counted tokens. A device tensor: no host synchronisation (a CUDA graph replays it).
-    ce_tokens = (batches_A3BS[:, 1] != -100).sum().clamp_min(1) / micro
+    ce_tokens = (batches_A3BS[:, 1] != IGNORE_LABEL).sum().clamp_min(1) / micro
     for input_ids, labels, document_ids in batches_A3BS:
         batch = Batch(input_ids, labels, document_ids)
         loss, ce_sum, count, stats = step_loss(run.model, batch, run.train_opts, cfg, ce_tokens)
