@@ -165,6 +165,39 @@ def test_torch_main_loop_is_not_considered_above_its_memory_bound(cache, monkeyp
     assert "gathered" in (cache / "main.json").read_text()
 
 
+def test_full_fine_tunes_main_loop_is_timed_with_dw2(cache, monkeypatch):
+    """In full fine-tune the down projection's weight gradient is part of what each main loop
+    is timed on: the torch loop hands dW2 its gathered dout, the others leave dW2 to gather its
+    own, and timing the loops alone chose a loop whose copy of dout dW2 then made anyway."""
+    from moelab.kernels import triton_grads as tg
+
+    timed = {}
+    monkeypatch.setattr(tuning, "measures", lambda a: True)
+    monkeypatch.setattr(tuning, "scope", lambda device, kernels: "test machine")
+    weight_grad = tg.weight_grad
+    calls = []
+    monkeypatch.setattr(tg, "weight_grad", lambda *a, **k: calls.append(k) or weight_grad(*a, **k))
+
+    def fastest(run, choices):
+        handed = {}
+        for choice in choices:
+            before = len(calls)
+            run(choice)
+            handed[choice] = [k.get("gathered_ND") is not None for k in calls[before:]]
+        timed[choices] = handed
+        return choices[0]
+
+    monkeypatch.setattr(tuning, "fastest", fastest)
+    monkeypatch.setattr(tr, "_main_loops", MeasuredChoices("main.json", tr._main_loops.allowed))
+    case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
+    run_backend(make_problem(case, "full", torch.float32, seed=15), "triton")
+    # dW2 once per main loop timed, on the gathered copy where the torch loop made one
+    mains = timed[tr._main_loops.allowed]
+    assert mains == {"triton": [False], "gathered": [False], "torch": [True]}
+    key = next(iter(json.loads((cache / "main.json").read_text())["test machine"]))
+    assert key.endswith("True)")  # the key tells full fine-tune's timing apart
+
+
 class _FakeKernel:
     """Records ``kernel[grid](*args, **kwargs)`` launches; ``best_config``, ``configs`` and the
     candidate pruning as Triton's tuner; ``fn.warmup`` (compiling without launching) recorded

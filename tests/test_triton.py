@@ -533,9 +533,10 @@ def test_autotuning_times_the_tile_heights_that_may_win(rows, experts, heights):
 
 
 @pytest.mark.parametrize("main", ["triton", "gathered", "torch"])
-def test_down_backward_hands_back_the_torch_loops_gathered_dout(main):
-    """Full fine-tune's dW2 reuses the torch main loop's gathered dout (one gather, not two);
-    the fused loop gathers nothing, so there is nothing to hand back."""
+def test_down_backward_gives_dw2_on_the_torch_loops_gathered_dout(monkeypatch, main):
+    """Full fine-tune's dW2 comes with the down projection's backward, as the float64 sum of
+    dout^T (w act) per expert; on the torch main loop it reuses that loop's gathered dout (one
+    gather, not two); the other loops gather nothing, so dW2 takes its own path."""
     torch.manual_seed(4)
     tokens, hidden, inter, experts = 12, 32, 16, 3
     dout = torch.randn(tokens, hidden).to(TEST_DEVICE)
@@ -545,16 +546,25 @@ def test_down_backward_hands_back_the_torch_loops_gathered_dout(main):
     rows = plan.token_N.numel()
     h = torch.randn(rows, 2 * inter).to(TEST_DEVICE)
     w_N = torch.rand(rows).to(TEST_DEVICE)
+    handed = []
+    weight_grad = tg.weight_grad
+    monkeypatch.setattr(tg, "weight_grad", lambda *a, **k: handed.append(k) or weight_grad(*a, **k))
     args = (dout, down, h, w_N, None, plan, tiles, False)
-    kept = tr.down_backward(*args, want_actw=True, main=main, keep_gathered=True)
+    with_dw2 = tr.down_backward(*args, want_actw=True, main=main, weight_grad=True)
     plain = tr.down_backward(*args, want_actw=True, main=main)
-    assert plain[3] is None
-    for got, ref in zip(kept[:3], plain[:3]):
+    assert plain[3] is None and len(handed) == 1
+    for got, ref in zip(with_dw2[:3], plain[:3]):
         assert torch.equal(got, ref)
     if main == "torch":
-        assert torch.equal(kept[3], dout[plan.token_N])
+        assert torch.equal(handed[0]["gathered_ND"], dout[plan.token_N])
     else:
-        assert kept[3] is None
+        assert handed[0]["gathered_ND"] is None
+    act_w = plain[2].double()
+    ref = torch.zeros(experts, hidden, inter, dtype=torch.float64)
+    ids = experts_TK.reshape(-1)[plan.order_N.cpu()]
+    for n in range(rows):
+        ref[ids[n]] += torch.outer(dout[plan.token_N[n]].double().cpu(), act_w[n].cpu())
+    torch.testing.assert_close(with_dw2[3].double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -810,10 +810,11 @@ def down_backward(
     oai: bool,
     want_actw: bool,
     main: str | None = None,
-    keep_gathered: bool = False,
+    weight_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``dh [N, 2I]``, router partials ``[N, I / 32]``, ``w act [N, I]`` (or None) and the
-    gathered ``dout [N, H]`` (or None) from g = dout W2 + s u2 A2, u2 = dout B2 into lora.z.
+    """``dh [N, 2I]``, router partials ``[N, I / 32]``, ``w act [N, I]`` (or None) and, with
+    ``weight_grad``, dW2 ``[E, H, I]`` (else None) from g = dout W2 + s u2 A2, u2 = dout B2
+    into lora.z.
 
     g comes from the fused kernel's own main loop (``"triton"``), or is stored by a product of
     its own and then read by the same epilogue alone: our grouped GEMM gathering dout's rows in
@@ -823,8 +824,10 @@ def down_backward(
     it is measured once per shape and machine and kept on disk like the LoRA placement (the
     torch loop only while its transient copies stay under ``_TORCH_MAIN_LOOP_MAX_BYTES``);
     ``main`` overrides both.
-    ``keep_gathered`` returns the torch loop's gathered dout instead of freeing it (dW2 needs
-    the same copy: one gather instead of two in full fine-tune); None from the other loops.
+    ``weight_grad`` (full fine-tune) also gives dW2 = sum dout^T (w act) per expert, on the torch
+    loop's gathered dout where that loop ran (one gather instead of two). The main loop is then
+    measured together with dW2's product: the other loops' time alone leaves out the copy of
+    dout that dW2 makes for itself after them (run 107's cache held "gathered" for Qwen3 full).
     """
     hidden, inter = down.shape[1:]
     rows = h_NG.shape[0]
@@ -859,10 +862,16 @@ def down_backward(
         low = None if lora is None else lora._replace(placement=tk.LORA_GIVEN)
         if low is not None:
             rank_r_product(dout_NH, low, hidden, tiles)
-        if not keep_gathered:
+        if not weight_grad:
             dout_NH = None  # freed before the epilogue runs
         epilogue_alone(g_NI, low)
         return dout_NH
+
+    def run_all(main: str) -> torch.Tensor | None:
+        gathered_NH = run(main)
+        if not weight_grad:
+            return None
+        return tg.weight_grad(dout_TH, act_w, plan, out_jd=False, gathered_ND=gathered_NH)
 
     main = main or DOWN_BACKWARD_MAIN
     if main is None:
@@ -872,13 +881,13 @@ def down_backward(
             extra = rows * (hidden + inter) * dout_TH.element_size()
             torch_ok = extra <= _TORCH_MAIN_LOOP_MAX_BYTES
             key = ("down_backward", hidden, inter, tuning.rows_bucket(rows), lora is not None,
-                   str(dout_TH.dtype), torch_ok)  # fmt: skip
+                   str(dout_TH.dtype), torch_ok, weight_grad)  # fmt: skip
             # fmt: off
             candidates = _main_loops.allowed if torch_ok else ("triton", "gathered")
-            main = tuning.measured_choice(_main_loops, "down-projection backward", key, run,
+            main = tuning.measured_choice(_main_loops, "down-projection backward", key, run_all,
                                           dout_TH.device, _GEMM_KERNELS, candidates)
             # fmt: on
-    return dh_NG, dw_parts, act_w, run(main)
+    return dh_NG, dw_parts, act_w, run_all(main)
 
 
 def up_backward(
@@ -978,21 +987,18 @@ class _TritonExperts(torch.autograd.Function):
 
         # down projection backward, fused with dSwiGLU and the router gradient's partials
         # fmt: off
-        dh_NG, dw_parts, act_w, dout_NH = down_backward(
+        dh_NG, dw_parts, act_w, grads[4] = down_backward(
             dout_TH, down, h_NG, w_N, low["bwd_down"], plan, tiles, oai,
-            want_actw=need[9] or need[4], keep_gathered=need[4])
+            want_actw=need[9] or need[4], weight_grad=need[4])
         # fmt: on
         if need[1]:
             grads[1] = router_grad(dw_parts, plan, dout_TH, down_bias, experts_TK)
 
-        # the down projection's weight and LoRA gradients now, so that w * act and the gathered
-        # dout are freed before the up projection's [N, H] dX buffer exists (a lower peak)
+        # the down projection's LoRA gradients now, so that w * act is freed before the up
+        # projection's [N, H] dX buffer exists (a lower peak)
         # fmt: off
         tg.lora_down_grads(need, s, plan, dout_TH, w_N, act_w, _z(low["bwd_down"]), z2, a2, b2,
                            grads)
-        if need[4]:  # on the torch main loop's gathered copy of dout where it made one
-            grads[4] = tg.weight_grad(dout_TH, act_w, plan, out_jd=False, gathered_ND=dout_NH)
-        del dout_NH
         gmm.down_grads(_only(need, 6), s, plan, dout_TH, None, None, None, None, None,
                        weights_TK, experts_TK, down_bias, num_experts, grads)
         # fmt: on
