@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -58,6 +59,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             _names("--backends", args.backends, (*registry.BACKENDS, compiled.NAME))
         _int("--iters", args.iters, 1)
         _int("--check-tokens", args.check_tokens, 1)
+        _int("--sustain", args.sustain, 0)
+        if not math.isfinite(args.cooldown) or args.cooldown < 0:
+            raise UsageError(f"--cooldown {args.cooldown}: expected seconds >= 0")
         device = _device(args.device)
         if args.graph and device.type != "cuda":
             raise UsageError(f"--graph replays CUDA graphs: it needs a CUDA device, not {device}")

@@ -20,6 +20,7 @@ from typing import TypeVar
 import torch
 
 from moelab.bench import compiled
+from moelab.bench.gpu_clock import ClockLog
 from moelab.bench.shapes import SHAPES, BlockShape, moe_flops
 from moelab.kernels import available, registry
 from moelab.kernels.problem import ExpertProblem
@@ -320,12 +321,24 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
         cfg = block_config(shape, backend, args.rank, args.recompute)
         step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
     fresh = trainable if args.grads == "fresh" else None
-    ms, peak, host_ms = time_step(step, x0, args.iters, graph=args.graph, fresh=fresh)
+    cuda = x0.device.type == "cuda"
+    if cuda and args.cooldown:
+        time_step(step, x0, 1, warmup=0)  # tunes and compiles now, not after the idle gap
+        torch.cuda.synchronize()
+        time.sleep(args.cooldown)  # every row starts from the same (idle) power state
+    with _clock_log(x0.device) as clock:
+        ms, peak, host_ms = time_step(step, x0, args.iters, graph=args.graph, fresh=fresh)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
     row = dict(ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1))
     row["host_ms"] = None if host_ms is None else round(host_ms, 3)
     row["graph"] = args.graph
     row["grads"] = args.grads
+    row["clock"] = clock.summary()
+    if args.sustain:
+        with _clock_log(x0.device) as clock:
+            sustained = time_step(step, x0, args.sustain, graph=args.graph, fresh=fresh)[0]
+        row["sustained_ms"] = round(sustained, 3)
+        row["sustained_clock"] = clock.summary()
     module = None if backend == compiled.NAME else registry._module(backend)
     saved = getattr(module, "saved_bytes_per_token", None)
     if saved is not None:
@@ -335,6 +348,19 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     if args.profile:
         row["kernels"] = profile_step(step, x0)
     return row
+
+
+def _clock_log(device: torch.device) -> ClockLog:
+    """The SM clock sampled while a row is timed on a GPU (:mod:`moelab.bench.gpu_clock`)."""
+    if device.type != "cuda":
+        return ClockLog(None)
+    return ClockLog(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _clock_text(clock: dict | None) -> str:
+    if clock is None:
+        return "n/a"
+    return f"{clock['sm_mhz']}{'*' if clock['throttled'] else ''}"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -358,9 +384,11 @@ def print_table(rows: list[dict]) -> None:
             )
             for name, ms, calls in r["kernels"]:
                 print(f"  {ms:8.3f} ms {calls:4d}x  {name}")
+    sustained = any("sustained_ms" in r for r in timed)
     print(
         f"\n{'shape':<15}{'tokens':>7} {'mode':<5}{'backend':<14}{'ms':>9}{'TFLOP/s':>9}"
-        f"{'peak MiB':>10}{'saved B/token':>15}{'host ms':>9}"
+        f"{'peak MiB':>10}{'saved B/token':>15}{'host ms':>9}{'SM MHz':>8}"
+        + (f"{'sustained':>11}{'SM MHz':>8}" if sustained else "")
     )
     for r in timed:
         if "skipped" in r:
@@ -372,10 +400,16 @@ def print_table(rows: list[dict]) -> None:
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         saved = r.get("saved_bytes_per_token", "n/a")
         host = "n/a" if r.get("host_ms") is None else f"{r['host_ms']:.2f}"
-        print(
+        line = (
             f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
             f"{r['ms']:>9.3f}{r['tflops']:>9.2f}{peak:>10}{saved!s:>15}{host:>9}"
+            f"{_clock_text(r.get('clock')):>8}"
         )
+        if "sustained_ms" in r:
+            line += f"{r['sustained_ms']:>11.3f}{_clock_text(r.get('sustained_clock')):>8}"
+        print(line)
+    if any(r.get("clock") for r in timed):
+        print("SM MHz: the median while timed; * some samples throttled (power, heat)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -408,6 +442,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("accumulate", "fresh"),
         help="add each step's gradients to the last (the anchor's protocol) or drop them "
         "before each step (as zero_grad(set_to_none=True) between optimizer steps)",
+    )
+    p.add_argument(
+        "--cooldown",
+        type=float,
+        default=0.0,
+        help="seconds of idle GPU before each timed row (after its tuning), so that every row "
+        "starts from the same power state (GPU only)",
+    )
+    p.add_argument(
+        "--sustain",
+        type=int,
+        default=0,
+        help="then time this many steps back to back (median as sustained_ms): at the power cap, "
+        "where a long run spends its time",
     )
     p.add_argument("--profile", action="store_true", help="list the top kernels of each row")
     p.add_argument("--json", default=None, help="write all rows to this file")
