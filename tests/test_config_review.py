@@ -114,12 +114,16 @@ def test_the_run_folder_is_checked(tmp_path):
 def test_a_new_run_does_not_write_over_a_finished_one(tmp_path):
     run = tmp_path / "run"
     assert train_cli([*FAST, f"hydra.run.dir={run}"], tmp_path).returncode == 0
-    files = ("metrics.jsonl", "run_config.json", "summary.json", "overrides.json")
+    files = ["metrics.jsonl", "run_config.json", "summary.json", "overrides.json"]
+    # and Hydra's record of the command (config, overrides), written before any check can run
+    files += [str(p.relative_to(run)) for p in (run / ".hydra").rglob("*.yaml")]
     before = {name: (run / name).read_bytes() for name in files}
     out = train_cli([*FAST, "optim.lr=1e-3", f"hydra.run.dir={run}"], tmp_path)
     assert out.returncode != 0 and "already holds a run" in out.stderr
     assert "Traceback" not in out.stderr
     assert {name: (run / name).read_bytes() for name in files} == before
+    refused = [p for p in (run / ".hydra").rglob("overrides.yaml") if "1e-3" in p.read_text()]
+    assert len(refused) == 1  # the refused command's own record, beside the run's
 
 
 def test_a_sweep_checks_every_job_before_the_first_trains(tmp_path):
