@@ -138,9 +138,9 @@ def _reference_step(batches, aux_coef, z_coef):
     return loss.item(), {path: g for (path, _), g in zip(leaves, grads)}
 
 
-def _trainer_step(batches, aux_coef, z_coef):
+def _trainer_step(batches, aux_coef, z_coef, dtype=torch.float32):
     """The master gradients ``_train_step`` hands the optimizer, and its window."""
-    model = _tiny_model(torch.float32)
+    model = _tiny_model(dtype)
     trainable = list(tree.leaves(model.params))
     for _, t in trainable:
         t.requires_grad_(True)
@@ -191,6 +191,33 @@ def test_one_micro_batch_of_all_rows_is_the_same_step():
     joined, _ = _trainer_step([whole], 0.0, 0.0)
     for path, g in joined.items():
         assert rel_err(split[path], g) <= 1e-5, path
+
+
+def test_bf16_micro_batches_sum_their_gradients_in_fp32():
+    """With bf16 params, each micro-batch's gradient reaches the fp32 masters before the next
+    one is added: the step hands the optimizer the fp32 sum of the micro-batches' own bf16
+    gradients, bit for bit. Summed in the params' bf16 ``.grad`` (the old step), they rounded at
+    every add."""
+    batches = _micro_batches("unequal_counts") * 2  # four micro-batches
+    model = _tiny_model(torch.bfloat16)
+    leaves = list(tree.leaves(model.params))
+    cfg = RunConfig(trainer=TrainerConfig(aux_loss_coef=1e-2))
+    stacked = _stack(batches)
+    micro = len(batches)
+    ce_tokens = (stacked[:, 1] != IGNORE).sum().clamp_min(1) / micro
+    for _, t in leaves:
+        t.requires_grad_(True)
+    ref = {}
+    for b in batches:  # each micro-batch's gradient alone, as its backward makes it, in bf16
+        loss = step_loss(model, b, OPTIONS, cfg, ce_tokens)[0]
+        grads = torch.autograd.grad(loss / micro, [t for _, t in leaves])
+        for (path, _), grad in zip(leaves, grads):
+            assert grad.dtype == torch.bfloat16
+            ref[path] = grad.float() if path not in ref else ref[path] + grad.float()
+    got, _ = _trainer_step(batches, 1e-2, 0.0, dtype=torch.bfloat16)
+    for path, grad in ref.items():
+        assert got[path].dtype == torch.float32
+        assert torch.equal(got[path], grad), path
 
 
 def test_a_batch_with_no_counted_token_has_a_zero_finite_loss():

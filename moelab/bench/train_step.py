@@ -263,15 +263,15 @@ def breakdown(runner: MoelabSystem, seq: int, device: torch.device) -> dict:
     )
     zero_grads = [torch.zeros_like(t) for t in runner.masters.params]
 
-    def optimizer_step():
+    def optimizer_step():  # as the trainer's: gradients in, step, masters cleared, params out
         for t, g in zip(runner.masters.params, zero_grads):
             t.grad = g
         runner.masters.grads_to_masters()
         runner.optimizer.step()
+        runner.optimizer.zero_grad(set_to_none=True)
         runner.masters.masters_to_params()
 
     parts["optimizer"] = median_ms(optimizer_step, 3, warmup=1, cuda=cuda)
-    runner.optimizer.zero_grad(set_to_none=True)
     return {name: round(ms, 2) for name, ms in parts.items()}
 
 

@@ -24,9 +24,15 @@ class MasterWeights:
         ]
 
     def grads_to_masters(self) -> None:
+        """Move the params' gradients into their fp32 masters', adding to what is there: called
+        after each micro-batch, the micro-batches sum in fp32, not in the params' dtype (a bf16
+        ``.grad`` rounds at every add). The optimizer's ``zero_grad`` clears the masters'."""
         for p, m in zip(self.params, self.masters):
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+            if m is not p and p.grad is not None:
+                if m.grad is None:
+                    m.grad = p.grad.float()
+                else:
+                    m.grad.add_(p.grad)
                 p.grad = None
 
     @torch.no_grad()

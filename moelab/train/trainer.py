@@ -335,8 +335,8 @@ def _train_step(run: _Run, window: _Window, batches_A3BS: torch.Tensor) -> None:
         batch = Batch(input_ids, labels, document_ids)
         loss, ce_sum, count, stats = step_loss(run.model, batch, run.train_opts, cfg, ce_tokens)
         (loss / micro).backward()
+        masters.grads_to_masters()  # summed in fp32 across micro-batches
         window.add(loss.detach(), ce_sum.detach(), count, stats)
-    masters.grads_to_masters()
     grad_norm = torch.nn.utils.clip_grad_norm_(masters.masters, cfg.optim.grad_clip)
     window.add_grad_norm(grad_norm.detach())
     optimizer.step()
