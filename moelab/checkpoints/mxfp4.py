@@ -42,6 +42,12 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     return scaled.flatten(-2).to(dtype)
 
 
+# rows quantised at once: the nearest-code search holds about 50 bytes of fp32 and int64
+# temporaries per weight, so a whole GPT-OSS expert stack at once (0.5-2.1 G weights per layer)
+# needed tens of GB beside the model
+_CHUNK_ROWS = 1024
+
+
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[..., R, K]`` -> (blocks, scales). Per group: exponent ``ceil(log2(amax / 6))`` over
     the finite values (clamped to [-127, 127]), then the nearest FP4 code (ties to the smaller
@@ -51,14 +57,28 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     round-trips bit for bit: a finite value never takes a code that would decode past float32's
     range (it saturates to the largest finite one); ±inf takes code ±6 with an exponent of at
     least 126, which decodes to ±inf; NaN, which the format cannot hold, raises ValueError.
+    Rows are quantised ``_CHUNK_ROWS`` at a time, so the temporaries stay small.
     """
     *lead, rows, cols = weight.shape
     if cols % GROUP:
         raise ValueError(f"MXFP4 needs a last dim divisible by 32, got {cols}")
-    groups = weight.float().reshape(*lead, rows, cols // GROUP, GROUP)
-    nans = int(groups.isnan().sum())
+    nans = int(weight.isnan().sum())
     if nans:
         raise ValueError(f"MXFP4 cannot store NaN ({nans} NaN values)")
+    flat_NK = weight.reshape(-1, cols)
+    n, groups = flat_NK.shape[0], cols // GROUP
+    blocks = torch.empty(n, groups, GROUP // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(n, groups, dtype=torch.uint8, device=weight.device)
+    for start in range(0, n, _CHUNK_ROWS):
+        part = slice(start, start + _CHUNK_ROWS)
+        blocks[part], scales[part] = _quantize_rows(flat_NK[part])
+    return blocks.reshape(*lead, rows, groups, GROUP // 2), scales.reshape(*lead, rows, groups)
+
+
+def _quantize_rows(rows_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize` of ``[N, K]`` rows free of NaN."""
+    n, cols = rows_NK.shape
+    groups = rows_NK.float().reshape(n, cols // GROUP, GROUP)
     magnitude = groups.abs()
     infinite = magnitude.isinf()
     amax = magnitude.masked_fill(infinite, 0.0).amax(dim=-1)
@@ -69,10 +89,10 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exponent = torch.where(infinite.any(dim=-1), exponent.clamp(min=126), exponent)
     exponent = exponent.clamp(-127, 127).to(torch.int32)
     scaled = magnitude / torch.ldexp(torch.ones_like(amax), exponent)[..., None]
-    table = torch.tensor(FP4_VALUES[:8], device=weight.device)
+    table = torch.tensor(FP4_VALUES[:8], device=rows_NK.device)
     overflows = (table * torch.exp2(exponent[..., None].float())).isinf()
     distance = (scaled[..., None] - table).abs().masked_fill(overflows[..., None, :], torch.inf)
     codes = torch.where(infinite, 7, distance.argmin(dim=-1)) + 8 * groups.signbit()
-    pairs = codes.to(torch.uint8).reshape(*lead, rows, cols // GROUP, GROUP // 2, 2)
+    pairs = codes.to(torch.uint8).reshape(n, cols // GROUP, GROUP // 2, 2)
     blocks = pairs[..., 0] | (pairs[..., 1] << 4)
     return blocks, (exponent + 127).to(torch.uint8)
