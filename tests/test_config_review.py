@@ -96,6 +96,16 @@ def test_a_warmup_longer_than_the_run_is_pointed_out():
     assert "optim.warmup_steps=20 >= trainer.steps=10" in note
 
 
+def test_lora_dropout_on_expert_adapters_is_pointed_out():
+    """Dropout shapes only the dense adapters' inputs; a run asking for it beside expert
+    adapters is told so instead of silently training the experts without it."""
+    warn = config_mod.config_warnings
+    assert warn(run_config(["lora.rank=4", "lora.dropout=0.1", "lora.targets=[attention]"])) == []
+    assert warn(run_config(["lora.rank=4", "lora.targets=[experts]"])) == []
+    (note,) = warn(run_config(["lora.rank=4", "lora.dropout=0.1"]))
+    assert "lora.dropout=0.1 drops the inputs of the dense adapters only (attention)" in note
+
+
 def test_the_run_folder_is_checked(tmp_path):
     check = config_mod.check_run_dir
     fresh, resume = run_config(SMOKE), run_config([*SMOKE, "trainer.resume=true"])

@@ -150,6 +150,14 @@ def config_warnings(cfg: RunConfig) -> list[str]:
             f"optim.warmup_steps={cfg.optim.warmup_steps} >= trainer.steps={cfg.trainer.steps}: "
             f"the learning rate never reaches optim.lr={cfg.optim.lr:g} nor decays"
         )
+    lora = cfg.lora
+    if lora.rank is not None and lora.dropout > 0 and "experts" in lora.targets:
+        dense = [t for t in lora.targets if t != "experts"]
+        notes.append(
+            f"lora.dropout={lora.dropout:g} drops the inputs of the dense adapters only "
+            f"({', '.join(dense) or 'none here'}): the expert adapters take no dropout (PEFT "
+            "has none on adapted parameters either)"
+        )
     return notes
 
 
