@@ -6,7 +6,7 @@ import json
 import sys
 
 from moelab.bench.__main__ import main
-from moelab.bench.gpu_clock import ClockLog, parse
+from moelab.bench.gpu_clock import ClockLog, clock_text, parse
 
 SAMPLES = """\
 1980, 119.38, 0x0000000000000000
@@ -33,6 +33,13 @@ def test_a_log_summarises_what_the_sampler_printed():
         pass
     # median of 1980, 345, 1560, 1650; three of the four samples had no throttle bit but idle
     assert log.summary() == dict(sm_mhz=1605, sm_mhz_min=345, power_w_max=709.4, throttled=0.5)
+
+
+def test_a_table_cell_marks_throttled_rows():
+    assert clock_text(None) == "n/a"
+    boost = dict(sm_mhz=1980, sm_mhz_min=1980, power_w_max=120.0, throttled=0.0)
+    capped = dict(sm_mhz=1650, sm_mhz_min=1305, power_w_max=702.0, throttled=0.9)
+    assert clock_text(boost) == "1980" and clock_text(capped) == "1650*"
 
 
 def test_no_sampler_means_no_summary_and_no_failure(tmp_path):

@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 
 from moelab.bench import compiled
-from moelab.bench.gpu_clock import ClockLog
+from moelab.bench.gpu_clock import ClockLog, clock_text
 from moelab.bench.shapes import SHAPES, BlockShape, moe_flops
 from moelab.kernels import available, registry
 from moelab.kernels.problem import ExpertProblem
@@ -357,12 +357,6 @@ def _clock_log(device: torch.device) -> ClockLog:
     return ClockLog(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _clock_text(clock: dict | None) -> str:
-    if clock is None:
-        return "n/a"
-    return f"{clock['sm_mhz']}{'*' if clock['throttled'] else ''}"
-
-
 def print_table(rows: list[dict]) -> None:
     checks = [r for r in rows if "check" in r]
     if checks:
@@ -403,10 +397,10 @@ def print_table(rows: list[dict]) -> None:
         line = (
             f"{r['shape']:<15}{r['tokens']:>7} {r['mode']:<5}{r['backend']:<14}"
             f"{r['ms']:>9.3f}{r['tflops']:>9.2f}{peak:>10}{saved!s:>15}{host:>9}"
-            f"{_clock_text(r.get('clock')):>8}"
+            f"{clock_text(r.get('clock')):>8}"
         )
         if "sustained_ms" in r:
-            line += f"{r['sustained_ms']:>11.3f}{_clock_text(r.get('sustained_clock')):>8}"
+            line += f"{r['sustained_ms']:>11.3f}{clock_text(r.get('sustained_clock')):>8}"
         print(line)
     if any(r.get("clock") for r in timed):
         print("SM MHz: the median while timed; * some samples throttled (power, heat)")

@@ -73,6 +73,13 @@ class ClockLog:
         )
 
 
+def clock_text(clock: dict | None) -> str:
+    """A table cell for :meth:`ClockLog.summary`: the median MHz, ``*`` when throttled."""
+    if clock is None:
+        return "n/a"
+    return f"{clock['sm_mhz']}{'*' if clock['throttled'] else ''}"
+
+
 def parse(text: str) -> list[tuple[float, float, bool]]:
     """``(sm MHz, power W, throttled)`` per line of ``nvidia-smi --query-gpu=QUERY
     --format=csv,noheader,nounits``; lines it cannot read (``[N/A]``, warnings) are skipped.

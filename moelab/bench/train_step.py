@@ -21,6 +21,7 @@ from functools import partial
 
 import torch
 
+from moelab.bench.gpu_clock import ClockLog, clock_text
 from moelab.bench.step_probes import host_syncs, longest_sequence, profile_step, sync
 from moelab.bench.timing import median_ms
 from moelab.checkpoints import api
@@ -317,11 +318,15 @@ def measure(
         # as replays allocate nothing
         runner.capture(ids)
         sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        runner.step(ids)
-    sync(device)
-    seconds = (time.perf_counter() - t0) / steps
+    index = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    with ClockLog(index) as clock:  # the SM clock the steps ran at (power cap, heat)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.step(ids)
+        sync(device)
+        seconds = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     sites = host_syncs(lambda: runner.step(ids)) if device.type == "cuda" else None
     return dict(
@@ -330,6 +335,7 @@ def measure(
         peak_gib=None if peak is None else round(peak, 2),
         host_syncs=None if sites is None else len(sites),
         host_sync_sites=sites,
+        clock=clock.summary(),
     )
 
 
@@ -382,7 +388,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     print(
         f"\n{'model':<15}{'system':<18}{'mode':<6}{'seq':>7}{'tokens/s':>11}{'peak GiB':>10}"
-        f"{'max seq':>9}{'syncs':>7}"
+        f"{'max seq':>9}{'syncs':>7}{'SM MHz':>8}"
     )
     for r in rows:
         if "error" in r:
@@ -393,7 +399,7 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{r['model']:<15}{r['system']:<18}{r['mode']:<6}{r['seq']:>7}"
             f"{r['tokens_per_s']:>11,.0f}{peak:>10}{r.get('max_seq_in_budget', 'n/a')!s:>9}"
-            f"{syncs!s:>7}"
+            f"{syncs!s:>7}{clock_text(r.get('clock')):>8}"
         )
     for r in rows:
         if r.get("host_sync_sites"):
