@@ -143,6 +143,18 @@ def test_a_resume_with_no_checkpoint_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sizes_the_backend_cannot_serve_leave_the_folder_empty(tmp_path):
+    """The expert backend is judged against the model's own sizes (and its adapters) before a
+    LoRA run from scratch writes its base model: the run used to write ``base_model`` first, so
+    the folder then counted as holding a run and refused the corrected command."""
+    bad = [*SMOKE, "lora.rank=4", "backend.name=grouped_mm", "model.arch.moe_intermediate_size=6"]
+    with pytest.raises(ValueError, match="grouped_mm needs 16-byte strides: I=6"):
+        run_training(run_config(bad), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    run_training(run_config([*SMOKE, "lora.rank=4", "backend.name=grouped_mm"]), tmp_path)
+    assert (tmp_path / "base_model" / "config.json").exists()
+
+
 def test_train_called_from_python_does_not_write_over_a_finished_run(tmp_path):
     """The command line checked the run folder; ``train()`` itself did not, so a second run
     from Python replaced the first one's metrics, summary and checkpoints."""

@@ -140,6 +140,15 @@ def trainable_predicate(cfg: LoraConfig) -> Callable[[tree.Path], bool]:
     return predicate
 
 
+def without_adapters(node):
+    """The params tree without its adapters: the base model's own tensors, shared, not copied."""
+    if isinstance(node, dict):
+        return {k: without_adapters(v) for k, v in node.items() if k not in ADAPTER_KEYS}
+    if isinstance(node, list):
+        return [without_adapters(v) for v in node]
+    return node
+
+
 def merged(params: dict, scale: float) -> dict:
     """A copy of the params with every adapter folded into its base weight (for export)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from moelab.models.model import Model
 from moelab.ops.lora import expert_lora_from_params
 from moelab.train import data as data_mod
 from moelab.train.config import RunConfig
-from moelab.train.lora import AdapterLayout
+from moelab.train.lora import AdapterLayout, without_adapters
 
 log = logging.getLogger("moelab")
 
@@ -120,8 +121,9 @@ def expert_backend(
 
 
 def save_base_model(model: Model, run_dir: Path) -> str:
-    """A from-scratch LoRA run saves its frozen base once, so its adapters can be reloaded."""
+    """A from-scratch LoRA run saves its frozen base once (the model without its adapters), so
+    its adapters can be reloaded."""
     path = Path(run_dir) / "base_model"
     if not path.exists():
-        api.save_pretrained(model, path)
+        api.save_pretrained(dataclasses.replace(model, params=without_adapters(model.params)), path)
     return str(path)

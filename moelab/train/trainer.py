@@ -124,11 +124,17 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     lora = cfg.lora
     if lora.rank is not None:
         lora_mod.check_targets(model.params, lora)
-        if base_model is None:
-            base_model = setup.save_base_model(model, run_dir)
         lora_mod.add_lora(
             model.params, lora, torch.Generator(device=device).manual_seed(cfg.trainer.seed + 1)
         )
+    # the expert backend for the model's sizes and adapters, before a LoRA run writes its base
+    # model: a request the backend cannot serve at these sizes leaves the folder empty
+    # fmt: off
+    backend = setup.expert_backend(model, cfg.backend.name, dtype, device,
+                                   data.micro_batch_tokens, cfg.trainer.moe_recompute)
+    # fmt: on
+    if lora.rank is not None and base_model is None:
+        base_model = setup.save_base_model(model, run_dir)  # before any restored weights
     if saved is not None:
         state.restore_params(ckpt, model, saved)
     trains = lora_mod.trainable_predicate(lora)
@@ -179,10 +185,6 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     eval_opts = dataclasses.replace(
         train_opts, lora_dropout=0.0, checkpoint_layers=False, moe_recompute=False
     )
-    # fmt: off
-    backend = setup.expert_backend(model, cfg.backend.name, dtype, device,
-                                   data.micro_batch_tokens, cfg.trainer.moe_recompute)
-    # fmt: on
     n_total, n_train = tree.count(model.params), sum(t.numel() for _, t in trainable)
     mode = "full" if lora.rank is None else f"LoRA r={lora.rank} on {', '.join(lora.targets)}"
     log.info(
