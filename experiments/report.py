@@ -1,15 +1,18 @@
 """Compare the jobs of a Hydra multirun: ``python experiments/report.py <multirun folder>``.
 
-Writes ``report.md`` (one row per job: overrides, losses, tokens/s, step time, peak memory,
-trainable parameters), ``loss.png`` (train and eval loss against step) and ``throughput.png``
-(tokens/s and peak GPU memory by backend and LoRA rank) into the folder (or ``--out``).
+Writes ``report.md`` (one row per finished job: overrides, losses, tokens/s, step time, peak
+memory, trainable parameters; the jobs not finished named below it), ``loss.png`` (train and
+eval loss against step) and ``throughput.png`` (tokens/s and peak GPU memory of each job, with
+its backend and LoRA rank) into the folder (or ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -18,48 +21,91 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from moelab.files import replace_text  # noqa: E402
 from moelab.train.config import latest_recorded_config  # noqa: E402
 
+# what a job folder holds from its first command on (Hydra's record) or from its run
+JOB_FILES = (".hydra", "overrides.json", "metrics.jsonl", "summary.json")
+PLOTS = ("loss.png", "throughput.png")
 
-def load_jobs(folder: Path) -> list[dict]:
-    jobs = []
-    for summary_file in sorted(folder.glob("*/summary.json"), key=lambda p: p.parent.name):
-        job_dir = summary_file.parent
+
+def _job_order(job_dir: Path) -> tuple[int, int, str]:
+    # Hydra numbers a sweep's jobs 0, 1, ..., 10: as text, 10 would come before 2
+    name = job_dir.name
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def _hydra_record(job_dir: Path, name: str) -> Path:
+    """Hydra's ``name`` from the job's first command: ``.hydra/<name>``, or the oldest
+    ``.hydra/<time>/<name>`` since each command has a record of its own."""
+    single = job_dir / ".hydra" / name
+    if single.exists():
+        return single
+    per_command = sorted(job_dir.glob(f".hydra/*/{name}"))  # time-stamped: name order
+    return per_command[0] if per_command else single
+
+
+def _read(path: Path, parse) -> object | None:
+    """``path`` parsed, or None where it is missing or cut short (read while written)."""
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def load_jobs(folder: Path) -> tuple[list[dict], list[dict]]:
+    """The finished jobs under a multirun folder, and those not finished (no summary.json of
+    their last start: failed, refused, still running or resumed and not done), in job order."""
+    dirs = [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
+    dirs = [d for d in dirs if any((d / name).exists() for name in JOB_FILES)]
+    finished, unfinished = [], []
+    for job_dir in sorted(dirs, key=_job_order):
         # the run's own records first: Hydra rewrites its .hydra files when a run is resumed
-        ours, hydras = job_dir / "overrides.json", job_dir / ".hydra" / "overrides.yaml"
-        if ours.exists():
-            overrides = json.loads(ours.read_text())
+        overrides = _read(job_dir / "overrides.json", json.loads)
+        if overrides is None:
+            overrides = _read(_hydra_record(job_dir, "overrides.yaml"), yaml.safe_load) or []
+        job = {"job": job_dir.name, "overrides": " ".join(overrides) or "(defaults)"}
+        summary = _read(job_dir / "summary.json", json.loads)
+        recorded = latest_recorded_config(job_dir)
+        if recorded.exists():
+            config = _read(recorded, json.loads)
         else:
-            overrides = yaml.safe_load(hydras.read_text()) if hydras.exists() else []
+            config = _read(_hydra_record(job_dir, "config.yaml"), yaml.safe_load)
+        # a resume records its config before it trains and rewrites summary.json at its end:
+        # until then summary.json is the start before's, and the records go past it
+        if summary is None or config is None or summary.get("steps") != config["trainer"]["steps"]:
+            unfinished.append(job)
+            continue
         records = [
             json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()
         ]
-        recorded = latest_recorded_config(job_dir)
-        if recorded.exists():
-            config = json.loads(recorded.read_text())
-        else:
-            config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
-        jobs.append(
-            {
-                "job": job_dir.name,
-                "overrides": " ".join(overrides) or "(defaults)",
-                "summary": json.loads(summary_file.read_text()),
-                "train": [r for r in records if "loss" in r],
-                "eval": [r for r in records if "eval_loss" in r],
-                "backend": config["backend"]["name"],
-                "rank": config["lora"]["rank"],
-            }
+        job.update(
+            summary=summary,
+            train=[r for r in records if "loss" in r],
+            eval=[r for r in records if "eval_loss" in r],
+            backend=summary["backend"],  # the one it ran (``auto`` resolved), as the table says
+            rank=config["lora"]["rank"],
         )
-    if not jobs:
-        raise SystemExit(f"no finished jobs (*/summary.json) under {folder}")
-    return jobs
+        finished.append(job)
+    if not finished:
+        raise SystemExit(
+            f"no finished jobs (*/summary.json) under {folder}\n{_unfinished_note(unfinished)}"
+        )
+    return finished, unfinished
+
+
+def _unfinished_note(unfinished: list[dict]) -> str:
+    if not unfinished:
+        return ""
+    jobs = ", ".join(f"{j['job']} (`{j['overrides']}`)" for j in unfinished)
+    return f"\nNot finished (failed, refused, running, or resumed and not done): {jobs}\n"
 
 
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def markdown(jobs: list[dict]) -> str:
+def markdown(jobs: list[dict], unfinished: list[dict] | None = None) -> str:
     lines = [
         "| job | overrides | backend | LoRA rank | final loss | eval loss | tokens/s | step ms "
         "| peak MiB | trainable |",
@@ -74,7 +120,7 @@ def markdown(jobs: list[dict]) -> str:
             f"| {_fmt(s['tokens_per_s'], ',.0f')} | {_fmt(step_ms, '.1f')} "
             f"| {_fmt(s['peak_mem_mib'], ',.0f')} | {s['trainable']:,} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _unfinished_note(unfinished or [])
 
 
 def plot_losses(jobs: list[dict], out: Path) -> None:
@@ -99,10 +145,12 @@ def plot_losses(jobs: list[dict], out: Path) -> None:
 
 
 def plot_throughput(jobs: list[dict], out: Path) -> None:
-    labels = [f"{j['backend']}\nr={j['rank'] or 'full'}" for j in jobs]
+    # the job names the bar: jobs of one backend and rank (a sweep over another key) would
+    # share one category, their bars drawn over each other
+    labels = [f"{j['job']}\n{j['backend']}\nr={j['rank'] or 'full'}" for j in jobs]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].bar(labels, [j["summary"]["tokens_per_s"] or 0 for j in jobs])
-    axes[0].set(title="tokens/s by backend and LoRA rank", ylabel="tokens/s")
+    axes[0].set(title="tokens/s by job (backend, LoRA rank)", ylabel="tokens/s")
     peaks = [j["summary"]["peak_mem_mib"] for j in jobs]
     if any(p is not None for p in peaks):
         axes[1].bar(labels, [p or 0 for p in peaks])
@@ -122,15 +170,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", type=Path, help="a Hydra multirun folder")
     parser.add_argument("--out", type=Path, default=None, help="default: the folder itself")
     args = parser.parse_args(argv)
+    jobs, unfinished = load_jobs(args.folder)  # first: a mistyped folder is not made
     out = args.out or args.folder
     out.mkdir(parents=True, exist_ok=True)
-    jobs = load_jobs(args.folder)
-    table = markdown(jobs)
-    (out / "report.md").write_text(
-        f"# {args.folder}\n\n{table}\n![loss](loss.png)\n\n![throughput](throughput.png)\n"
+    table = markdown(jobs, unfinished)
+    # every file is made before any is replaced, each replaced whole, report.md last: a failure
+    # half-way leaves the last report as it was, not a new table over old plots or a cut file
+    with tempfile.TemporaryDirectory(dir=out, prefix=".report.") as tmp:
+        plot_losses(jobs, Path(tmp))
+        plot_throughput(jobs, Path(tmp))
+        for name in PLOTS:
+            os.replace(Path(tmp) / name, out / name)
+    replace_text(
+        out / "report.md",
+        f"# {args.folder}\n\n{table}\n![loss](loss.png)\n\n![throughput](throughput.png)\n",
     )
-    plot_losses(jobs, out)
-    plot_throughput(jobs, out)
     print(table)
     print(f"wrote {out / 'report.md'}, {out / 'loss.png'}, {out / 'throughput.png'}")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from moelab.files import replace_text
 from moelab.kernels import registry
 from moelab.models import tree
 from moelab.models.model import Model
@@ -233,7 +234,8 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     )
     tracker.summary(summary)
     tracker.finish()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # whole or not at all: a sweep's report reads it to tell finished jobs from the rest
+    replace_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def fmt(value, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
