@@ -21,7 +21,7 @@ sys.path[:0] = [".anchor", "."]  # run from the repository root: the anchor scri
 import anchor_bench as anchor  # noqa: E402
 
 from moelab.bench.experts import dropping_grads  # noqa: E402
-from moelab.bench.gpu_clock import ClockLog  # noqa: E402
+from moelab.bench.gpu_clock import clock_log  # noqa: E402
 
 GRADS = os.environ.get("GRADS", "accumulate")
 DEFAULT_ROWS = ",".join(
@@ -51,12 +51,12 @@ def main() -> None:
             if cooldown:
                 torch.cuda.synchronize()
                 time.sleep(cooldown)
-            with ClockLog(torch.cuda.current_device()) as clock:
+            with clock_log(x.device) as clock:
                 ms, mib = anchor.time_block(_stepped(block), x, iters)
             row = dict(family=family, tokens=t, impl=impl, lora_rank=int(rank), ms=round(ms, 3),
                        peak_mib=round(mib, 1), grads=GRADS, clock=clock.summary())  # fmt: skip
             if sustain:
-                with ClockLog(torch.cuda.current_device()) as clock:
+                with clock_log(x.device) as clock:
                     sustained = anchor.time_block(_stepped(block), x, sustain)[0]
                 row["sustained_ms"] = round(sustained, 3)
                 row["sustained_clock"] = clock.summary()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
+
 from moelab.bench.__main__ import main
-from moelab.bench.gpu_clock import ClockLog, clock_text, parse
+from moelab.bench.gpu_clock import ClockLog, clock_log, clock_text, parse
 
 SAMPLES = """\
 1980, 119.38, 0x0000000000000000
@@ -49,6 +51,9 @@ def test_no_sampler_means_no_summary_and_no_failure(tmp_path):
     with ClockLog(None) as log:  # not a GPU
         pass
     assert log.summary() is None
+    with clock_log(torch.device("cpu")) as log:
+        pass
+    assert log.command is None and log.summary() is None
 
 
 def test_experts_rows_carry_their_clock_and_a_sustained_time(tmp_path, capsys):

@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 
 from moelab.bench import compiled
-from moelab.bench.gpu_clock import ClockLog, clock_text
+from moelab.bench.gpu_clock import clock_log, clock_text
 from moelab.bench.shapes import SHAPES, BlockShape, moe_flops
 from moelab.kernels import available, registry
 from moelab.kernels.problem import ExpertProblem
@@ -326,7 +326,7 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
         time_step(step, x0, 1, warmup=0)  # tunes and compiles now, not after the idle gap
         torch.cuda.synchronize()
         time.sleep(args.cooldown)  # every row starts from the same (idle) power state
-    with _clock_log(x0.device) as clock:
+    with clock_log(x0.device) as clock:
         ms, peak, host_ms = time_step(step, x0, args.iters, graph=args.graph, fresh=fresh)
     tflops = moe_flops(shape, tokens, mode, args.rank) / (ms * 1e-3) / 1e12
     row = dict(ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1))
@@ -335,7 +335,7 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     row["grads"] = args.grads
     row["clock"] = clock.summary()
     if args.sustain:
-        with _clock_log(x0.device) as clock:
+        with clock_log(x0.device) as clock:
             sustained = time_step(step, x0, args.sustain, graph=args.graph, fresh=fresh)[0]
         row["sustained_ms"] = round(sustained, 3)
         row["sustained_clock"] = clock.summary()
@@ -348,13 +348,6 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     if args.profile:
         row["kernels"] = profile_step(step, x0)
     return row
-
-
-def _clock_log(device: torch.device) -> ClockLog:
-    """The SM clock sampled while a row is timed on a GPU (:mod:`moelab.bench.gpu_clock`)."""
-    if device.type != "cuda":
-        return ClockLog(None)
-    return ClockLog(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def print_table(rows: list[dict]) -> None:

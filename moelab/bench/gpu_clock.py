@@ -15,6 +15,8 @@ import subprocess
 import time
 from collections.abc import Sequence
 
+import torch
+
 QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
 
 
@@ -71,6 +73,14 @@ class ClockLog:
             power_w_max=round(max(s[1] for s in self.samples), 1),
             throttled=round(sum(s[2] for s in self.samples) / len(self.samples), 2),
         )
+
+
+def clock_log(device: torch.device) -> ClockLog:
+    """A :class:`ClockLog` of ``device`` (of the current GPU for a bare ``cuda``; one that
+    samples nothing off CUDA)."""
+    if device.type != "cuda":
+        return ClockLog(None)
+    return ClockLog(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def clock_text(clock: dict | None) -> str:

@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from moelab.bench.gpu_clock import ClockLog, clock_text
+from moelab.bench.gpu_clock import clock_log, clock_text
 from moelab.bench.step_probes import host_syncs, longest_sequence, profile_step, sync
 from moelab.bench.timing import median_ms
 from moelab.checkpoints import api
@@ -318,10 +318,7 @@ def measure(
         # as replays allocate nothing
         runner.capture(ids)
         sync(device)
-    index = None
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    with ClockLog(index) as clock:  # the SM clock the steps ran at (power cap, heat)
+    with clock_log(device) as clock:  # the SM clock the steps ran at (power cap, heat)
         t0 = time.perf_counter()
         for _ in range(steps):
             runner.step(ids)
