@@ -42,9 +42,9 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     return scaled.flatten(-2).to(dtype)
 
 
-# rows quantised at once: the nearest-code search holds about 50 bytes of fp32 and int64
-# temporaries per weight, so a whole GPT-OSS expert stack at once (0.5-2.1 G weights per layer)
-# needed tens of GB beside the model
+# rows quantised at once: the nearest-code search holds about 74 bytes of fp32 and int64
+# temporaries per weight (peak RSS at 66M weights, session 21), so a whole GPT-OSS expert stack
+# at once (0.5-2.1 G weights per layer) needed tens of GB beside the model
 _CHUNK_ROWS = 1024
 
 
