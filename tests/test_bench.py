@@ -12,7 +12,7 @@ import torch
 from conftest import TEST_DEVICE, rel_err
 
 from moelab.bench import compiled
-from moelab.bench.__main__ import main
+from moelab.bench.__main__ import UsageError, main
 from moelab.bench.experts import block_config, build_block
 from moelab.bench.shapes import SHAPES, BlockShape, moe_flops
 from moelab.ops import moe_block, route
@@ -231,6 +231,25 @@ def test_experts_benchmark_refuses_graph_replay_without_cuda(grads):
     """Only the missing device is refused: graph replays take either gradient protocol."""
     with pytest.raises(ValueError, match="needs a CUDA device"):
         main(["experts", "--shape", "tiny", "--tokens", "16", "--graph", "--grads", grads])
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--graph", "--graphed-block"], "time different things"),
+        (["--graphed-block", "--backends", "triton,native_torch"], "native_torch reads expert"),
+    ],
+)
+def test_experts_benchmark_refuses_graphed_block_misuse(extra, words):
+    """Refused before anything runs (before the device is even looked at), with the reason."""
+    with pytest.raises(UsageError, match=words):
+        main(["experts", "--shape", "tiny", "--tokens", "16", *extra])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal off CUDA")
+def test_experts_benchmark_refuses_graphed_block_without_cuda():
+    with pytest.raises(UsageError, match="--graphed-block replays CUDA graphs"):
+        main(["experts", "--shape", "tiny", "--tokens", "16", "--graphed-block"])
 
 
 @pytest.mark.parametrize("grads", ["accumulate", "fresh"])

@@ -62,9 +62,24 @@ def check_arguments(args: argparse.Namespace) -> None:
         _int("--sustain", args.sustain, 0)
         if not math.isfinite(args.cooldown) or args.cooldown < 0:
             raise UsageError(f"--cooldown {args.cooldown}: expected seconds >= 0")
+        if args.graph and args.graphed_block:
+            raise UsageError(
+                "--graph (the whole step from one graph) and --graphed-block (an eager loop over "
+                "the block's own graphs) time different things: pass one"
+            )
+        unrecordable = {"native_torch", compiled.NAME} & set((args.backends or "").split(","))
+        if args.graphed_block and unrecordable:
+            raise UsageError(
+                f"--graphed-block with --backends {','.join(sorted(unrecordable))}: "
+                "native_torch reads expert counts on the host and the compiled pipeline is "
+                "torch.compile's; neither can be recorded as the block's graphs"
+            )
         device = _device(args.device)
-        if args.graph and device.type != "cuda":
-            raise UsageError(f"--graph replays CUDA graphs: it needs a CUDA device, not {device}")
+        for flag, on in (("--graph", args.graph), ("--graphed-block", args.graphed_block)):
+            if on and device.type != "cuda":
+                raise UsageError(
+                    f"{flag} replays CUDA graphs: it needs a CUDA device, not {device}"
+                )
         dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if compiled.NAME in (args.backends or "").split(",") and dtype != "bfloat16":
             raise UsageError(

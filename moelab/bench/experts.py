@@ -26,6 +26,7 @@ from moelab.kernels import available, registry
 from moelab.kernels.problem import ExpertProblem
 from moelab.kernels.registry import unsupported_reason
 from moelab.ops import ExpertLoRA, MoEConfig, moe_block, moe_experts, route
+from moelab.train.graphed_call import graphed_block
 from moelab.train.graphs import CapturedStep
 
 _Out = TypeVar("_Out")
@@ -261,8 +262,8 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 def run(args: argparse.Namespace) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.device(device).type == "cuda"  # "cuda:1" too
-    if args.graph and not cuda:
-        raise ValueError(f"--graph replays CUDA graphs: it needs a CUDA device, not {device}")
+    if (args.graph or args.graphed_block) and not cuda:
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     shape = SHAPES[args.shape]
     backends = args.backends.split(",") if args.backends else available()
@@ -290,7 +291,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 )
                 rank = args.rank if mode == "lora" else 0
                 problem = _problem(shape, tokens, rank, dtype, device, args.recompute)
-                if backend == compiled.NAME:
+                if args.graphed_block and backend in ("native_torch", compiled.NAME):
+                    reason = "not recordable as the block's graphs (--graphed-block)"
+                elif backend == compiled.NAME:
                     reason = unsupported_reason("grouped_mm", problem)
                 else:
                     reason = unsupported_reason(backend, problem)
@@ -317,6 +320,8 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     if backend == compiled.NAME:
         # one dynamic-shape compilation serves every token count
         step = torch.compile(lambda x: compiled.block(x, params, shape, 2.0), dynamic=True)
+    elif args.graphed_block:
+        step = graphed_block(params, block_config(shape, backend, args.rank, args.recompute))
     else:
         cfg = block_config(shape, backend, args.rank, args.recompute)
         step = lambda x: moe_block(x, params, cfg)[0]  # noqa: E731
@@ -332,6 +337,9 @@ def _time_backend(shape, backend, mode, tokens, args, dtype, device) -> dict:
     row = dict(ms=round(ms, 3), tflops=tflops, peak_mib=None if peak is None else round(peak, 1))
     row["host_ms"] = None if host_ms is None else round(host_ms, 3)
     row["graph"] = args.graph
+    if args.graphed_block:
+        row["graphed_block"] = True
+        row["graph_pool_mib"] = round(step.pool_bytes / 2**20, 1)
     row["grads"] = args.grads
     row["clock"] = clock.summary()
     if args.sustain:
@@ -421,6 +429,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--graph",
         action="store_true",
         help="time replays of the step captured as a CUDA graph (kernel time without launching)",
+    )
+    p.add_argument(
+        "--graphed-block",
+        action="store_true",
+        help="time an eager loop over the block wrapped by moelab.train.graphed_call."
+        "graphed_block: its forward and backward replayed from CUDA graphs of their own",
     )
     p.add_argument("--check-tokens", type=int, default=512)
     p.add_argument(
