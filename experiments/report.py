@@ -27,6 +27,7 @@ from moelab.train.config import latest_recorded_config  # noqa: E402
 # what a job folder holds from its first command on (Hydra's record) or from its run
 JOB_FILES = (".hydra", "overrides.json", "metrics.jsonl", "summary.json")
 PLOTS = ("loss.png", "throughput.png")
+UNKNOWN_OVERRIDES = "unknown (resumed before overrides were recorded)"
 
 
 def _job_order(job_dir: Path) -> tuple[int, int, str]:
@@ -53,6 +54,75 @@ def _read(path: Path, parse) -> object | None:
         return None
 
 
+def _resume_kind(overrides: list[str]) -> str | None:
+    """``"resume"`` or ``"resume_from"`` where these overrides resume a run, else None."""
+    for override in overrides:
+        key, _, value = str(override).lstrip("+").partition("=")
+        value = value.strip().lower()
+        if key == "trainer.resume" and value in ("true", "yes", "on", "1"):
+            return "resume"
+        if key == "trainer.resume_from" and value not in ("", "null", "none", "~"):
+            return "resume_from"
+    return None
+
+
+def _resumes_an_earlier_start(job_dir: Path, overrides: list[str]) -> bool:
+    """Whether these overrides are a later command's, not the job's first: resume=true needs a
+    checkpoint already in the folder, and run_config.json is written by a start that did not
+    resume. A first command may resume from another run's checkpoint (resume_from)."""
+    kind = _resume_kind(overrides)
+    return kind == "resume" or (kind == "resume_from" and (job_dir / "run_config.json").exists())
+
+
+def _first_overrides(job_dir: Path) -> list[str] | None:
+    """The overrides the job was started with, or None where only a resume's are recorded."""
+    # the run's own record first: Hydra rewrote its single .hydra/overrides.yaml on a resume
+    overrides = _read(job_dir / "overrides.json", json.loads)
+    # a run started before overrides.json existed has it from its first resume: that command's
+    if overrides is None or _resumes_an_earlier_start(job_dir, overrides):
+        overrides = _read(_hydra_record(job_dir, "overrides.yaml"), yaml.safe_load) or []
+        if _resumes_an_earlier_start(job_dir, overrides):
+            return None
+    return overrides
+
+
+def _valid_record(record: object) -> bool:
+    # what the table and the loss plot read of a record
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return (
+        isinstance(record, dict)
+        and number(record.get("step"))
+        and ("loss" not in record or (number(record["loss"]) and number(record.get("step_ms"))))
+        and ("eval_loss" not in record or number(record["eval_loss"]))
+    )
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], str | None]:
+    """A finished job's records, or none and what is wrong with its file: a finished run
+    wrote every record, so a damaged file is not a shorter run, and a part would pass for
+    the whole."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return [], "metrics.jsonl missing"
+    except (OSError, ValueError) as e:
+        return [], f"metrics.jsonl unreadable: {e}"
+    records = []
+    for num, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not _valid_record(record):
+            return [], f"metrics.jsonl corrupt at line {num}"
+        records.append(record)
+    return records, None if records else "metrics.jsonl empty"
+
+
 def load_jobs(folder: Path) -> tuple[list[dict], list[dict]]:
     """The finished jobs under a multirun folder, and those not finished (no summary.json of
     their last start: failed, refused, still running or resumed and not done), in job order."""
@@ -60,11 +130,9 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[dict]]:
     dirs = [d for d in dirs if any((d / name).exists() for name in JOB_FILES)]
     finished, unfinished = [], []
     for job_dir in sorted(dirs, key=_job_order):
-        # the run's own records first: Hydra rewrites its .hydra files when a run is resumed
-        overrides = _read(job_dir / "overrides.json", json.loads)
-        if overrides is None:
-            overrides = _read(_hydra_record(job_dir, "overrides.yaml"), yaml.safe_load) or []
-        job = {"job": job_dir.name, "overrides": " ".join(overrides) or "(defaults)"}
+        overrides = _first_overrides(job_dir)
+        shown = UNKNOWN_OVERRIDES if overrides is None else " ".join(overrides) or "(defaults)"
+        job = {"job": job_dir.name, "overrides": shown}
         summary = _read(job_dir / "summary.json", json.loads)
         recorded = latest_recorded_config(job_dir)
         if recorded.exists():
@@ -76,11 +144,10 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[dict]]:
         if summary is None or config is None or summary.get("steps") != config["trainer"]["steps"]:
             unfinished.append(job)
             continue
-        records = [
-            json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()
-        ]
+        records, metrics_problem = _read_metrics(job_dir / "metrics.jsonl")
         job.update(
             summary=summary,
+            metrics_problem=metrics_problem,  # None: the records are whole
             train=[r for r in records if "loss" in r],
             eval=[r for r in records if "eval_loss" in r],
             backend=summary["backend"],  # the one it ran (``auto`` resolved), as the table says
@@ -94,11 +161,38 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[dict]]:
     return finished, unfinished
 
 
+def _inline(text: str) -> str:
+    # a line break would end the table row (or the note's paragraph) it is written in
+    return text.replace("\r\n", "\\n").replace("\r", "\\n").replace("\n", "\\n")
+
+
+def _cell(text: str) -> str:
+    """``text`` as one table cell: a ``|`` escaped, even in a code span, would split it."""
+    return _inline(text).replace("|", "\\|")
+
+
+def _overrides_md(job: dict) -> str:
+    overrides = _inline(job["overrides"])
+    return overrides if overrides == UNKNOWN_OVERRIDES else f"`{overrides}`"
+
+
 def _unfinished_note(unfinished: list[dict]) -> str:
     if not unfinished:
         return ""
-    jobs = ", ".join(f"{j['job']} (`{j['overrides']}`)" for j in unfinished)
+    jobs = ", ".join(f"{_inline(j['job'])} ({_overrides_md(j)})" for j in unfinished)
     return f"\nNot finished (failed, refused, running, or resumed and not done): {jobs}\n"
+
+
+def _metrics_note(jobs: list[dict]) -> str:
+    damaged = [
+        f"{_inline(j['job'])} ({j['metrics_problem']})" for j in jobs if j["metrics_problem"]
+    ]
+    if not damaged:
+        return ""
+    return (
+        "\nFinished, numbers from summary.json only (no step ms, not in loss.png): "
+        f"{', '.join(damaged)}\n"
+    )
 
 
 def _fmt(value, spec: str) -> str:
@@ -115,18 +209,20 @@ def markdown(jobs: list[dict], unfinished: list[dict] | None = None) -> str:
         s = j["summary"]
         step_ms = statistics.median(r["step_ms"] for r in j["train"]) if j["train"] else None
         lines.append(
-            f"| {j['job']} | `{j['overrides']}` | {s['backend']} | {j['rank'] or 'full'} "
+            f"| {_cell(j['job'])} | {_cell(_overrides_md(j))} | {_cell(str(s['backend']))} "
+            f"| {j['rank'] or 'full'} "
             f"| {_fmt(s['final_loss'], '.4f')} | {_fmt(s['eval_loss'], '.4f')} "
             f"| {_fmt(s['tokens_per_s'], ',.0f')} | {_fmt(step_ms, '.1f')} "
             f"| {_fmt(s['peak_mem_mib'], ',.0f')} | {s['trainable']:,} |"
         )
-    return "\n".join(lines) + "\n" + _unfinished_note(unfinished or [])
+    return "\n".join(lines) + "\n" + _metrics_note(jobs) + _unfinished_note(unfinished or [])
 
 
 def plot_losses(jobs: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
-    for j in jobs:
-        label = f"{j['job']}: {j['overrides']}"
+    plotted = [j for j in jobs if not j["metrics_problem"]]  # the table names the others
+    for j in plotted:
+        label = _inline(f"{j['job']}: {j['overrides']}")
         (line,) = ax.plot(
             [r["step"] for r in j["train"]], [r["loss"] for r in j["train"]], label=label, alpha=0.8
         )
@@ -138,7 +234,10 @@ def plot_losses(jobs: list[dict], out: Path) -> None:
             markersize=3,
         )
     ax.set(xlabel="step", ylabel="loss (train solid, eval dashed)", title="loss")
-    ax.legend(fontsize=7)
+    if plotted:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no job has whole metrics (see report.md)", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)

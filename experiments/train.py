@@ -96,11 +96,15 @@ def resumed(cfg: DictConfig) -> DictConfig:
 def record_overrides(run_dir: Path, resuming: bool) -> None:
     """The command's overrides, kept for ``report.py`` as the run's first command gave them
     (Hydra rewrites ``.hydra/overrides.yaml`` when the run is resumed); a new run replaces
-    those of an attempt that stopped before training."""
+    those of an attempt that stopped before training. A resume of a run already recorded here
+    writes nothing, even where that run's start predates this file: the resume's command is not
+    how the run was started. A first command that resumes another run's checkpoint
+    (``trainer.resume_from``) is this folder's start."""
     file = run_dir / "overrides.json"
-    if not (resuming and file.exists()):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(task_overrides()) + "\n")
+    if resuming and (file.exists() or any(run_dir.glob("run_config*.json"))):
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(task_overrides()) + "\n")
 
 
 def sweep_jobs() -> list[list[str]]:

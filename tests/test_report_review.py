@@ -4,6 +4,8 @@ and a report written over another."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import report  # noqa: E402
+
+from moelab.train.config import latest_recorded_config  # noqa: E402
 
 HYDRA_TIME = "2026-11-30_18-04-35_158061"  # one command's record, .hydra/<time>/
 
@@ -197,3 +201,208 @@ def test_a_mistyped_folder_is_not_created(tmp_path):
     with pytest.raises(SystemExit, match="no finished jobs"):
         report.main([str(missing)])
     assert not (tmp_path / "multirun").exists()
+
+
+def _cells(line: str) -> list[str]:
+    """A table line's cells, split where markdown splits them: at pipes not escaped."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def _metrics_missing(job: Path) -> None:
+    (job / "metrics.jsonl").unlink()
+
+
+def _metrics_empty(job: Path) -> None:
+    (job / "metrics.jsonl").write_text("")
+
+
+def _metrics_corrupt_line(job: Path) -> None:
+    lines = (job / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[3] = '{"step": 3, "loss": 4.\n'  # a damaged record between whole ones
+    (job / "metrics.jsonl").write_text("".join(lines))
+
+
+def _metrics_not_records(job: Path) -> None:
+    with open(job / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n")  # JSON, and not a record
+
+
+@pytest.mark.parametrize(
+    "damage", [_metrics_missing, _metrics_empty, _metrics_corrupt_line, _metrics_not_records]
+)
+def test_a_finished_job_without_usable_metrics_is_reported_from_its_summary(
+    tmp_path, figures, damage
+):
+    make_job(tmp_path, "0", ["backend=native_torch"], final_loss=4.25)
+    damage(make_job(tmp_path, "1", ["backend=grouped_mm"], final_loss=4.75, tokens_per_s=900.0))
+    report.main([str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    rows = table_rows(text)
+    # both jobs, the damaged one with its summary's numbers and no step time
+    assert [(r[0], r[4], r[6], r[7]) for r in rows] == [
+        ("0", "4.2500", "20,000", "35.0"),
+        ("1", "4.7500", "900", "n/a"),
+    ]
+    notes = [line for line in text.splitlines() if "metrics.jsonl" in line]
+    assert len(notes) == 1 and "1 (" in notes[0] and "0 (" not in notes[0]
+    (loss,) = [f for f in figures if f.axes[0].get_title() == "loss"]
+    labels = [line.get_label() for line in loss.axes[0].get_lines()]
+    assert [label for label in labels if not label.startswith("_")] == ["0: backend=native_torch"]
+    assert len(loss.axes[0].get_lines()) == 2  # job 0's train and eval curves, nothing of job 1
+
+
+def test_every_finished_job_without_metrics_still_makes_a_loss_plot(tmp_path, figures):
+    _metrics_missing(make_job(tmp_path, "0", ["backend=native_torch"]))
+    report.main([str(tmp_path)])
+    (loss,) = [f for f in figures if f.axes[0].get_title() == "loss"]
+    assert not loss.axes[0].get_lines() and loss.axes[0].get_legend() is None
+    assert any("metrics" in t.get_text() for t in loss.axes[0].texts)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("value", ["a|b", "a\nb", "a\r\nb|c"])
+def test_an_override_with_a_pipe_or_newline_keeps_the_table_columns(tmp_path, value):
+    make_job(tmp_path, "0", [f"model.name={value}", "backend=native_torch"], final_loss=4.25)
+    make_job(tmp_path, "1", ["backend=grouped_mm"], final_loss=4.75)
+    report.main([str(tmp_path)])
+    table = [line for line in (tmp_path / "report.md").read_text().splitlines() if "|" in line]
+    assert len(table) == 4  # header, separator, one line per job
+    assert {len(_cells(line)) for line in table} == {10}
+    first = _cells(table[2])
+    assert first[0] == "0" and first[4] == "4.2500"
+    # the value still readable: a pipe escaped, a line break written as \n
+    shown = value.replace("|", "\\|").replace("\r\n", "\\n").replace("\n", "\\n")
+    assert first[1] == f"`model.name={shown} backend=native_torch`"
+
+
+UNKNOWN = "unknown (resumed before overrides were recorded)"
+
+
+def _resumed_to(job: Path, steps: int, command: list[str]) -> None:
+    """``job`` (6 steps) resumed at step 6 for ``steps`` and finished, by ``command``."""
+    config = json.loads((job / "run_config.json").read_text())
+    config["trainer"]["steps"] = steps
+    (job / "run_config.resume_000006.json").write_text(json.dumps(config) + "\n")
+    summary = json.loads((job / "summary.json").read_text())
+    (job / "summary.json").write_text(json.dumps({**summary, "steps": steps}) + "\n")
+    later = job / ".hydra" / "2026-12-01_09-00-00_000001"
+    later.mkdir()
+    (later / "overrides.yaml").write_text(yaml.safe_dump(command))
+
+
+@pytest.mark.parametrize(
+    "hydra_first, shown",
+    [
+        # the start's own Hydra record kept (.hydra/overrides.yaml, before per-command records)
+        (["backend=grouped_mm", "optim.lr=1e-3"], "`backend=grouped_mm optim.lr=1e-3`"),
+        # an older resume rewrote it: the start's overrides are nowhere
+        (["trainer.resume=true"], UNKNOWN),
+        (["trainer.resume_from=/runs/a/checkpoints"], UNKNOWN),
+    ],
+)
+def test_a_run_resumed_before_overrides_were_recorded_shows_no_resume_command(
+    tmp_path, hydra_first, shown
+):
+    make_job(tmp_path, "0", ["backend=native_torch"])
+    job = make_job(tmp_path, "1", [])
+    # started before overrides.json existed (one .hydra/overrides.yaml), resumed since: the
+    # resume wrote its own command into overrides.json
+    (job / ".hydra" / HYDRA_TIME / "overrides.yaml").unlink()
+    (job / ".hydra" / HYDRA_TIME).rmdir()
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(hydra_first))
+    command = ["trainer.resume=true", "trainer.steps=9"]
+    (job / "overrides.json").write_text(json.dumps(command) + "\n")
+    _resumed_to(job, 9, command)
+    report.main([str(tmp_path)])
+    rows = table_rows((tmp_path / "report.md").read_text())
+    assert [(r[0], r[1]) for r in rows] == [("0", "`backend=native_torch`"), ("1", shown)]
+
+
+def test_a_run_started_from_another_runs_checkpoint_keeps_its_overrides(tmp_path):
+    # a new folder's first command may resume from elsewhere: that is its own command
+    command = ["trainer.resume_from=/runs/a/checkpoints", "trainer.steps=9"]
+    job = make_job(tmp_path, "0", command)
+    (job / "run_config.json").rename(job / "run_config.resume_000006.json")
+    config = json.loads((job / "run_config.resume_000006.json").read_text())
+    config["trainer"]["steps"] = 9
+    (job / "run_config.resume_000006.json").write_text(json.dumps(config) + "\n")
+    summary = json.loads((job / "summary.json").read_text())
+    (job / "summary.json").write_text(json.dumps({**summary, "steps": 9}) + "\n")
+    report.main([str(tmp_path)])
+    (row,) = table_rows((tmp_path / "report.md").read_text())
+    assert row[1] == f"`{' '.join(command)}`"
+
+
+def _written(path: Path, config: dict, when: int) -> None:
+    path.write_text(json.dumps(config) + "\n")
+    os.utime(path, ns=(when, when))
+
+
+def test_the_latest_recorded_config_is_the_one_written_last(tmp_path):
+    # started for 6 steps, resumed at 6 for 12, then resumed from its step-3 checkpoint for 8:
+    # the last resume has the lower step in its name
+    base = {"backend": {"name": "native_torch"}, "lora": {"rank": None}}
+    t0 = 1_800_000_000 * 10**9
+    _written(tmp_path / "run_config.json", {**base, "trainer": {"steps": 6}}, t0)
+    _written(
+        tmp_path / "run_config.resume_000006.json", {**base, "trainer": {"steps": 12}}, t0 + 10**9
+    )
+    _written(
+        tmp_path / "run_config.resume_000003.json",
+        {**base, "trainer": {"steps": 8}},
+        t0 + 2 * 10**9,
+    )
+    assert latest_recorded_config(tmp_path) == tmp_path / "run_config.resume_000003.json"
+    # written within one clock tick: the later resume step, then the first start, decide
+    for name in (
+        "run_config.json",
+        "run_config.resume_000006.json",
+        "run_config.resume_000003.json",
+    ):
+        os.utime(tmp_path / name, ns=(t0, t0))
+    assert latest_recorded_config(tmp_path) == tmp_path / "run_config.resume_000006.json"
+    (tmp_path / "run_config.resume_000006.json").unlink()
+    (tmp_path / "run_config.resume_000003.json").unlink()
+    assert latest_recorded_config(tmp_path) == tmp_path / "run_config.json"
+    (tmp_path / "run_config.json").unlink()
+    assert (
+        latest_recorded_config(tmp_path) == tmp_path / "run_config.json"
+    )  # none: the first's name
+
+
+def test_a_job_resumed_from_an_earlier_checkpoint_is_reported_by_its_last_config(tmp_path):
+    job = make_job(tmp_path, "0", ["backend=native_torch"], steps=8, final_loss=3.5)
+    config = json.loads((job / "run_config.json").read_text())
+    t0 = 1_800_000_000 * 10**9
+    config["trainer"]["steps"] = 6
+    _written(job / "run_config.json", config, t0)
+    config["trainer"]["steps"] = 12
+    _written(job / "run_config.resume_000006.json", config, t0 + 10**9)
+    config["trainer"]["steps"] = 8  # the summary's: this last command finished
+    _written(job / "run_config.resume_000003.json", config, t0 + 2 * 10**9)
+    report.main([str(tmp_path)])
+    (row,) = table_rows((tmp_path / "report.md").read_text())
+    assert (row[0], row[4]) == ("0", "3.5000")
+
+
+def test_a_resume_never_records_its_command_as_the_runs_overrides(tmp_path, monkeypatch):
+    """A run started before overrides.json existed must not get its first resume's command
+    recorded as how it was started; a new start records its own, a resume keeps it."""
+    import train
+
+    def record(run_dir, overrides: list[str], resuming: bool) -> None:
+        monkeypatch.setattr(train, "task_overrides", lambda: overrides)
+        train.record_overrides(run_dir, resuming)
+
+    started, first = tmp_path / "started", tmp_path / "first"
+    started.mkdir()
+    (started / "run_config.json").write_text("{}")  # a run from before overrides.json
+    record(started, ["trainer.resume=true"], resuming=True)
+    assert not (started / "overrides.json").exists()
+    record(first, ["lora.rank=8"], resuming=False)
+    record(first, ["trainer.resume=true", "trainer.steps=20"], resuming=True)
+    assert json.loads((first / "overrides.json").read_text()) == ["lora.rank=8"]
+    # a folder's first command may go on from another run's checkpoint: it is the start
+    record(tmp_path / "new", ["trainer.resume_from=/x/checkpoints/step_3"], resuming=True)
+    recorded = json.loads((tmp_path / "new" / "overrides.json").read_text())
+    assert recorded == ["trainer.resume_from=/x/checkpoints/step_3"]

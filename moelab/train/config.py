@@ -391,9 +391,26 @@ def recorded_config_name(resume_step: int | None) -> str:
 
 
 def latest_recorded_config(run_dir: str | os.PathLike) -> Path:
-    """The config a run last ran with: its newest resume's, else its first."""
-    resumes = sorted(Path(run_dir).glob("run_config.resume_*.json"))  # zero-padded: name order
-    return resumes[-1] if resumes else Path(run_dir) / recorded_config_name(None)
+    """The config a run last ran with: the recorded config written last (``run_config.json``'s
+    name where there is none yet).
+
+    The resume step in a name does not order the commands: a resume from an earlier
+    checkpoint (``trainer.resume_from=<run>/checkpoints/step_...``) writes a lower step's name
+    after a higher one's. Files written within one clock tick fall back to the step order, a
+    run's first start before its resumes.
+    """
+    first = Path(run_dir) / recorded_config_name(None)
+    recorded = [first, *Path(run_dir).glob("run_config.resume_*.json")]
+    written = {}
+    for path in recorded:
+        try:
+            written[path] = path.stat().st_mtime_ns
+        except OSError:  # no first start here (resumed from elsewhere), or removed meanwhile
+            pass
+    if not written:
+        return first
+    # zero-padded steps: name order is step order; "" puts the first start before them
+    return max(written, key=lambda p: (written[p], "" if p == first else p.name))
 
 
 def _cuda_present(device: torch.device) -> bool:
