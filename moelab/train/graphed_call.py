@@ -6,7 +6,9 @@ recorded once as one graph and its backward as another; each call copies ``x`` i
 the forward, and autograd replays the backward. The host then issues two replays instead of the
 block's few dozen launches: an eager training loop gets the block's GPU time without its
 launching (BENCHMARKS.md: the eager block step waits 0.5-0.9 ms on the host before its first
-large kernel, and some hosts take longer to issue the step than the GPU takes to run it).
+large kernel, and some hosts take longer to issue the step than the GPU takes to run it). At
+Qwen3-30B-A3B width, 8192 tokens, LoRA: 4.00 ms eager, 3.29 graphed, 3.17 for the whole step
+from one graph (run 124).
 
 What it keeps, and what it falls back on:
 
