@@ -23,8 +23,9 @@ What it keeps, and what it falls back on:
   grad or not, or one whose storage moved (``p.data = ...``) records the graphs again. In-place
   updates (an optimizer step) need nothing: the graphs read the same memory.
 - Off CUDA, with gradients disabled, or inside another capture (``trainer.cuda_graph``) the call
-  runs eagerly. The backend must not synchronise with the host (``triton`` and ``grouped_mm``
-  do not; ``native_torch`` does and is refused).
+  runs eagerly. The backend must not synchronise with the host (``triton`` and, on sm_90 and
+  sm_100, ``grouped_mm`` do not; ``native_torch`` does and is refused; torch's ``grouped_mm``
+  on other GPUs falls back to a loop that does, and the recording fails with that said).
 - Memory: the recorded activations and gradients stay allocated between steps (``pool_bytes``).
 """
 
@@ -201,7 +202,8 @@ class GraphedCall:
         except RuntimeError as e:
             raise RuntimeError(
                 f"graphed call: recording the call as CUDA graphs failed ({e}); the function must "
-                "not synchronise with the host (native_torch does)"
+                "not synchronise with the host (native_torch does, and so does torch's grouped_mm "
+                "on GPUs other than sm_90 and sm_100, where it falls back to a loop)"
             ) from e
         finally:
             torch.cuda.current_stream(device).wait_stream(stream)
