@@ -13,7 +13,7 @@ from moelab.bench.experts import block_config, build_block
 from moelab.bench.shapes import SHAPES
 from moelab.models import tree
 from moelab.ops import MoEConfig, moe_block
-from moelab.train.graphed_call import GraphedCall, graphed_block
+from moelab.train.graphed_call import GraphedCall, graphed_block, signature
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 SHAPE = SHAPES["tiny"]  # 8 experts, top-2, H 64, I 32
@@ -45,6 +45,29 @@ def test_graphed_block_refuses_router_stats_and_a_host_synchronising_backend():
         graphed_block(params, block_config(SHAPE, "native_torch", RANK))
     with pytest.raises(ValueError, match="at least one eager call"):
         GraphedCall(lambda x, tensors: x, [], warmup=0)
+
+
+def test_a_recording_is_kept_only_for_the_same_signature():
+    """What makes the graphs record again: x's shape, dtype or requires_grad, autocast's dtype,
+    a tensor's storage or requires_grad; not an in-place update of a tensor's values."""
+    x, w = torch.zeros(4, 8), torch.zeros(8, 8, requires_grad=True)
+    base = signature(x, [w])
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step
+    assert signature(x, [w]) == base
+    assert signature(torch.zeros(5, 8), [w]) != base
+    assert signature(x.double(), [w]) != base
+    assert signature(x.requires_grad_(True), [w]) != base
+    x.requires_grad_(False)
+    assert signature(x, [w.detach().clone().requires_grad_(True)]) != base  # storage moved
+    assert signature(x, [w.detach()]) != base  # same storage, no longer trained
+    before = torch.get_autocast_dtype("cuda")
+    try:
+        torch.set_autocast_dtype("cuda", torch.bfloat16 if before != torch.bfloat16 else torch.half)
+        assert signature(x, [w]) != base
+    finally:
+        torch.set_autocast_dtype("cuda", before)
+    assert signature(x, [w]) == base
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])

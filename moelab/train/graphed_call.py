@@ -19,8 +19,9 @@ What it keeps, and what it falls back on:
   made while an earlier one still waits for its backward (two forwards, then one loss) runs
   eagerly instead, so both stay correct; a backward whose activations a later call has replaced
   (``retain_graph`` and a second backward after a new call) is refused.
-- A new shape, dtype or ``requires_grad`` of ``x``, a tensor of ``params`` that now requires
-  grad or not, or one whose storage moved (``p.data = ...``) records the graphs again. In-place
+- A new shape, dtype or ``requires_grad`` of ``x``, a change of autocast, a tensor of
+  ``params`` that now requires grad or not, or one whose storage moved (``p.data = ...``)
+  records the graphs again (:func:`signature`). In-place
   updates (an optimizer step) need nothing: the graphs read the same memory.
 - Off CUDA, with gradients disabled, or inside another capture (``trainer.cuda_graph``) the call
   runs eagerly. The backend must not synchronise with the host (``triton`` and, on sm_90 and
@@ -149,14 +150,7 @@ class GraphedCall:
         trainable = [t for t in self.tensors if t.requires_grad]
         if not (x.requires_grad or trainable):
             return self.fn(x, self.tensors)  # nothing to differentiate: no backward to record
-        key = (
-            x.shape,
-            x.dtype,
-            x.device,
-            x.requires_grad,
-            torch.is_autocast_enabled("cuda"),
-            tuple((t.data_ptr(), t.requires_grad) for t in self.tensors),
-        )
+        key = signature(x, self.tensors)
         if self._rec is None or self._rec.key != key:
             self._record(x, key, trainable)
         elif self._rec.busy():
@@ -256,6 +250,21 @@ class GraphedCall:
                 f"graphed call: fn must return a tensor or a tuple of tensors, got {type(out)}"
             )
         return outs
+
+
+def signature(x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> tuple:
+    """What a recording is only good for: ``x``'s shape, dtype, device and ``requires_grad``,
+    autocast's state, and each tensor's storage and ``requires_grad`` (an in-place update keeps
+    them; ``p.data = ...`` does not)."""
+    return (
+        x.shape,
+        x.dtype,
+        x.device,
+        x.requires_grad,
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        tuple((t.data_ptr(), t.requires_grad) for t in tensors),
+    )
 
 
 def _grads(outs: tuple[torch.Tensor, ...], inputs: list[torch.Tensor]) -> None:
