@@ -4,7 +4,6 @@ and a report written over another."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -17,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import report  # noqa: E402
 
-from moelab.train.config import latest_recorded_config  # noqa: E402
+from moelab.train.config import (  # noqa: E402
+    LATEST_RECORD,
+    latest_recorded_config,
+    mark_latest_recorded,
+)
 
 HYDRA_TIME = "2026-11-30_18-04-35_158061"  # one command's record, .hydra/<time>/
 
@@ -333,53 +336,51 @@ def test_a_run_started_from_another_runs_checkpoint_keeps_its_overrides(tmp_path
     assert row[1] == f"`{' '.join(command)}`"
 
 
-def _written(path: Path, config: dict, when: int) -> None:
-    path.write_text(json.dumps(config) + "\n")
-    os.utime(path, ns=(when, when))
+def _recorded(run_dir: Path, name: str, config: dict) -> None:
+    """A config recorded as the trainer records it: the file, then the name of the latest."""
+    (run_dir / name).write_text(json.dumps(config) + "\n")
+    mark_latest_recorded(run_dir, name)
 
 
-def test_the_latest_recorded_config_is_the_one_written_last(tmp_path):
-    # started for 6 steps, resumed at 6 for 12, then resumed from its step-3 checkpoint for 8:
-    # the last resume has the lower step in its name
+def test_the_latest_recorded_config_is_the_one_recorded_last(tmp_path):
+    """Started for 6 steps, resumed at 6 for 12, then resumed from its step-3 checkpoint for 8:
+    the last resume has the lower step in its name. A copy of the folder (new file times, in
+    any order) gives the same answer; a folder from before the index goes by step."""
     base = {"backend": {"name": "native_torch"}, "lora": {"rank": None}}
-    t0 = 1_800_000_000 * 10**9
-    _written(tmp_path / "run_config.json", {**base, "trainer": {"steps": 6}}, t0)
-    _written(
-        tmp_path / "run_config.resume_000006.json", {**base, "trainer": {"steps": 12}}, t0 + 10**9
-    )
-    _written(
-        tmp_path / "run_config.resume_000003.json",
-        {**base, "trainer": {"steps": 8}},
-        t0 + 2 * 10**9,
-    )
-    assert latest_recorded_config(tmp_path) == tmp_path / "run_config.resume_000003.json"
-    # written within one clock tick: the later resume step, then the first start, decide
-    for name in (
-        "run_config.json",
-        "run_config.resume_000006.json",
-        "run_config.resume_000003.json",
-    ):
-        os.utime(tmp_path / name, ns=(t0, t0))
-    assert latest_recorded_config(tmp_path) == tmp_path / "run_config.resume_000006.json"
-    (tmp_path / "run_config.resume_000006.json").unlink()
-    (tmp_path / "run_config.resume_000003.json").unlink()
-    assert latest_recorded_config(tmp_path) == tmp_path / "run_config.json"
-    (tmp_path / "run_config.json").unlink()
-    assert (
-        latest_recorded_config(tmp_path) == tmp_path / "run_config.json"
-    )  # none: the first's name
+    run = tmp_path / "run"
+    run.mkdir()
+    _recorded(run, "run_config.json", {**base, "trainer": {"steps": 6}})
+    assert latest_recorded_config(run) == run / "run_config.json"
+    _recorded(run, "run_config.resume_000006.json", {**base, "trainer": {"steps": 12}})
+    _recorded(run, "run_config.resume_000003.json", {**base, "trainer": {"steps": 8}})
+    assert latest_recorded_config(run) == run / "run_config.resume_000003.json"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in sorted(run.iterdir(), reverse=True):  # copied without times, in another order
+        (copy / path.name).write_bytes(path.read_bytes())
+    assert latest_recorded_config(copy) == copy / "run_config.resume_000003.json"
+    # an index naming no recorded config (damaged, or its file removed): by step, as before it
+    for text in ("../summary.json\n", "run_config.resume_000009.json\n", "\xff"):
+        (copy / LATEST_RECORD).write_text(text)
+        assert latest_recorded_config(copy) == copy / "run_config.resume_000006.json"
+    (copy / LATEST_RECORD).unlink()
+    assert latest_recorded_config(copy) == copy / "run_config.resume_000006.json"
+    for name in ("run_config.resume_000006.json", "run_config.resume_000003.json"):
+        (copy / name).unlink()
+    assert latest_recorded_config(copy) == copy / "run_config.json"
+    (copy / "run_config.json").unlink()
+    assert latest_recorded_config(copy) == copy / "run_config.json"  # none yet: the first's name
 
 
 def test_a_job_resumed_from_an_earlier_checkpoint_is_reported_by_its_last_config(tmp_path):
     job = make_job(tmp_path, "0", ["backend=native_torch"], steps=8, final_loss=3.5)
     config = json.loads((job / "run_config.json").read_text())
-    t0 = 1_800_000_000 * 10**9
     config["trainer"]["steps"] = 6
-    _written(job / "run_config.json", config, t0)
+    _recorded(job, "run_config.json", config)
     config["trainer"]["steps"] = 12
-    _written(job / "run_config.resume_000006.json", config, t0 + 10**9)
+    _recorded(job, "run_config.resume_000006.json", config)
     config["trainer"]["steps"] = 8  # the summary's: this last command finished
-    _written(job / "run_config.resume_000003.json", config, t0 + 2 * 10**9)
+    _recorded(job, "run_config.resume_000003.json", config)
     report.main([str(tmp_path)])
     (row,) = table_rows((tmp_path / "report.md").read_text())
     assert (row[0], row[4]) == ("0", "3.5000")

@@ -397,11 +397,13 @@ def test_the_readme_resume_keeps_the_runs_config(tmp_path):
     runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one wandb id
     assert json.loads((run / "overrides.json").read_text()) == first  # for report.py
+    assert (run / "run_config.latest").read_text() == "run_config.resume_000006.json\n"
     # a later resume goes on from the config the run last ran with (9 steps), and the groups
     # it was started with may be repeated (a sweep resumed job by job); others cannot change
     again = ["trainer.resume=true", "backend=native_torch", f"hydra.run.dir={run}"]
     out = _cli(again, tmp_path)
     assert out.returncode == 0 and "nothing to train (trainer.steps=9)" in out.stdout + out.stderr
+    assert (run / "run_config.latest").read_text() == "run_config.resume_000006.json\n"
     out = _cli(["trainer.resume=true", "backend=grouped_mm", f"hydra.run.dir={run}"], tmp_path)
     assert out.returncode != 0 and "not config groups" in out.stderr
 

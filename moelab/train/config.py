@@ -10,9 +10,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from moelab.files import replace_text
 
 if TYPE_CHECKING:
     import torch
@@ -390,27 +393,31 @@ def recorded_config_name(resume_step: int | None) -> str:
     return f"run_config.resume_{resume_step:06d}.json"
 
 
-def latest_recorded_config(run_dir: str | os.PathLike) -> Path:
-    """The config a run last ran with: the recorded config written last (``run_config.json``'s
-    name where there is none yet).
+# names the config recorded last: its content survives a copy of the folder, which file times
+# do not, and a resume from an earlier checkpoint writes a lower step's name after a higher one's
+LATEST_RECORD = "run_config.latest"
+_RECORD_NAME = re.compile(r"run_config(\.resume_\d{6})?\.json")
 
-    The resume step in a name does not order the commands: a resume from an earlier
-    checkpoint (``trainer.resume_from=<run>/checkpoints/step_...``) writes a lower step's name
-    after a higher one's. Files written within one clock tick fall back to the step order, a
-    run's first start before its resumes.
-    """
-    first = Path(run_dir) / recorded_config_name(None)
-    recorded = [first, *Path(run_dir).glob("run_config.resume_*.json")]
-    written = {}
-    for path in recorded:
-        try:
-            written[path] = path.stat().st_mtime_ns
-        except OSError:  # no first start here (resumed from elsewhere), or removed meanwhile
-            pass
-    if not written:
-        return first
-    # zero-padded steps: name order is step order; "" puts the first start before them
-    return max(written, key=lambda p: (written[p], "" if p == first else p.name))
+
+def mark_latest_recorded(run_dir: str | os.PathLike, name: str) -> None:
+    """Record that ``name`` (a :func:`recorded_config_name`) is the config the run now runs
+    with; replaced whole, so a reader never sees a part."""
+    replace_text(Path(run_dir) / LATEST_RECORD, name + "\n")
+
+
+def latest_recorded_config(run_dir: str | os.PathLike) -> Path:
+    """The config a run last ran with: the one ``run_config.latest`` names; in a folder from
+    before that file (or where it names no recorded config), the newest resume's by step, else
+    the first (``run_config.json``'s name where there is none yet)."""
+    run_dir = Path(run_dir)
+    try:
+        named = (run_dir / LATEST_RECORD).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        named = ""
+    if _RECORD_NAME.fullmatch(named) and (run_dir / named).is_file():
+        return run_dir / named
+    resumes = sorted(run_dir.glob("run_config.resume_*.json"))  # zero-padded: name order
+    return resumes[-1] if resumes else run_dir / recorded_config_name(None)
 
 
 def _cuda_present(device: torch.device) -> bool:

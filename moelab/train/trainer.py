@@ -32,6 +32,7 @@ from moelab.train import setup, state
 from moelab.train.config import (
     RunConfig,
     check_run_dir,
+    mark_latest_recorded,
     recorded_config_name,
     resolve_device,
     resumes,
@@ -207,6 +208,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict:
     resume_step = start if saved is not None else None
     config_file = recorded_config_name(resume_step)
     (run_dir / config_file).write_text(json.dumps(resolved, indent=2) + "\n")
+    mark_latest_recorded(run_dir, config_file)
     tracker = Tracker(cfg.logger, run_dir, resolved, resume_step=resume_step)
     run = _Run(
         cfg,
