@@ -101,7 +101,7 @@ def record_overrides(run_dir: Path, resuming: bool) -> None:
     how the run was started. A first command that resumes another run's checkpoint
     (``trainer.resume_from``) is this folder's start."""
     file = run_dir / "overrides.json"
-    if resuming and (file.exists() or any(run_dir.glob("run_config*.json"))):
+    if resuming and (file.exists() or latest_recorded_config(run_dir).exists()):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(task_overrides()) + "\n")

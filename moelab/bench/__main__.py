@@ -67,7 +67,7 @@ def check_arguments(args: argparse.Namespace) -> None:
                 "--graph (the whole step from one graph) and --graphed-block (an eager loop over "
                 "the block's own graphs) time different things: pass one"
             )
-        unrecordable = {"native_torch", compiled.NAME} & set((args.backends or "").split(","))
+        unrecordable = set(experts.NOT_RECORDABLE) & set((args.backends or "").split(","))
         if args.graphed_block and unrecordable:
             raise UsageError(
                 f"--graphed-block with --backends {','.join(sorted(unrecordable))}: "

@@ -30,6 +30,9 @@ from moelab.train.graphed_call import graphed_block
 from moelab.train.graphs import CapturedStep
 
 _Out = TypeVar("_Out")
+# backends whose block cannot be recorded as CUDA graphs (--graphed-block): native_torch reads
+# the expert counts on the host, and the compiled pipeline is torch.compile's own
+NOT_RECORDABLE = ("native_torch", compiled.NAME)
 
 
 def build_block(
@@ -291,7 +294,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 )
                 rank = args.rank if mode == "lora" else 0
                 problem = _problem(shape, tokens, rank, dtype, device, args.recompute)
-                if args.graphed_block and backend in ("native_torch", compiled.NAME):
+                if args.graphed_block and backend in NOT_RECORDABLE:
                     reason = "not recordable as the block's graphs (--graphed-block)"
                 elif backend == compiled.NAME:
                     reason = unsupported_reason("grouped_mm", problem)
