@@ -45,6 +45,8 @@ def test_graphed_block_refuses_router_stats_and_a_host_synchronising_backend():
         graphed_block(params, block_config(SHAPE, "native_torch", RANK))
     with pytest.raises(ValueError, match="at least one eager call"):
         GraphedCall(lambda x, tensors: x, [], warmup=0)
+    with pytest.raises(ValueError, match="keep at least one"):
+        graphed_block(params, block_config(SHAPE, "triton", RANK), recordings=0)
 
 
 def test_a_recording_is_kept_only_for_the_same_signature():
@@ -135,12 +137,12 @@ def test_the_graphs_read_weights_updated_in_place_and_record_again_when_they_mov
             a.add_(0.5)
             b.add_(0.5)
     _steps(block, eager, params, twin, xs, [torch.randn_like(x) for x in xs])
-    recording = block._rec
+    assert block.recorded == 1
     lora = params["experts"]["lora"]
     lora["down_b"].data = lora["down_b"].data * 2  # new storage: the old graphs would miss it
     twin["experts"]["lora"]["down_b"].data *= 2
     _steps(block, eager, params, twin, xs, [torch.randn_like(x) for x in xs])
-    assert block._rec is not recording
+    assert block.recorded == 2
 
 
 @cuda
@@ -160,6 +162,36 @@ def test_a_new_token_count_records_again_and_outputs_stay_the_callers():
     block(torch.randn_like(x).requires_grad_(True)).sum().backward()  # a replay on new input
     assert torch.equal(first, held)  # the caller's output is a copy, not the static buffer
     assert torch.equal(kept, held)
+
+
+@cuda
+@pytest.mark.parametrize("kept", [1, 2])
+def test_token_counts_in_turn_record_once_each_when_kept(kept, caplog):
+    """Token counts 40, 24, 40, 24 (length buckets): with two recordings kept each is recorded
+    once and replayed after; with one, every change records again. Either way every step is
+    the eager block's. Two calls of different counts may then wait for one backward together:
+    each replays into its own buffers (no eager fallback), and the gradients are the eager
+    ones."""
+    params, cfg = _block("lora", "triton", "cuda")
+    twin = _twin(params)
+    block = graphed_block(params, cfg, recordings=kept)
+    eager = lambda x: moe_block(x, twin, cfg)[0]  # noqa: E731
+    xs = [torch.randn(t, SHAPE.hidden, device="cuda", dtype=torch.bfloat16) for t in (40, 24) * 2]
+    _steps(block, eager, params, twin, xs, [torch.randn_like(x) for x in xs])
+    assert block.recorded == (2 if kept == 2 else 4)
+    assert block.pool_bytes > 0
+    if kept == 1:
+        return
+    xs = [x.clone().requires_grad_(True) for x in xs[:2]]
+    xt = [x.detach().clone().requires_grad_(True) for x in xs]
+    with caplog.at_level(logging.WARNING, logger="moelab"):
+        loss = block(xs[0]).sum() + block(xs[1]).square().sum()
+    assert "run eagerly" not in caplog.text and block.recorded == 2
+    ref = eager(xt[0]).sum() + eager(xt[1]).square().sum()
+    loss.backward()
+    ref.backward()
+    for a, b in zip(xs + _trainable(params), xt + _trainable(twin)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
 @cuda

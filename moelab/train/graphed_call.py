@@ -23,17 +23,25 @@ What it keeps, and what it falls back on:
   ``params`` that now requires grad or not, or one whose storage moved (``p.data = ...``)
   records the graphs again (:func:`signature`). In-place
   updates (an optimizer step) need nothing: the graphs read the same memory.
+- ``recordings`` (default 1) keeps that many signatures' graphs, least recently used dropped
+  first, so that a loop over a few token counts (length buckets) records each once instead of
+  at every change. Calls of two different signatures may also wait for their backwards
+  together: each has its own buffers. A dropped recording's memory goes back once no call of it
+  waits for its backward; one made before a tensor's storage moved is not used again and holds
+  the old storage until it is dropped.
 - Off CUDA, with gradients disabled, or inside another capture (``trainer.cuda_graph``) the call
   runs eagerly. The backend must not synchronise with the host (``triton`` and, on sm_90 and
   sm_100, ``grouped_mm`` do not; ``native_torch`` does and is refused; torch's ``grouped_mm``
   on other GPUs falls back to a loop that does, and the recording fails with that said).
-- Memory: the recorded activations and gradients stay allocated between steps (``pool_bytes``).
+- Memory: the recorded activations and gradients stay allocated between steps (``pool_bytes``,
+  summed over the recordings kept).
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -126,23 +134,28 @@ class GraphedCall:
         fn: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor | tuple[torch.Tensor, ...]],
         tensors: Sequence[torch.Tensor],
         warmup: int = 2,
+        recordings: int = 1,
     ):
         if warmup < 1:
             raise ValueError(
                 f"warmup={warmup}: at least one eager call must run before the recording "
                 "(the backends tune and make their workspaces there)"
             )
+        if recordings < 1:
+            raise ValueError(f"recordings={recordings}: keep at least one")
         self.fn = fn
         self.tensors = list(tensors)
         self.warmup = warmup
-        self._rec: _Recording | None = None
+        self.recordings = recordings
+        self._recs: OrderedDict[tuple, _Recording] = OrderedDict()  # least recently used first
+        self.recorded = 0  # recordings made so far (a new signature, or one dropped earlier)
         self._single = True  # fn returned one tensor, not a tuple (set by the recording)
         self._warned = False
 
     @property
     def pool_bytes(self) -> int:
-        """Device memory the recording holds between calls (0 before the first)."""
-        return 0 if self._rec is None else self._rec.pool_bytes
+        """Device memory the recordings kept hold between calls (0 before the first)."""
+        return sum(rec.pool_bytes for rec in self._recs.values())
 
     def __call__(self, x: torch.Tensor):
         if not x.is_cuda or not torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
@@ -151,9 +164,10 @@ class GraphedCall:
         if not (x.requires_grad or trainable):
             return self.fn(x, self.tensors)  # nothing to differentiate: no backward to record
         key = signature(x, self.tensors)
-        if self._rec is None or self._rec.key != key:
-            self._record(x, key, trainable)
-        elif self._rec.busy():
+        rec = self._recs.get(key)
+        if rec is None:
+            rec = self._record(x, key, trainable)
+        elif rec.busy():
             if not self._warned:
                 log.warning(
                     "graphed call: called again before the last call's backward; such calls run "
@@ -161,11 +175,13 @@ class GraphedCall:
                 )
                 self._warned = True
             return self.fn(x, self.tensors)
-        outs = _Replay.apply(self._rec, x, *self._rec.trainable)
+        self._recs.move_to_end(key)
+        outs = _Replay.apply(rec, x, *rec.trainable)
         return outs[0] if self._single else outs
 
-    def _record(self, x: torch.Tensor, key: tuple, trainable: list[torch.Tensor]) -> None:
-        self._rec = None  # the old recording's memory goes back first
+    def _record(self, x: torch.Tensor, key: tuple, trainable: list[torch.Tensor]) -> _Recording:
+        while len(self._recs) >= self.recordings:  # the dropped ones' memory goes back first
+            self._recs.popitem(last=False)
         device = x.device
         rec = _Recording(key, trainable)
         static_x = x.detach().clone().requires_grad_(x.requires_grad)
@@ -208,7 +224,8 @@ class GraphedCall:
             - before
             + sum(t.numel() * t.element_size() for t in held)
         )
-        self._rec = rec
+        self._recs[key] = rec
+        self.recorded += 1
         log.info(
             "graphed call: recorded forward and backward for x %s %s (%d trainable tensors), "
             "%.0f MiB held between calls",
@@ -217,6 +234,7 @@ class GraphedCall:
             len(trainable),
             rec.pool_bytes / 2**20,
         )
+        return rec
 
     def _capture(
         self,
@@ -275,10 +293,12 @@ def _grads(outs: tuple[torch.Tensor, ...], inputs: list[torch.Tensor]) -> None:
         )
 
 
-def graphed_block(params: dict, cfg: MoEConfig, warmup: int = 2) -> GraphedCall:
+def graphed_block(
+    params: dict, cfg: MoEConfig, warmup: int = 2, recordings: int = 1
+) -> GraphedCall:
     """``x -> moe_block(x, params, cfg)[0]`` replayed from CUDA graphs (``cfg.router_stats``
     off: the statistics would be recorded too, and the trainer's blocks that use them run under
-    ``trainer.cuda_graph`` instead)."""
+    ``trainer.cuda_graph`` instead); ``recordings`` signatures kept (see the module)."""
     if cfg.router_stats:
         raise ValueError(
             "graphed_block returns the block's output only: build it with "
@@ -295,4 +315,4 @@ def graphed_block(params: dict, cfg: MoEConfig, warmup: int = 2) -> GraphedCall:
         it = iter(given)
         return moe_block(x, map_leaves(lambda path, t: next(it), params), cfg)[0]
 
-    return GraphedCall(block, tensors, warmup)
+    return GraphedCall(block, tensors, warmup, recordings)
