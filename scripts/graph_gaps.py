@@ -2,37 +2,18 @@
 idle gap before it (the GPU's own timestamps, via the profiler), triton backend, 8192 tokens
 (BENCHMARKS.md, run 121). Device machine: ``python3 scripts/graph_gaps.py gpt-oss-20b lora``."""
 
-import statistics
 import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moelab.bench.experts import block_config, build_block
-from moelab.bench.shapes import SHAPES
-from moelab.ops import moe_block
-from moelab.train.graphs import CapturedStep
+from moelab.bench.experts import captured_block_step
+from moelab.bench.timing import median_ms
 
 shape_name, mode = sys.argv[1], sys.argv[2]
-shape = SHAPES[shape_name]
-params, _ = build_block(shape, mode, 16, torch.bfloat16, "cuda")
-cfg = block_config(shape, "triton", 16)
-x0 = torch.randn(8192, shape.hidden, device="cuda", dtype=torch.bfloat16)
-g = torch.randn_like(x0)
-step = lambda x: moe_block(x, params, cfg)[0].backward(g)  # noqa: E731
-for _ in range(3):
-    step(x0.detach().requires_grad_(True))
-cap = CapturedStep(step)
-cap.capture(x0.detach().requires_grad_(True))
-times = []
-for _ in range(20):
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    cap(x0)
-    e.record()
-    torch.cuda.synchronize()
-    times.append(s.elapsed_time(e))
-print(f"== {shape_name} {mode}: graph step median {statistics.median(times):.3f} ms")
+cap, x0 = captured_block_step(shape_name, mode)
+median = median_ms(lambda: cap(x0), 20, warmup=0)
+print(f"== {shape_name} {mode}: graph step median {median:.3f} ms")
 torch.cuda.synchronize()
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     for _ in range(3):

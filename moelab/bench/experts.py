@@ -106,6 +106,25 @@ def _problem(
     )
 
 
+def captured_block_step(
+    shape_name: str, mode: str, tokens: int = 8192, rank: int = 16, device: str = "cuda"
+) -> tuple[CapturedStep, torch.Tensor]:
+    """The triton block's forward + backward (bf16, gradients added) after three eager steps,
+    captured as a CUDA graph, and the input it replays on: what ``scripts/graph_gaps.py`` and
+    ``scripts/step_sequence.py`` time."""
+    shape = SHAPES[shape_name]
+    params, _ = build_block(shape, mode, rank, torch.bfloat16, device)
+    cfg = block_config(shape, "triton", rank)
+    x0 = torch.randn(tokens, shape.hidden, device=device, dtype=torch.bfloat16)
+    g = torch.randn_like(x0)
+    step = lambda x: moe_block(x, params, cfg)[0].backward(g)  # noqa: E731
+    for _ in range(3):
+        step(x0.detach().requires_grad_(True))
+    captured = CapturedStep(step)
+    captured.capture(x0.detach().requires_grad_(True))
+    return captured, x0
+
+
 def dropping_grads(fn: Callable[..., _Out], tensors: list[torch.Tensor]) -> Callable[..., _Out]:
     """``fn`` that first drops ``tensors``' gradients, so each step's are written, not added
     (as after ``zero_grad(set_to_none=True)``)."""
