@@ -36,7 +36,7 @@ def first_order_backward(what: str, hint: str = "") -> Callable:
     building a graph, and under ``create_graph=True`` its gradients come out tied to the
     incoming gradients and the saved tensors that require grad through a node that raises
     "``what`` has no second derivative ... ``hint``" when differentiated. Without
-    ``create_graph`` it costs one check."""
+    ``create_graph`` it costs one check. ``backward`` finds ``ctx.create_graph`` set."""
     message = (
         f"{what} has no second derivative: its backward is built from kernels that have no "
         f"backward of their own{'; ' + hint if hint else ''}"
@@ -45,6 +45,7 @@ def first_order_backward(what: str, hint: str = "") -> Callable:
     def wrap(backward: Callable) -> Callable:
         @functools.wraps(backward)
         def run(ctx, *grad_outputs):
+            ctx.create_graph = torch.is_grad_enabled()
             with torch.no_grad():
                 grads = backward(ctx, *grad_outputs)
             if not torch.is_grad_enabled():  # no create_graph: nothing will differentiate them

@@ -811,6 +811,7 @@ def down_backward(
     want_actw: bool,
     main: str | None = None,
     weight_grad: bool = False,
+    weight_grad_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``dh [N, 2I]``, router partials ``[N, I / 32]``, ``w act [N, I]`` (or None) and, with
     ``weight_grad``, dW2 ``[E, H, I]`` (else None) from g = dout W2 + s u2 A2, u2 = dout B2
@@ -828,6 +829,8 @@ def down_backward(
     loop's gathered dout where that loop ran (one gather instead of two). The main loop is then
     measured together with dW2's product: the other loops' time alone leaves out the copy of
     dout that dW2 makes for itself after them (run 107's cache held "gathered" for Qwen3 full).
+    With ``weight_grad_into`` (``down``'s ``.grad``, see ``tg.adds_in_place``) dW2 is added
+    into it instead, and None returned; the measured choice then adds into a scratch copy.
     """
     hidden, inter = down.shape[1:]
     rows = h_NG.shape[0]
@@ -867,9 +870,14 @@ def down_backward(
         epilogue_alone(g_NI, low)
         return dout_NH
 
-    def run_all(main: str) -> torch.Tensor | None:
+    def run_all(main: str, into: torch.Tensor | None = weight_grad_into) -> torch.Tensor | None:
         gathered_NH = run(main)
         if not weight_grad:
+            return None
+        if into is not None:
+            if gathered_NH is None:
+                gathered_NH = dout_TH.index_select(0, plan.token_N)
+            tg.add_weight_grad(into, gathered_NH, act_w, plan.offs_E)
             return None
         return tg.weight_grad(dout_TH, act_w, plan, out_jd=False, gathered_ND=gathered_NH)
 
@@ -880,13 +888,17 @@ def down_backward(
         else:
             extra = rows * (hidden + inter) * dout_TH.element_size()
             torch_ok = extra <= _TORCH_MAIN_LOOP_MAX_BYTES
+            in_place = weight_grad_into is not None
             key = ("down_backward", hidden, inter, tuning.rows_bucket(rows), lora is not None,
-                   str(dout_TH.dtype), torch_ok, weight_grad)  # fmt: skip
+                   str(dout_TH.dtype), torch_ok, weight_grad, in_place)  # fmt: skip
+            scratch = torch.empty_like(weight_grad_into) if in_place else None
             # fmt: off
             candidates = _main_loops.allowed if torch_ok else ("triton", "gathered")
-            main = tuning.measured_choice(_main_loops, "down-projection backward", key, run_all,
-                                          dout_TH.device, _GEMM_KERNELS, candidates)
+            main = tuning.measured_choice(_main_loops, "down-projection backward", key,
+                                          lambda m: run_all(m, scratch), dout_TH.device,
+                                          _GEMM_KERNELS, candidates)
             # fmt: on
+            del scratch
     return dh_NG, dw_parts, act_w, run_all(main)
 
 
@@ -985,11 +997,15 @@ class _TritonExperts(torch.autograd.Function):
             # fmt: on
         low = lora_products(a1, b1, a2, b2, s, rows, "bwd_down", "bwd_up")
 
-        # down projection backward, fused with dSwiGLU and the router gradient's partials
+        # weights whose gradient is added into their .grad here (gradient accumulation)
         # fmt: off
+        w1_into = need[3] and tg.adds_in_place(gate_up, ctx.create_graph)
+        w2_into = need[4] and tg.adds_in_place(down, ctx.create_graph)
+        # down projection backward, fused with dSwiGLU and the router gradient's partials
         dh_NG, dw_parts, act_w, grads[4] = down_backward(
             dout_TH, down, h_NG, w_N, low["bwd_down"], plan, tiles, oai,
-            want_actw=need[9] or need[4], weight_grad=need[4])
+            want_actw=need[9] or need[4], weight_grad=need[4],
+            weight_grad_into=down.grad if w2_into else None)
         # fmt: on
         if need[1]:
             grads[1] = router_grad(dw_parts, plan, dout_TH, down_bias, experts_TK)
@@ -1013,7 +1029,11 @@ class _TritonExperts(torch.autograd.Function):
             rank_r_product(dh_NG, low["bwd_up"], gate_up.shape[1], tiles)
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
         tg.lora_up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, a1, b1, grads)
-        if need[3]:
+        if w1_into:
+            x_NH = x_TH.index_select(0, plan.token_N)
+            tg.add_weight_grad(gate_up.grad, dh_NG, x_NH, plan.offs_E)
+            del x_NH
+        elif need[3]:
             grads[3] = tg.weight_grad(x_TH, dh_NG, plan, out_jd=True)
         gmm.up_grads(_only(need, 5), s, plan, x_TH, dh_NG, None, None, grads)
         return tuple(grads)

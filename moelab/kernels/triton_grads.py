@@ -188,6 +188,122 @@ def weight_grad(
     return run(path)
 
 
+# (BLOCK_M, BLOCK_A, BLOCK_B, warps, stages, programs per SM) of the in-place weight gradient:
+# two programs per SM where both fit in shared memory (one's epilogue under the other's loop)
+_ADD_CONFIGS = ((64, 128, 128, 8, 3, 2), (64, 128, 128, 8, 2, 2), (64, 128, 128, 4, 3, 2),
+                (64, 128, 256, 8, 3, 1), (64, 256, 128, 8, 3, 1),
+                (32, 128, 256, 8, 4, 1))  # fmt: skip
+_ADD_FIXED = dict(BLOCK_M=32, BLOCK_A=32, BLOCK_B=32, SM_PROGRAMS=1, num_warps=4, num_stages=3)
+
+
+def _fit_add_boxes(nargs: dict) -> None:
+    """The descriptors' boxes for a configuration (B's descriptor is ragged: two leading
+    dimensions of one)."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_A"]]
+    nargs["b_desc"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_B"]]
+
+
+@functools.cache
+def _weight_add_kernel():
+    """The in-place weight gradient autotuned over ``_ADD_CONFIGS``; each candidate's additions
+    are undone after it is timed (``restore_value``), so the gradient gets one."""
+    configs = [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_A": ba, "BLOCK_B": bb, "SM_PROGRAMS": per_sm},
+            num_warps=w,
+            num_stages=st,
+            pre_hook=_fit_add_boxes,
+        )
+        for bm, ba, bb, w, st, per_sm in _ADD_CONFIGS
+    ]
+    # fmt: off
+    return triton.autotune(configs, key=["a_dim", "b_dim", "num_experts"], do_bench=tuning.bench,
+                           restore_value=["out_ptr"])(tk._weight_grad_add_kernel)
+    # fmt: on
+
+
+def add_weight_grad(
+    grad_EAB: torch.Tensor, a_NA: torch.Tensor, b_NB: torch.Tensor, offs_E: torch.Tensor
+) -> None:
+    """``grad[e] += sum_{n of e} a[n]^T b[n]`` in place, one rounding, by
+    ``tk._weight_grad_add_kernel``: ``a`` and ``b`` in sorted row order (dW1: dh and x's rows
+    gathered; dW2: dout's rows gathered and w act), ``grad`` contiguous. Only where
+    :func:`adds_in_place` holds."""
+    from triton.tools.ragged_tma import create_ragged_descriptor
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    num_experts, a_dim, b_dim = grad_EAB.shape
+    a_desc = TensorDescriptor(a_NA, list(a_NA.shape), list(a_NA.stride()), [1, 1])
+    b_desc = create_ragged_descriptor(b_NB, [1, 1])
+    args = (a_desc, b_desc, offs_E, grad_EAB, grad_EAB.stride(0), grad_EAB.stride(1), a_dim,
+            b_dim, num_experts)  # fmt: skip
+    flags = dict(
+        UPCAST=kl.interpreting(),
+        PRECISION="ieee" if grad_EAB.dtype == torch.float32 else None,
+    )
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = num_experts * kl.cdiv(a_dim, meta["BLOCK_A"]) * kl.cdiv(b_dim, meta["BLOCK_B"])
+        if not grad_EAB.is_cuda:
+            return (min(tiles, 3),)
+        programs = (
+            meta["SM_PROGRAMS"]
+            * torch.cuda.get_device_properties(grad_EAB.device).multi_processor_count
+        )
+        return (min(tiles, programs),)
+
+    descriptors = dict(a_desc=a_desc, b_desc=b_desc)
+    if tuning.autotune_enabled():
+        key = ("weight_grad_add", a_dim, b_dim, num_experts, tuning.rows_bucket(a_NA.shape[0]),
+               str(grad_EAB.dtype), *flags.values())  # fmt: skip
+        # fmt: off
+        tuning.run_tuned(tk._weight_grad_add_kernel, _weight_add_kernel, key, grid, args, flags,
+                         prepare=lambda kw: _fit_add_boxes(dict(kw, **descriptors)),
+                         device=grad_EAB.device)
+        # fmt: on
+        return
+    _fit_add_boxes(dict(_ADD_FIXED, **descriptors))
+    tk._weight_grad_add_kernel[grid](*args, **flags, **_ADD_FIXED)
+
+
+def adds_in_place(weight: torch.Tensor | None, create_graph: bool) -> bool:
+    """Whether this backward adds ``weight``'s gradient into ``weight.grad`` itself, by
+    :func:`add_weight_grad`, and returns none for it: exactly where autograd would add the
+    gradient into an existing ``.grad`` in place (``grad += new``, what its accumulation does
+    without ``create_graph``) and nothing could see the gradient on its way there.
+
+    So: ``.backward()`` will run the weight's accumulation node (not ``torch.autograd.grad``,
+    nor ``inputs=`` leaving it out); the weight is a leaf whose ``.grad`` exists, dense,
+    contiguous, of its shape, dtype and device; no tensor hooks, no post-accumulate hooks. A
+    hook put on the accumulation node itself (DDP's reducer) still runs, after the add, and
+    reads ``.grad`` as autograd would have left it. ``MOELAB_TRITON_GRAD_IN_PLACE=0`` turns
+    this off. The kernel reads by TMA: sm_90 or later (or the CPU interpreter), and rows of
+    16-byte multiples (the operands' rows are as wide as the weight's last two dimensions)."""
+    setting = kl.setting("MOELAB_TRITON_GRAD_IN_PLACE", "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"MOELAB_TRITON_GRAD_IN_PLACE={setting!r}: expected 0 or 1 (or unset)")
+    if weight is None or create_graph or setting == "0":
+        return False
+    grad = weight.grad
+    if grad is None or not (weight.is_leaf and weight.requires_grad):
+        return False
+    if grad.is_sparse or not grad.is_contiguous() or grad.shape != weight.shape:
+        return False
+    if grad.dtype != weight.dtype or grad.device != weight.device:
+        return False
+    if weight._backward_hooks or weight._post_accumulate_grad_hooks:
+        return False
+    if weight.is_cuda and torch.cuda.get_device_capability(weight.device) < (9, 0):
+        return False
+    if any(size * weight.element_size() % 16 for size in weight.shape[-2:]):
+        return False
+    node = torch.autograd.graph.get_gradient_edge(weight).node
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # under torch.autograd.grad: the gradient is returned, not accumulated
+        return False
+
+
 def lora_down_grads(
     need: tuple[bool, ...],
     s: float,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.tools.ragged_tma import load_ragged
 
 STORE, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2
 LORA_NONE, LORA_IN_LOOP, LORA_GIVEN = 0, 1, 2
@@ -516,6 +517,57 @@ def _expert_grad_kernel(
         _cast(acc * scale, out_ptr.dtype.element_ty, UPCAST),
         mask=col_mask[:, None] & j_mask[None, :],
     )
+
+
+@triton.jit
+def _weight_grad_add_kernel(
+    a_desc,
+    b_desc,
+    offs_ptr,
+    out_ptr,
+    stride_oe,
+    stride_oa,
+    a_dim,
+    b_dim,
+    num_experts,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    SM_PROGRAMS: tl.constexpr,
+):
+    """An expert weight's gradient added into ``out`` (the weight's ``.grad``, contiguous) in
+    place: ``out[e, a, b] += sum_{n of e} A[n, a] B[n, b]`` over each expert's sorted rows,
+    the old value as the accumulator's start (one rounding, no second pass over ``out``).
+
+    Both operands by TMA, so A and B are in sorted row order (a token-order operand is gathered
+    first): through the row index, its loads made this kernel ~30% slower than torch's
+    grouped GEMM (BENCHMARKS.md runs 73 and 133). B's descriptor is ragged (``b_desc`` from
+    ``create_ragged_descriptor``): rows past the expert's end read as zeros, so A's rows there
+    (the next expert's) add nothing. Persistent programs take every num_programs-th tile,
+    expert-major, so an expert's rows stay in L2 while its tiles run; ``SM_PROGRAMS``: programs
+    per SM, a tuned grid parameter the kernel does not read."""
+    num_b = tl.cdiv(b_dim, BLOCK_B)
+    per_expert = tl.cdiv(a_dim, BLOCK_A) * num_b
+    a_cols = tl.arange(0, BLOCK_A)
+    b_cols = tl.arange(0, BLOCK_B)
+    for tile in tl.range(tl.program_id(0), num_experts * per_expert, tl.num_programs(0)):
+        e = tile // per_expert
+        a0 = (tile % per_expert) // num_b * BLOCK_A
+        b0 = (tile % per_expert) % num_b * BLOCK_B
+        start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(offs_ptr + e)
+        rows_a = a0 + a_cols
+        rows_b = b0 + b_cols
+        out = out_ptr + e.to(tl.int64) * stride_oe + rows_a[:, None] * stride_oa + rows_b[None, :]
+        mask = (rows_a < a_dim)[:, None] & (rows_b < b_dim)[None, :]
+        acc = tl.load(out, mask=mask, other=0.0).to(tl.float32)
+        for m0 in range(start, end, BLOCK_M):
+            a = a_desc.load([m0, a0])
+            b = load_ragged(b_desc, start, end - start, [m0 - start, b0])
+            acc = _dot(tl.trans(a), b, acc, UPCAST, PRECISION)
+        tl.store(out, _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 # Row-tile heights the GEMMs are tuned over; one tile table each (``_dispatch_place_kernel``).

@@ -1,0 +1,119 @@
+"""The triton backend adds a full fine-tune's expert weight gradients into existing ``.grad``
+tensors itself (``tg.adds_in_place``), exactly where autograd would add them in place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TEST_DEVICE, TOLERANCE, rel_err
+from test_experts import CASES, make_problem, routing_of, run_reference
+
+from moelab.kernels import launch as kl
+from moelab.kernels import triton_grads as tg
+from moelab.ops import moe_experts
+
+IN_PLACE_CASES = [c for c in CASES if c.name in ("basic", "T=1", "k=1", "empty experts",
+                                                 "all tokens on one expert",
+                                                 "T below a tile, wide H")]  # fmt: skip
+
+
+@pytest.fixture
+def added(monkeypatch):
+    """The weights whose gradient the backend added in place, in call order."""
+    weights: list[torch.Tensor] = []
+    real = tg.add_weight_grad
+
+    def counted(grad, a, b, offs):
+        weights.append(grad)
+        real(grad, a, b, offs)
+
+    monkeypatch.setattr(tg, "add_weight_grad", counted)
+    return weights
+
+
+def _forward(p: dict) -> torch.Tensor:
+    # fmt: off
+    return moe_experts(p["x"], routing_of(p), p["gate_up"], p["down"],
+                       gate_up_bias=p["gate_up_bias"], down_bias=p["down_bias"],
+                       activation=p["activation"], lora=None, backend="triton")
+    # fmt: on
+
+
+def _old_grads(p: dict, ref: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Earlier gradients of the reference's size (so that the new one is not lost in them)."""
+    olds = []
+    for name in ("gate_up", "down"):
+        size = float(ref[name].norm()) / ref[name].numel() ** 0.5
+        olds.append((torch.randn(ref[name].shape, dtype=torch.float64) * size).to(p[name]))
+    return olds[0], olds[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["full", "full_oai_bias"])
+@pytest.mark.parametrize("case", IN_PLACE_CASES, ids=lambda c: c.name)
+def test_added_in_place_matches_reference(added, case, variant, dtype):
+    """Two backward passes: the first finds no ``.grad`` (autograd's path), the second one
+    there (added in place); each ends at the old gradient plus the float64 one."""
+    p = make_problem(case, variant, dtype, seed=21)
+    _, ref = run_reference(p, routing_of(p).experts)
+    gate_up, down = p["gate_up"], p["down"]
+    _forward(p).backward(p["dout"])
+    assert added == []
+    tol = TOLERANCE[dtype]
+    assert rel_err(gate_up.grad, ref["gate_up"]) <= tol
+    old_gate_up, old_down = _old_grads(p, ref)
+    gate_up.grad, down.grad = old_gate_up.clone(), old_down.clone()
+    x_grad = p["x"].grad.clone()
+    _forward(p).backward(p["dout"])
+    assert [w is gate_up.grad for w in added] == [False, True]  # down's first, then gate_up's
+    for name, old in (("gate_up", old_gate_up), ("down", old_down)):
+        grad = p[name].grad
+        assert rel_err(grad.double() - old.double(), ref[name]) <= tol, name
+        if case.name == "empty experts":
+            assert torch.equal(grad[list(case.cold)], old[list(case.cold)]), name
+    assert rel_err(p["x"].grad - x_grad, ref["x"]) <= tol  # x's gradient still accumulates
+
+
+def test_only_where_autograd_would_add_in_place(added, monkeypatch):
+    """Not under ``torch.autograd.grad``, ``create_graph``, with a hook, nor with the setting
+    off; a bad setting is refused."""
+    case = next(c for c in CASES if c.name == "basic")
+    p = make_problem(case, "full", torch.float32, seed=22)
+    gate_up, down = p["gate_up"], p["down"]
+    gate_up.grad, down.grad = torch.zeros_like(gate_up), torch.zeros_like(down)
+
+    (dw1,) = torch.autograd.grad(_forward(p), [gate_up], p["dout"])
+    assert added == [] and dw1.abs().sum() > 0 and gate_up.grad.abs().sum() == 0
+
+    _forward(p).backward(p["dout"], create_graph=True)
+    assert added == []
+    gate_up.grad, down.grad = torch.zeros_like(gate_up), torch.zeros_like(down)
+
+    seen = []
+    handle = gate_up.register_hook(lambda g: seen.append(g))
+    _forward(p).backward(p["dout"])
+    handle.remove()
+    assert added == [down.grad] and len(seen) == 1
+    torch.testing.assert_close(gate_up.grad, dw1, rtol=0, atol=0)
+
+    added.clear()
+    monkeypatch.setenv("MOELAB_TRITON_GRAD_IN_PLACE", "0")
+    kl.setting.cache_clear()
+    try:
+        _forward(p).backward(p["dout"])
+        assert added == []
+        monkeypatch.setenv("MOELAB_TRITON_GRAD_IN_PLACE", "yes")
+        kl.setting.cache_clear()
+        with pytest.raises(ValueError, match="MOELAB_TRITON_GRAD_IN_PLACE='yes'"):
+            _forward(p).backward(p["dout"])
+    finally:
+        kl.setting.cache_clear()
+
+
+def test_non_contiguous_grad_keeps_autograds_path(added):
+    case = next(c for c in CASES if c.name == "basic")
+    p = make_problem(case, "full", torch.float32, seed=23)
+    down = p["down"]
+    down.grad = torch.zeros(down.shape[::-1], device=TEST_DEVICE).transpose(0, 2)
+    _forward(p).backward(p["dout"])
+    assert down.grad not in added and added == []
