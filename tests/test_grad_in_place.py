@@ -48,12 +48,15 @@ def _old_grads(p: dict, ref: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return olds[0], olds[1]
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no prefetch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["full", "full_oai_bias"])
 @pytest.mark.parametrize("case", IN_PLACE_CASES, ids=lambda c: c.name)
-def test_added_in_place_matches_reference(added, case, variant, dtype):
+def test_added_in_place_matches_reference(added, monkeypatch, case, variant, dtype, prefetch):
     """Two backward passes: the first finds no ``.grad`` (autograd's path), the second one
-    there (added in place); each ends at the old gradient plus the float64 one."""
+    there (added in place); each ends at the old gradient plus the float64 one. The fixed
+    configuration, with and without the next tile's old values loaded ahead."""
+    monkeypatch.setitem(tg._ADD_FIXED, "PREFETCH", prefetch)
     p = make_problem(case, variant, dtype, seed=21)
     _, ref = run_reference(p, routing_of(p).experts)
     gate_up, down = p["gate_up"], p["down"]
@@ -117,3 +120,35 @@ def test_non_contiguous_grad_keeps_autograds_path(added):
     down.grad = torch.zeros(down.shape[::-1], device=TEST_DEVICE).transpose(0, 2)
     _forward(p).backward(p["dout"])
     assert down.grad not in added and added == []
+
+
+@pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_added_in_place_inside_a_cuda_graph(added):
+    """Forward and backward recorded with ``.grad`` already there (a captured training step
+    with gradient accumulation), replayed twice: the same bits as two eager steps."""
+    case = next(c for c in CASES if c.name == "empty experts")
+    p = make_problem(case, "full", torch.bfloat16, seed=24)
+    gate_up, down = p["gate_up"], p["down"]
+    _forward(p).backward(p["dout"])  # .grad exists from here on
+    start = gate_up.grad.clone(), down.grad.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _forward(p).backward(p["dout"])  # warm-up on the recording's stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    added.clear()
+    with torch.cuda.graph(graph):
+        _forward(p).backward(p["dout"])
+    assert [w is gate_up.grad for w in added] == [False, True]
+    for grad, old in zip((gate_up.grad, down.grad), start):
+        grad.copy_(old)
+    graph.replay()
+    graph.replay()
+    replayed = gate_up.grad.clone(), down.grad.clone()
+    for grad, old in zip((gate_up.grad, down.grad), start):
+        grad.copy_(old)
+    for _ in range(2):
+        _forward(p).backward(p["dout"])
+    assert torch.equal(replayed[0], gate_up.grad) and torch.equal(replayed[1], down.grad)
+    assert not torch.equal(replayed[0], start[0])

@@ -188,12 +188,15 @@ def weight_grad(
     return run(path)
 
 
-# (BLOCK_M, BLOCK_A, BLOCK_B, warps, stages, programs per SM) of the in-place weight gradient:
-# two programs per SM where both fit in shared memory (one's epilogue under the other's loop)
-_ADD_CONFIGS = ((64, 128, 128, 8, 3, 2), (64, 128, 128, 8, 2, 2), (64, 128, 128, 4, 3, 2),
-                (64, 128, 256, 8, 3, 1), (64, 256, 128, 8, 3, 1),
-                (32, 128, 256, 8, 4, 1))  # fmt: skip
-_ADD_FIXED = dict(BLOCK_M=32, BLOCK_A=32, BLOCK_B=32, SM_PROGRAMS=1, num_warps=4, num_stages=3)
+# (BLOCK_M, BLOCK_A, BLOCK_B, warps, stages, programs per SM, PREFETCH) of the in-place weight
+# gradient: two programs per SM where both fit in shared memory (one's epilogue under the other's
+# loop); the fastest of run 135, each with and without the next tile's old values prefetched
+_ADD_CONFIGS = tuple((*c, prefetch) for c in ((64, 128, 128, 8, 3, 2), (64, 128, 128, 8, 2, 2),
+                                              (64, 128, 128, 4, 3, 2), (64, 128, 256, 8, 3, 1),
+                                              (64, 256, 128, 8, 3, 1), (32, 128, 256, 8, 4, 1))
+                     for prefetch in (False, True))  # fmt: skip
+_ADD_FIXED = dict(BLOCK_M=32, BLOCK_A=32, BLOCK_B=32, PREFETCH=True, SM_PROGRAMS=1, num_warps=4,
+                  num_stages=3)  # fmt: skip
 
 
 def _fit_add_boxes(nargs: dict) -> None:
@@ -209,12 +212,12 @@ def _weight_add_kernel():
     are undone after it is timed (``restore_value``), so the gradient gets one."""
     configs = [
         triton.Config(
-            {"BLOCK_M": bm, "BLOCK_A": ba, "BLOCK_B": bb, "SM_PROGRAMS": per_sm},
+            {"BLOCK_M": bm, "BLOCK_A": ba, "BLOCK_B": bb, "SM_PROGRAMS": per_sm, "PREFETCH": pf},
             num_warps=w,
             num_stages=st,
             pre_hook=_fit_add_boxes,
         )
-        for bm, ba, bb, w, st, per_sm in _ADD_CONFIGS
+        for bm, ba, bb, w, st, per_sm, pf in _ADD_CONFIGS
     ]
     # fmt: off
     return triton.autotune(configs, key=["a_dim", "b_dim", "num_experts"], do_bench=tuning.bench,
@@ -274,9 +277,10 @@ def adds_in_place(weight: torch.Tensor | None, create_graph: bool) -> bool:
 
     So: ``.backward()`` will run the weight's accumulation node (not ``torch.autograd.grad``,
     nor ``inputs=`` leaving it out); the weight is a leaf whose ``.grad`` exists, dense,
-    contiguous, of its shape, dtype and device; no tensor hooks, no post-accumulate hooks. A
-    hook put on the accumulation node itself (DDP's reducer) still runs, after the add, and
-    reads ``.grad`` as autograd would have left it. ``MOELAB_TRITON_GRAD_IN_PLACE=0`` turns
+    contiguous, of its shape, dtype and device; no tensor hooks, no post-accumulate hooks.
+    Hooks put on the accumulation node itself (DDP's reducer puts its own there) cannot be seen
+    from Python: that node still runs, after the add, given no gradient, so one that reads
+    ``.grad`` finds the sum. ``MOELAB_TRITON_GRAD_IN_PLACE=0`` turns
     this off. The kernel reads by TMA: sm_90 or later (or the CPU interpreter), and rows of
     16-byte multiples (the operands' rows are as wide as the weight's last two dimensions)."""
     setting = kl.setting("MOELAB_TRITON_GRAD_IN_PLACE", "1")

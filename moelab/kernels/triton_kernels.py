@@ -520,6 +520,21 @@ def _expert_grad_kernel(
 
 
 @triton.jit
+def _grad_tile(tile, per_expert, num_b, out_ptr, stride_oe, stride_oa, a_dim, b_dim, valid,
+               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+    """Expert, first A and B columns, output pointers and mask of a weight-gradient tile (an
+    all-false mask where not ``valid``)."""
+    e = tile // per_expert
+    a0 = (tile % per_expert) // num_b * BLOCK_A
+    b0 = (tile % per_expert) % num_b * BLOCK_B
+    rows_a = a0 + tl.arange(0, BLOCK_A)
+    rows_b = b0 + tl.arange(0, BLOCK_B)
+    out = out_ptr + e.to(tl.int64) * stride_oe + rows_a[:, None] * stride_oa + rows_b[None, :]
+    mask = (rows_a < tl.where(valid, a_dim, 0))[:, None] & (rows_b < b_dim)[None, :]
+    return e, a0, b0, out, mask
+
+
+@triton.jit
 def _weight_grad_add_kernel(
     a_desc,
     b_desc,
@@ -535,6 +550,7 @@ def _weight_grad_add_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    PREFETCH: tl.constexpr,
     SM_PROGRAMS: tl.constexpr,
 ):
     """An expert weight's gradient added into ``out`` (the weight's ``.grad``, contiguous) in
@@ -546,23 +562,38 @@ def _weight_grad_add_kernel(
     grouped GEMM (BENCHMARKS.md runs 73 and 133). B's descriptor is ragged (``b_desc`` from
     ``create_ragged_descriptor``): rows past the expert's end read as zeros, so A's rows there
     (the next expert's) add nothing. Persistent programs take every num_programs-th tile,
-    expert-major, so an expert's rows stay in L2 while its tiles run; ``SM_PROGRAMS``: programs
-    per SM, a tuned grid parameter the kernel does not read."""
+    expert-major, so an expert's rows stay in L2 while its tiles run. ``PREFETCH``: the next
+    tile's old values load before this tile's row loop, so that their latency hides under it
+    (no program reads a tile another one writes). ``SM_PROGRAMS``: programs per SM, a tuned
+    grid parameter the kernel does not read."""
     num_b = tl.cdiv(b_dim, BLOCK_B)
     per_expert = tl.cdiv(a_dim, BLOCK_A) * num_b
-    a_cols = tl.arange(0, BLOCK_A)
-    b_cols = tl.arange(0, BLOCK_B)
-    for tile in tl.range(tl.program_id(0), num_experts * per_expert, tl.num_programs(0)):
-        e = tile // per_expert
-        a0 = (tile % per_expert) // num_b * BLOCK_A
-        b0 = (tile % per_expert) % num_b * BLOCK_B
+    tiles = num_experts * per_expert
+    step = tl.num_programs(0)
+    if PREFETCH:
+        # fmt: off
+        first = tl.program_id(0)
+        _, _, _, out, mask = _grad_tile(first, per_expert, num_b, out_ptr, stride_oe, stride_oa,
+                                        a_dim, b_dim, first < tiles, BLOCK_A, BLOCK_B)
+        # fmt: on
+        old_next = tl.load(out, mask=mask, other=0.0)
+    for tile in tl.range(tl.program_id(0), tiles, step):
+        # fmt: off
+        e, a0, b0, out, mask = _grad_tile(tile, per_expert, num_b, out_ptr, stride_oe, stride_oa,
+                                          a_dim, b_dim, tile < tiles, BLOCK_A, BLOCK_B)
+        # fmt: on
+        if PREFETCH:
+            acc = old_next.to(tl.float32)
+            # fmt: off
+            _, _, _, out_next, mask_next = _grad_tile(tile + step, per_expert, num_b, out_ptr,
+                                                      stride_oe, stride_oa, a_dim, b_dim,
+                                                      tile + step < tiles, BLOCK_A, BLOCK_B)
+            # fmt: on
+            old_next = tl.load(out_next, mask=mask_next, other=0.0)
+        else:
+            acc = tl.load(out, mask=mask, other=0.0).to(tl.float32)
         start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(offs_ptr + e)
-        rows_a = a0 + a_cols
-        rows_b = b0 + b_cols
-        out = out_ptr + e.to(tl.int64) * stride_oe + rows_a[:, None] * stride_oa + rows_b[None, :]
-        mask = (rows_a < a_dim)[:, None] & (rows_b < b_dim)[None, :]
-        acc = tl.load(out, mask=mask, other=0.0).to(tl.float32)
         for m0 in range(start, end, BLOCK_M):
             a = a_desc.load([m0, a0])
             b = load_ragged(b_desc, start, end - start, [m0 - start, b0])
