@@ -891,14 +891,19 @@ def down_backward(
             in_place = weight_grad_into is not None
             key = ("down_backward", hidden, inter, tuning.rows_bucket(rows), lora is not None,
                    str(dout_TH.dtype), torch_ok, weight_grad, in_place)  # fmt: skip
-            scratch = torch.empty_like(weight_grad_into) if in_place else None
+            scratch: list[torch.Tensor] = []  # made only if this key is measured now
+
+            def measured_run(candidate: str) -> torch.Tensor | None:
+                if in_place and not scratch:
+                    scratch.append(torch.empty_like(weight_grad_into))
+                return run_all(candidate, scratch[0] if in_place else None)
+
             # fmt: off
             candidates = _main_loops.allowed if torch_ok else ("triton", "gathered")
             main = tuning.measured_choice(_main_loops, "down-projection backward", key,
-                                          lambda m: run_all(m, scratch), dout_TH.device,
-                                          _GEMM_KERNELS, candidates)
+                                          measured_run, dout_TH.device, _GEMM_KERNELS, candidates)
             # fmt: on
-            del scratch
+            scratch.clear()
     return dh_NG, dw_parts, act_w, run_all(main)
 
 
