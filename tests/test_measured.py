@@ -195,7 +195,51 @@ def test_full_fine_tunes_main_loop_is_timed_with_dw2(cache, monkeypatch):
     mains = timed[tr._main_loops.allowed]
     assert mains == {"triton": [False], "gathered": [False], "torch": [True]}
     key = next(iter(json.loads((cache / "main.json").read_text())["test machine"]))
-    assert key.endswith("True)")  # the key tells full fine-tune's timing apart
+    assert key.endswith("True, False)")  # the key tells full fine-tune's timing apart
+
+
+def test_main_loop_timed_with_an_in_place_dw2_adds_into_a_scratch_copy(cache, monkeypatch):
+    """With down's gradient added into its .grad in place (gradient accumulation), each main
+    loop is timed adding into a scratch copy: the real .grad gets one addition, and the key
+    tells this timing apart."""
+    from conftest import TOLERANCE, rel_err
+    from test_experts import routing_of, run_reference
+
+    from moelab.kernels import triton_grads as tg
+    from moelab.ops import moe_experts
+
+    timed = []
+    monkeypatch.setattr(tuning, "measures", lambda a: True)
+    monkeypatch.setattr(tuning, "scope", lambda device, kernels: "test machine")
+    added = []
+    add_weight_grad = tg.add_weight_grad
+    monkeypatch.setattr(
+        tg, "add_weight_grad", lambda g, *a: added.append(g) or add_weight_grad(g, *a)
+    )
+
+    def fastest(run, choices):
+        for choice in choices:
+            run(choice)
+        timed.append(choices)
+        return choices[0]
+
+    monkeypatch.setattr(tuning, "fastest", fastest)
+    monkeypatch.setattr(tr, "_main_loops", MeasuredChoices("main.json", tr._main_loops.allowed))
+    case = Case("wide", tokens=40, hidden=64, inter=48, experts=5, top_k=2)
+    p = make_problem(case, "full", torch.float32, seed=16)
+    _, ref = run_reference(p, routing_of(p).experts)
+    down = p["down"]
+    old = torch.randn(down.shape, device=down.device) * float(ref["down"].abs().mean())
+    down.grad = old.clone()
+    out = moe_experts(p["x"], routing_of(p), p["gate_up"], down, activation=p["activation"],
+                      backend="triton")  # fmt: skip
+    out.backward(p["dout"])
+    assert timed == [tr._main_loops.allowed]
+    into_down = [g for g in added if g.shape == down.shape]
+    assert len(into_down) == 4 and sum(g is down.grad for g in into_down) == 1  # 3 timed, 1 real
+    assert rel_err(down.grad - old, ref["down"]) <= TOLERANCE[torch.float32]
+    key = next(iter(json.loads((cache / "main.json").read_text())["test machine"]))
+    assert key.endswith("True, True)")
 
 
 class _FakeKernel:
