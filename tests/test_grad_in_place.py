@@ -35,7 +35,7 @@ def _forward(p: dict) -> torch.Tensor:
     # fmt: off
     return moe_experts(p["x"], routing_of(p), p["gate_up"], p["down"],
                        gate_up_bias=p["gate_up_bias"], down_bias=p["down_bias"],
-                       activation=p["activation"], lora=None, backend="triton")
+                       activation=p["activation"], lora=p["lora"], backend="triton")
     # fmt: on
 
 
@@ -50,7 +50,7 @@ def _old_grads(p: dict, ref: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no prefetch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("variant", ["full", "full_oai_bias"])
+@pytest.mark.parametrize("variant", ["full", "full_oai_bias", "all_trainable"])
 @pytest.mark.parametrize("case", IN_PLACE_CASES, ids=lambda c: c.name)
 def test_added_in_place_matches_reference(added, monkeypatch, case, variant, dtype, prefetch):
     """Two backward passes: the first finds no ``.grad`` (autograd's path), the second one
