@@ -45,6 +45,19 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def persistent_programs(device: torch.device, tiles_at_most: int, per_sm: int) -> int:
+    """A persistent kernel's grid: ``per_sm`` programs per SM, at most one per tile. The CPU
+    interpreter gets 3, so that its tests give programs several tiles each."""
+    if device.type != "cuda":
+        return min(tiles_at_most, 3)
+    return min(tiles_at_most, per_sm * _multiprocessors(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return setting("TRITON_INTERPRET", "0") == "1"

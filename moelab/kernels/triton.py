@@ -338,22 +338,6 @@ def _fit_boxes(nargs: dict) -> None:
         nargs["lb_desc"].block_shape = [1, rank_block, bn]
 
 
-def _programs(device: torch.device, tiles_at_most: int, per_sm: int) -> int:
-    """The persistent kernel's grid: ``per_sm`` programs per SM, at most one per tile. It is
-    tuned (1 or 2): most configurations hold 100-180 KB of shared memory, so a second program
-    per SM does not run beside the first but after it, as a tail wave; with a given z, one per
-    SM measured 6-19% faster than two (BENCHMARKS.md, run 42). The CPU interpreter gets 3, so
-    that its tests give programs several tiles each."""
-    if device.type != "cuda":
-        return min(tiles_at_most, 3)
-    return min(tiles_at_most, per_sm * _multiprocessors(device))
-
-
-@functools.lru_cache(maxsize=8)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tile_heights(num_rows: int, num_experts: int) -> tuple[int, ...]:
     """The row-tile heights worth timing: both only where either may win. With under 128 rows
     per expert a 128-row tile is mostly padding; past 1024 the 64-row tile's padding saving
@@ -642,7 +626,10 @@ def _launch_persistent(
     def grid(meta: dict) -> tuple[int]:
         row_tiles = kl.cdiv(num_rows, meta["BLOCK_M"]) + num_experts
         tiles_at_most = row_tiles * kl.cdiv(n_out, meta["BLOCK_N"])
-        return (_programs(out.device, tiles_at_most, meta["SM_PROGRAMS"]),)
+        # 1 or 2 per SM, tuned: most configurations hold 100-180 KB of shared memory, so a
+        # second program per SM runs after the first, as a tail wave; with a given z, one per
+        # SM measured 6-19% faster than two (BENCHMARKS.md, run 42)
+        return (kl.persistent_programs(out.device, tiles_at_most, meta["SM_PROGRAMS"]),)
 
     descriptors = dict(w_desc=w_desc, a_desc=a_desc, z_desc=z_desc, lb_desc=lb_desc)
     if tuning.autotune_enabled():

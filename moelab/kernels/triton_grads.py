@@ -247,13 +247,7 @@ def add_weight_grad(
 
     def grid(meta: dict) -> tuple[int]:
         tiles = num_experts * kl.cdiv(a_dim, meta["BLOCK_A"]) * kl.cdiv(b_dim, meta["BLOCK_B"])
-        if not grad_EAB.is_cuda:
-            return (min(tiles, 3),)
-        programs = (
-            meta["SM_PROGRAMS"]
-            * torch.cuda.get_device_properties(grad_EAB.device).multi_processor_count
-        )
-        return (min(tiles, programs),)
+        return (kl.persistent_programs(grad_EAB.device, tiles, meta["SM_PROGRAMS"]),)
 
     descriptors = dict(a_desc=a_desc, b_desc=b_desc)
     if tuning.autotune_enabled():
