@@ -847,7 +847,7 @@ def down_backward(
             # fmt: on
             epilogue_alone(g_NI)
             return None
-        dout_NH = dout_TH.index_select(0, plan.token_N)
+        dout_NH = tg.gather_rows(dout_TH, plan.token_N)
         g_NI = gmm._gmm(dout_NH, down, plan.offs_E)
         low = None if lora is None else lora._replace(placement=tk.LORA_GIVEN)
         if low is not None:
@@ -863,7 +863,7 @@ def down_backward(
             return None
         if into is not None:
             if gathered_NH is None:
-                gathered_NH = dout_TH.index_select(0, plan.token_N)
+                gathered_NH = tg.gather_rows(dout_TH, plan.token_N)
             tg.add_weight_grad(into, gathered_NH, act_w, plan.offs_E)
             return None
         return tg.weight_grad(dout_TH, act_w, plan, out_jd=False, gathered_ND=gathered_NH)
@@ -1022,7 +1022,7 @@ class _TritonExperts(torch.autograd.Function):
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
         tg.lora_up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, a1, b1, grads)
         if w1_into:
-            x_NH = x_TH.index_select(0, plan.token_N)
+            x_NH = tg.gather_rows(x_TH, plan.token_N)
             tg.add_weight_grad(gate_up.grad, dh_NG, x_NH, plan.offs_E)
             del x_NH
         elif need[3]:

@@ -407,6 +407,34 @@ def _combine_kernel(
 
 
 @triton.jit
+def _gather_rows_kernel(
+    src_ptr,
+    index_ptr,
+    out_ptr,
+    num_rows,
+    width,
+    stride_s,
+    EVEN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """out[n] = src[index[n]]: a row-block by column-block copy (``EVEN``: both divide evenly,
+    no masks)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    out = out_ptr + rows.to(tl.int64)[:, None] * width + cols[None, :]
+    if EVEN:
+        src = tl.load(index_ptr + rows).to(tl.int64)
+        tl.store(out, tl.load(src_ptr + src[:, None] * stride_s + cols[None, :]))
+    else:
+        row_mask = rows < num_rows
+        mask = row_mask[:, None] & (cols < width)[None, :]
+        src = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        tl.store(out, tl.load(src_ptr + src[:, None] * stride_s + cols[None, :], mask=mask),
+                 mask=mask)  # fmt: skip
+
+
+@triton.jit
 def _router_grad_kernel(
     parts_ptr, slot_ptr, dout_ptr, bias_ptr, experts_ptr, dw_ptr, pairs, num_parts, hidden,
     num_experts, stride_p, stride_d, stride_be, stride_bh,
