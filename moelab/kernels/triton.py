@@ -16,9 +16,13 @@ Backward::
                                                          own, ours or torch's, and the
                                                          epilogue alone: down_backward)
     LoRA dA2/dB2                                         rank-r reduction kernel per factor
-    dW2                                                  varlen-K grouped product (torch)
+    dW2                                                  varlen-K grouped product (torch's,
+                                                         ours, or added into .grad in place)
     dxs[slot] = dh W1 + s u1 A1;  dx[t] = sum_j dxs      u1 = dh B1 in the K loop
     LoRA dA1/dB1; dW1 and biases                         as above
+
+Products that read a token-order operand (x, dout) from a sorted copy (torch's GEMM, the
+in-place weight gradient's TMA loads) get that copy from ``tg.gather_rows``.
 
 Each rank-r product can instead come from its own rank-r launch; which is faster is measured
 once per shape and machine (``LORA_PLACEMENT``; remembered on disk by
