@@ -319,11 +319,14 @@ def test_merged_sweeps_keep_the_latest_row_per_backend_and_token_count():
     rows = [row(2048, 3.0), row(1024, 2.0), {"check": "triton"}, row(1024, 1.5),
             row(1024, 9.0, "grouped_mm"), row(1024, 4.0, mode="full"),
             row(1024, 3.5, mode="full", grads="fresh"),
-            row(1024, 4.2, mode="full", grads="accumulate")]  # fmt: skip
+            row(1024, 4.2, mode="full", grads="accumulate"), row(1024, 0.9, graph=True),
+            row(1024, 0.8, mode="full", grads="fresh", graph=True)]  # fmt: skip
     assert ms_series(rows) == {
-        ("s", "lora"): {"triton": [(1024, 1.5), (2048, 3.0)], "grouped_mm": [(1024, 9.0)]},
-        ("s", "full"): {"triton": [(1024, 4.2)], "triton, fresh grads": [(1024, 3.5)]},
-    }
+        ("s", "lora"): {"triton": [(1024, 1.5), (2048, 3.0)], "grouped_mm": [(1024, 9.0)],
+                        "triton, CUDA graph": [(1024, 0.9)]},
+        ("s", "full"): {"triton": [(1024, 4.2)], "triton, fresh grads": [(1024, 3.5)],
+                        "triton, fresh grads, CUDA graph": [(1024, 0.8)]},
+    }  # fmt: skip
 
 
 def test_cli_shows_the_backend_choice_on_stderr(tmp_path):

@@ -22,7 +22,8 @@ def ms_series(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[tuple[in
     """Timed rows as ``{(shape, mode): {backend: [(tokens, ms), ...]}}``, tokens ascending; a
     later row of the same backend and token count replaces an earlier one, so sweeps merged
     from several runs list the newest run last. Rows timed with fresh gradients (``--grads
-    fresh``) are a series of their own, never merged with the anchor's protocol."""
+    fresh``) or replayed from a CUDA graph (``--graph``) are series of their own, never merged
+    with the eager rows under the anchor's protocol."""
     latest = {(r["shape"], r["mode"], _series(r), r["tokens"]): r["ms"] for r in rows if "ms" in r}
     panels: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = defaultdict(dict)
     for (shape, mode, backend, tokens), ms in sorted(latest.items()):
@@ -31,7 +32,8 @@ def ms_series(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[tuple[in
 
 
 def _series(row: dict) -> str:
-    return row["backend"] + (", fresh grads" if row.get("grads") == "fresh" else "")
+    fresh = ", fresh grads" if row.get("grads") == "fresh" else ""
+    return row["backend"] + fresh + (", CUDA graph" if row.get("graph") else "")
 
 
 def plot_rows(rows: list[dict], out: str) -> None:
