@@ -704,20 +704,21 @@ def test_no_tokens_give_an_empty_output_and_zero_gradients(variant):
         assert grad.shape == named[name].shape and not grad.any(), name
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "tokens, width, rows",
     [(1, 8, 1), (16, 512, 64), (13, 200, 37), (40, 300, 0), (5, 1024, 9)],
     ids=["one row", "even blocks", "partial row and column blocks", "no rows", "repeats"],
 )
-def test_gather_rows_copies_the_indexed_rows(dtype, tokens, width, rows):
+def test_gather_rows_copies_the_indexed_rows(dtype, index_dtype, tokens, width, rows):
     """``tg.gather_rows``: row n of the copy is row index[n] of the source, bit for bit, with
     row and column counts that fill whole blocks or not, repeated and unordered indices, none,
-    and a source row stride wider than its width."""
+    a source row stride wider than its width, and int64 (the dispatch plan's) or int32 ids."""
     torch.manual_seed(5)
     wide = torch.randn(tokens, width + 24).to(TEST_DEVICE, dtype)
     src = wide[:, :width]  # stride(0) = width + 24
-    index = torch.randint(0, tokens, (rows,), device=TEST_DEVICE)
+    index = torch.randint(0, tokens, (rows,), device=TEST_DEVICE, dtype=index_dtype)
     got = tg.gather_rows(src, index)
     assert got.shape == (rows, width) and got.dtype == dtype and got.is_contiguous()
     assert torch.equal(got, src.cpu()[index.cpu()].to(TEST_DEVICE))
