@@ -251,9 +251,14 @@ class _FakeKernel:
         self.calls, self.name, self.best_config = calls, name, best
         self.configs = list(configs) or [best]
         self.arg_names, self.nargs, self.fn, self.warmups = list(arg_names), None, self, []
+        self.cache, self.cached_at_launch = {}, []  # the tuner's results by its own key
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.name, grid, args, kwargs))
+        def launch(*args, **kwargs):
+            self.cached_at_launch.append(dict(self.cache))
+            self.calls.append((self.name, grid, args, kwargs))
+
+        return launch
 
     def prune_configs(self, kwargs):
         # as a tuner's early_config_prune: sees the launch's named arguments
@@ -333,6 +338,24 @@ def test_a_tuned_launch_key_later_goes_straight_to_the_plain_kernel(jit_launches
     assert kwargs["F"] is True and kwargs["BLOCK_N"] == 128 and kwargs["EVEN"] is True
     assert kwargs["num_warps"] == 8 and kwargs["num_stages"] == 3
     assert calls[0][3] == {"F": True}  # the tuner itself picks the configuration
+
+
+def test_each_new_launch_key_is_tuned_afresh(jit_launches, monkeypatch):
+    """The launch key (with its row bucket) decides when to tune: the tuner's results kept by
+    its own, coarser key (the in-place weight gradient's has no row count) are dropped before
+    it runs, so a second row bucket of one shape is timed instead of taking the first's choice
+    untimed."""
+    import triton
+
+    monkeypatch.setattr(tuning, "_chosen", {})
+    calls = []
+    plain = _FakeKernel(calls, "plain")
+    tuned = _FakeKernel(calls, "tuned", triton.Config({"BLOCK_N": 64}))
+    for bucket in (1024, 2048):
+        tuned.cache[("a_dim", "b_dim")] = "the choice of the bucket before"
+        tuning.run_tuned(plain, lambda: tuned, ("k", bucket), (4,), (1,), {})
+    assert [c[0] for c in calls] == ["tuned", "tuned"]
+    assert tuned.cached_at_launch == [{}, {}]
 
 
 def test_a_cached_launch_boxes_this_calls_descriptors_for_the_chosen_configuration(

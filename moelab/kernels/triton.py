@@ -653,7 +653,7 @@ def _launch_persistent(
 @functools.cache
 def _persistent_kernel():
     """The persistent kernel autotuned over the ``STORE`` configurations, each with one or two
-    programs per SM (``_programs``)."""
+    programs per SM (``kl.persistent_programs``)."""
     key = ["n_out", "k_dim", "rank", "num_rows", "SCATTER", "LORA", "BIAS", "W_DESC", "LB_DESC"]
     per_sm = ({"SM_PROGRAMS": 1}, {"SM_PROGRAMS": 2})
     return _autotuned(tk._persistent_gemm_kernel, _CONFIGS[tk.STORE], key, per_sm)
