@@ -149,6 +149,7 @@ def gather_rows(src_TD: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
         return out
     if src_TD.stride(1) != 1:
         src_TD = src_TD.contiguous()
+    index_N = index_N.contiguous()  # read as a flat run of ids
     block_c = min(256, kl.next_power_of_2(width))
     block_r = 2048 // block_c
     even = rows % block_r == 0 and width % block_c == 0
