@@ -141,8 +141,9 @@ def _weight_grads_setting() -> str | None:
 def gather_rows(src_TD: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
     """``src[index]`` (rows, ``[N, D]``, contiguous) by ``tk._gather_rows_kernel``: a token-order
     operand's copy in sorted row order for the backward's products over sorted rows. 2048
-    elements per program, 256 columns wide where the rows are: 3.0 TB/s written against
-    ``index_select``'s 2.2 at Qwen3's 65536 x 2048 (BENCHMARKS.md run 141)."""
+    elements per program in blocks 256 columns wide (narrower rows: one block of their width):
+    3.0 TB/s written against ``index_select``'s 2.2 at Qwen3's 65536 x 2048 (BENCHMARKS.md run
+    141)."""
     rows, width = index_N.numel(), src_TD.shape[1]
     out = src_TD.new_empty(rows, width)
     if rows == 0 or width == 0:
