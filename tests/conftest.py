@@ -51,6 +51,21 @@ def _no_backend_env(monkeypatch):
     registry.forget_logged()
 
 
+@pytest.fixture
+def moelab_setting(monkeypatch):
+    """``set_to(name, value)``: an environment setting of moelab's for one test. moelab reads
+    each once per process (``launch.setting``), so that cache is cleared at each change and
+    after the test, and no other test sees the value."""
+    from moelab.kernels import launch
+
+    def set_to(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        launch.setting.cache_clear()
+
+    yield set_to
+    launch.setting.cache_clear()  # monkeypatch restores the environment after this
+
+
 @pytest.fixture(autouse=True)
 def _seeded(request):
     # Every test starts from its own seed (a hash of its id), so what it draws from the global

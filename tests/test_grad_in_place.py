@@ -8,7 +8,6 @@ import torch
 from conftest import TEST_DEVICE, TOLERANCE, rel_err
 from test_experts import CASES, make_problem, routing_of, run_reference
 
-from moelab.kernels import launch as kl
 from moelab.kernels import triton_grads as tg
 from moelab.ops import moe_experts
 
@@ -77,7 +76,7 @@ def test_added_in_place_matches_reference(added, monkeypatch, case, variant, dty
     assert rel_err(p["x"].grad - x_grad, ref["x"]) <= tol  # x's gradient still accumulates
 
 
-def test_only_where_autograd_would_add_in_place(added, monkeypatch):
+def test_only_where_autograd_would_add_in_place(added, moelab_setting):
     """Not under ``torch.autograd.grad``, ``create_graph``, with a hook, nor with the setting
     off; a bad setting is refused."""
     case = next(c for c in CASES if c.name == "basic")
@@ -100,17 +99,12 @@ def test_only_where_autograd_would_add_in_place(added, monkeypatch):
     torch.testing.assert_close(gate_up.grad, dw1, rtol=0, atol=0)
 
     added.clear()
-    monkeypatch.setenv("MOELAB_TRITON_GRAD_IN_PLACE", "0")
-    kl.setting.cache_clear()
-    try:
+    moelab_setting("MOELAB_TRITON_GRAD_IN_PLACE", "0")
+    _forward(p).backward(p["dout"])
+    assert added == []
+    moelab_setting("MOELAB_TRITON_GRAD_IN_PLACE", "yes")
+    with pytest.raises(ValueError, match="MOELAB_TRITON_GRAD_IN_PLACE='yes'"):
         _forward(p).backward(p["dout"])
-        assert added == []
-        monkeypatch.setenv("MOELAB_TRITON_GRAD_IN_PLACE", "yes")
-        kl.setting.cache_clear()
-        with pytest.raises(ValueError, match="MOELAB_TRITON_GRAD_IN_PLACE='yes'"):
-            _forward(p).backward(p["dout"])
-    finally:
-        kl.setting.cache_clear()
 
 
 def test_non_contiguous_grad_keeps_autograds_path(added):

@@ -11,7 +11,6 @@ import torch
 
 from moelab.bench.experts import block_config, build_block
 from moelab.bench.shapes import SHAPES
-from moelab.kernels import launch as kl
 from moelab.models import tree
 from moelab.ops import MoEConfig, moe_block
 from moelab.train.graphed_call import GraphedCall, graphed_block, signature
@@ -22,14 +21,11 @@ RANK = 8  # bf16 LoRA factors of 16-byte rows, as the GPU backends need
 
 
 @pytest.fixture(autouse=True)
-def _autograds_accumulation(monkeypatch):
+def _autograds_accumulation(moelab_setting):
     """The eager twins add weight gradients through autograd, as the graphed block's do: the
     triton backend's in-place add (one rounding, not two) would differ from them in the last
     bit."""
-    monkeypatch.setenv("MOELAB_TRITON_GRAD_IN_PLACE", "0")
-    kl.setting.cache_clear()
-    yield
-    kl.setting.cache_clear()
+    moelab_setting("MOELAB_TRITON_GRAD_IN_PLACE", "0")
 
 
 def _block(mode: str, backend: str, device: str, dtype=torch.bfloat16):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -269,16 +270,9 @@ class _FakeKernel:
 
 
 @pytest.fixture
-def compile_threads(monkeypatch):
-    """Sets ``MOELAB_TRITON_COMPILE_THREADS`` for one test (settings are read once: cleared)."""
-
-    def set_to(value: str) -> None:
-        monkeypatch.setenv("MOELAB_TRITON_COMPILE_THREADS", value)
-        kl.setting.cache_clear()
-
-    yield set_to
-    monkeypatch.delenv("MOELAB_TRITON_COMPILE_THREADS", raising=False)
-    kl.setting.cache_clear()
+def compile_threads(moelab_setting):
+    """Sets ``MOELAB_TRITON_COMPILE_THREADS`` for one test."""
+    return functools.partial(moelab_setting, "MOELAB_TRITON_COMPILE_THREADS")
 
 
 def test_a_first_tuning_compiles_the_pruned_candidates_first(compile_threads):

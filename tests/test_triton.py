@@ -6,6 +6,8 @@ each rank-r placement and several column blocks are checked against the same flo
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import LOGITS_GRAD_TOLERANCE, TEST_DEVICE, TOLERANCE, rel_err
@@ -383,17 +385,9 @@ def test_router_grad_reads_no_bias_for_expert_ids_out_of_range():
 
 
 @pytest.fixture
-def weight_grads_setting(monkeypatch):
-    """Sets ``MOELAB_TRITON_WEIGHT_GRADS`` for one test; the settings cache is cleared before
-    and after, so no other test sees the value."""
-
-    def set_to(value: str) -> None:
-        monkeypatch.setenv("MOELAB_TRITON_WEIGHT_GRADS", value)
-        tr.kl.setting.cache_clear()
-
-    yield set_to
-    monkeypatch.delenv("MOELAB_TRITON_WEIGHT_GRADS", raising=False)
-    tr.kl.setting.cache_clear()
+def weight_grads_setting(moelab_setting):
+    """Sets ``MOELAB_TRITON_WEIGHT_GRADS`` for one test."""
+    return functools.partial(moelab_setting, "MOELAB_TRITON_WEIGHT_GRADS")
 
 
 @pytest.mark.parametrize("path", ["triton", "torch", "given copy"])
