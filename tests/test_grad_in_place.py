@@ -1,12 +1,13 @@
-"""The triton backend adds a full fine-tune's expert weight gradients into existing ``.grad``
-tensors itself (``tg.adds_in_place``), exactly where autograd would add them in place."""
+"""The triton backend adds a full fine-tune's expert weight gradients and the LoRA factors'
+gradients into existing ``.grad`` tensors itself (``tg.adds_in_place``), exactly where autograd
+would add them in place."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import TEST_DEVICE, TOLERANCE, rel_err
-from test_experts import CASES, make_problem, routing_of, run_reference
+from test_experts import CASES, LORA_NAMES, make_problem, routing_of, run_reference
 
 from moelab.kernels import triton_grads as tg
 from moelab.ops import moe_experts
@@ -28,6 +29,21 @@ def added(monkeypatch):
 
     monkeypatch.setattr(tg, "add_weight_grad", counted)
     return weights
+
+
+@pytest.fixture
+def factors_added(monkeypatch):
+    """The outputs that ``tg.expert_grad`` added into, in call order (LoRA factors' ``.grad``)."""
+    outs: list[torch.Tensor] = []
+    real = tg.expert_grad
+
+    def counted(*args, add=False, **kwargs):
+        if add:
+            outs.append(args[3])
+        return real(*args, add=add, **kwargs)
+
+    monkeypatch.setattr(tg, "expert_grad", counted)
+    return outs
 
 
 def _forward(p: dict) -> torch.Tensor:
@@ -146,3 +162,69 @@ def test_added_in_place_inside_a_cuda_graph(added):
         _forward(p).backward(p["dout"])
     assert torch.equal(replayed[0], gate_up.grad) and torch.equal(replayed[1], down.grad)
     assert not torch.equal(replayed[0], start[0])
+
+
+def _factors(p: dict) -> dict[str, torch.Tensor]:
+    return dict(zip(LORA_NAMES, p["lora"].tensors()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["lora", "all_trainable"])
+@pytest.mark.parametrize("case", IN_PLACE_CASES, ids=lambda c: c.name)
+def test_lora_factors_added_in_place_match_reference(factors_added, case, variant, dtype):
+    """As for the weights: the first backward finds no ``.grad`` (autograd's path), the second
+    finds earlier gradients there and adds each factor's into its own, once rounded; each ends
+    at the old gradient plus the float64 one, an empty expert's rows untouched."""
+    p = make_problem(case, variant, dtype, seed=25)
+    _, ref = run_reference(p, routing_of(p).experts)
+    factors = _factors(p)
+    _forward(p).backward(p["dout"])
+    assert factors_added == []
+    tol = TOLERANCE[dtype]
+    olds = {}
+    for name, factor in factors.items():
+        assert rel_err(factor.grad, ref[name]) <= tol, name
+        size = float(ref[name].norm()) / ref[name].numel() ** 0.5
+        olds[name] = (torch.randn(factor.shape, dtype=torch.float64) * size).to(factor)
+        factor.grad = olds[name].clone()
+    x_grad = p["x"].grad.clone()
+    _forward(p).backward(p["dout"])
+    assert {id(g) for g in factors_added} == {id(f.grad) for f in factors.values()}
+    assert len(factors_added) == 4
+    for name, factor in factors.items():
+        assert rel_err(factor.grad.double() - olds[name].double(), ref[name]) <= tol, name
+        if case.name == "empty experts":
+            cold = list(case.cold)
+            assert torch.equal(factor.grad[cold], olds[name][cold]), name
+    assert rel_err(p["x"].grad - x_grad, ref["x"]) <= tol
+
+
+def test_lora_factors_only_where_autograd_would_add_in_place(factors_added, moelab_setting):
+    """Not under ``torch.autograd.grad``, nor ``create_graph``, nor for a factor with a hook
+    (the others still are), nor with the setting off."""
+    case = next(c for c in CASES if c.name == "basic")
+    p = make_problem(case, "lora", torch.float32, seed=26)
+    factors = _factors(p)
+    for factor in factors.values():
+        factor.grad = torch.zeros_like(factor)
+
+    (da1,) = torch.autograd.grad(_forward(p), [factors["lora_a1"]], p["dout"])
+    assert factors_added == [] and da1.abs().sum() > 0
+
+    _forward(p).backward(p["dout"], create_graph=True)
+    assert factors_added == []
+    for factor in factors.values():
+        factor.grad = torch.zeros_like(factor)
+
+    seen = []
+    handle = factors["lora_b2"].register_hook(lambda g: seen.append(g))
+    _forward(p).backward(p["dout"])
+    handle.remove()
+    assert len(seen) == 1 and len(factors_added) == 3
+    assert all(g is not factors["lora_b2"].grad for g in factors_added)
+    torch.testing.assert_close(factors["lora_a1"].grad, da1, rtol=0, atol=0)
+
+    factors_added.clear()
+    moelab_setting("MOELAB_TRITON_GRAD_IN_PLACE", "0")
+    _forward(p).backward(p["dout"])
+    assert factors_added == []

@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             grads = [None] * 13
             # fmt: off
             tg.lora_down_grads(need, s, plan, dout, w_N, act_w, tr._z(low["bwd_down"]),
-                               tr._z(low["down"]), a2, b2, grads)
+                               tr._z(low["down"]), a2, b2, grads, create_graph=False)
             tg.lora_up_grads(need, s, plan, x, dh, tr._z(low["bwd_up"]), tr._z(low["up"]), a1,
-                             b1, grads)
+                             b1, grads, create_graph=False)
             # fmt: on
 
         stages["alt: LoRA dA, dB (torch grouped_mm)"] = (partial(torch_grads, need), grads_flops)

@@ -16,6 +16,7 @@ Backward::
                                                          own, ours or torch's, and the
                                                          epilogue alone: down_backward)
     LoRA dA2/dB2                                         rank-r reduction kernel per factor
+                                                         (or added into .grad in place)
     dW2                                                  varlen-K grouped product (torch's,
                                                          ours, or added into .grad in place)
     dxs[slot] = dh W1 + s u1 A1;  dx[t] = sum_j dxs      u1 = dh B1 in the K loop
@@ -1010,7 +1011,7 @@ class _TritonExperts(torch.autograd.Function):
         # projection's [N, H] dX buffer exists (a lower peak)
         # fmt: off
         tg.lora_down_grads(need, s, plan, dout_TH, w_N, act_w, _z(low["bwd_down"]), z2, a2, b2,
-                           grads)
+                           grads, create_graph=ctx.create_graph)
         gmm.down_grads(_only(need, 6), s, plan, dout_TH, None, None, None, None, None,
                        weights_TK, experts_TK, down_bias, num_experts, grads)
         # fmt: on
@@ -1024,7 +1025,10 @@ class _TritonExperts(torch.autograd.Function):
         elif need[7]:  # x frozen: u1 alone, not the [N, 2I] x [2I, H] product
             rank_r_product(dh_NG, low["bwd_up"], gate_up.shape[1], tiles)
         # weight, LoRA and bias gradients: varlen-K grouped products over the sorted rows
-        tg.lora_up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, a1, b1, grads)
+        # fmt: off
+        tg.lora_up_grads(need, s, plan, x_TH, dh_NG, _z(low["bwd_up"]), z1, a1, b1, grads,
+                         create_graph=ctx.create_graph)
+        # fmt: on
         if w1_into:
             x_NH = tg.gather_rows(x_TH, plan.token_N)
             tg.add_weight_grad(gate_up.grad, dh_NG, x_NH, plan.offs_E)

@@ -35,9 +35,10 @@ _ONE_BLOCK_MAX = 128  # p's columns up to this in one block (LoRA ranks)
 
 
 @functools.cache
-def _expert_grad_kernel(wide: bool):
+def _expert_grad_kernel(wide: bool, adds: bool = False):
     """The per-expert gradient kernel autotuned over ``_WIDE_GRAD_CONFIGS`` (``wide``: p's
-    columns in tuned blocks) or ``_RANK_GRAD_CONFIGS`` (one block, sized by the caller)."""
+    columns in tuned blocks) or ``_RANK_GRAD_CONFIGS`` (one block, sized by the caller);
+    ``adds``: into ``out``'s values, each candidate's addition undone after it is timed."""
     if wide:
         configs = [
             triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_P": bp}, num_warps=w, num_stages=st)
@@ -48,8 +49,12 @@ def _expert_grad_kernel(wide: bool):
             triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
             for bm, bd, warps, stages in _RANK_GRAD_CONFIGS
         ]
-    key = ["d_dim", "p_dim", "GATHER", "ROW_SCALE"]
-    return triton.autotune(configs, key=key, do_bench=tuning.bench)(tk._expert_grad_kernel)
+    key = ["d_dim", "p_dim", "GATHER", "ROW_SCALE", "ADD_OUT"]
+    restore = ["out_ptr"] if adds else None
+    # fmt: off
+    return triton.autotune(configs, key=key, do_bench=tuning.bench,
+                           restore_value=restore)(tk._expert_grad_kernel)
+    # fmt: on
 
 
 def expert_grad(
@@ -62,11 +67,12 @@ def expert_grad(
     *,
     gather: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
+    add: bool = False,
 ) -> torch.Tensor:
     """``out[e, d, j] = s * sum_{n of e} q[n, d] p[n, j]`` written through ``out_strides``
     (expert, d, j), so LoRA's A ``[E, r, D]`` and B ``[E, D, r]`` and the weights' ``[E, N, K]``
     all come out in place; ``q`` rows through ``gather`` (token order), ``p`` rows times
-    ``row_scale``."""
+    ``row_scale``; ``add``: ``out +=`` instead, rounded once."""
     d_dim, p_dim = q_MD.shape[1], p_NP.shape[1]
     args = (
         q_MD,
@@ -88,6 +94,7 @@ def expert_grad(
     flags = dict(
         GATHER=gather is not None,
         ROW_SCALE=row_scale is not None,
+        ADD_OUT=add,
         UPCAST=kl.interpreting(),
         PRECISION="ieee" if q_MD.dtype == torch.float32 else None,
     )
@@ -101,8 +108,8 @@ def expert_grad(
     if tuning.autotune_enabled():
         key = ("expert_grad", d_dim, p_dim, str(q_MD.dtype), *flags.values())
         # fmt: off
-        tuning.run_tuned(tk._expert_grad_kernel, lambda: _expert_grad_kernel(wide), key, grid,
-                         args, flags, device=q_MD.device)
+        tuning.run_tuned(tk._expert_grad_kernel, lambda: _expert_grad_kernel(wide, add), key,
+                         grid, args, flags, device=q_MD.device)
         # fmt: on
     else:
         fixed = _WIDE_GRAD_FIXED if wide else _RANK_GRAD_FIXED
@@ -115,12 +122,17 @@ def transposed_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(2), t.stride(1)
 
 
-def _factor_grad(factor, q, p, s, offs_E, *, is_a: bool, gather=None, row_scale=None):
+def _factor_grad(factor, q, p, s, offs_E, create_graph, *, is_a, gather=None, row_scale=None):
     """A LoRA factor's gradient by :func:`expert_grad`: A is ``[E, r, D]`` (the reduction's d
-    on its last axis), B is ``[E, D, r]``."""
-    out = torch.empty_like(factor)
+    on its last axis), B is ``[E, D, r]``. Added into ``factor.grad`` where
+    :func:`adds_in_place` holds (then None: autograd has nothing left to add)."""
+    add = adds_in_place(factor, create_graph, by_tma=False)
+    out = factor.grad if add else torch.empty_like(factor)
     strides = transposed_strides(out) if is_a else out.stride()
-    return expert_grad(q, p, offs_E, out, strides, s, gather=gather, row_scale=row_scale)
+    # fmt: off
+    expert_grad(q, p, offs_E, out, strides, s, gather=gather, row_scale=row_scale, add=add)
+    # fmt: on
+    return None if add else out
 
 
 # How dW1 and dW2 are computed: "triton" (expert_grad, the token-order operand read through
@@ -288,9 +300,10 @@ def add_weight_grad(
     tk._weight_grad_add_kernel[grid](*args, **flags, **_ADD_FIXED)
 
 
-def adds_in_place(weight: torch.Tensor | None, create_graph: bool) -> bool:
-    """Whether this backward adds ``weight``'s gradient into ``weight.grad`` itself, by
-    :func:`add_weight_grad`, and returns none for it: exactly where autograd would add the
+def adds_in_place(weight: torch.Tensor | None, create_graph: bool, by_tma: bool = True) -> bool:
+    """Whether this backward adds ``weight``'s gradient into ``weight.grad`` itself (an expert
+    weight's by :func:`add_weight_grad`, a LoRA factor's by :func:`expert_grad`, ``by_tma``
+    False) and returns none for it: exactly where autograd would add the
     gradient into an existing ``.grad`` in place (``grad += new``, what its accumulation does
     without ``create_graph``) and nothing could see the gradient on its way there.
 
@@ -300,8 +313,9 @@ def adds_in_place(weight: torch.Tensor | None, create_graph: bool) -> bool:
     Hooks put on the accumulation node itself (DDP's reducer puts its own there) cannot be seen
     from Python: that node still runs, after the add, given no gradient, so one that reads
     ``.grad`` finds the sum. ``MOELAB_TRITON_GRAD_IN_PLACE=0`` turns
-    this off. The kernel reads by TMA: sm_90 or later (or the CPU interpreter), and rows of
-    16-byte multiples (the operands' rows are as wide as the weight's last two dimensions)."""
+    this off. ``by_tma``: the kernel reads by TMA, so sm_90 or later (or the CPU interpreter),
+    and rows of 16-byte multiples (the operands' rows are as wide as the weight's last two
+    dimensions)."""
     setting = kl.setting("MOELAB_TRITON_GRAD_IN_PLACE", "1")
     if setting not in ("0", "1"):
         raise ValueError(f"MOELAB_TRITON_GRAD_IN_PLACE={setting!r}: expected 0 or 1 (or unset)")
@@ -316,15 +330,24 @@ def adds_in_place(weight: torch.Tensor | None, create_graph: bool) -> bool:
         return False
     if weight._backward_hooks or weight._post_accumulate_grad_hooks:
         return False
-    if weight.is_cuda and torch.cuda.get_device_capability(weight.device) < (9, 0):
-        return False
-    if any(size * weight.element_size() % 16 for size in weight.shape[-2:]):
+    if by_tma and not _tma_can_read(weight):
         return False
     node = torch.autograd.graph.get_gradient_edge(weight).node
     try:
         return torch._C._will_engine_execute_node(node)
     except RuntimeError:  # under torch.autograd.grad: the gradient is returned, not accumulated
         return False
+
+
+def _tma_can_read(weight: torch.Tensor) -> bool:
+    if weight.is_cuda and _capability(weight.device) < (9, 0):
+        return False
+    return not any(size * weight.element_size() % 16 for size in weight.shape[-2:])
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def lora_down_grads(
@@ -339,13 +362,16 @@ def lora_down_grads(
     a2: torch.Tensor | None,
     b2: torch.Tensor | None,
     grads: list[torch.Tensor | None],
+    *,
+    create_graph: bool,
 ) -> None:
-    """dA2 (9) = s u2^T (w act) and dB2 (10) = s dout[token]^T (w z2) per expert."""
+    """dA2 (9) = s u2^T (w act) and dB2 (10) = s dout[token]^T (w z2) per expert (each added
+    into the factor's ``.grad`` where :func:`adds_in_place` holds)."""
     if need[9]:
-        grads[9] = _factor_grad(a2, act_w_NI, u2_NR, s, plan.offs_E, is_a=True)
+        grads[9] = _factor_grad(a2, act_w_NI, u2_NR, s, plan.offs_E, create_graph, is_a=True)
     if need[10]:
         # fmt: off
-        grads[10] = _factor_grad(b2, dout_TH, z2_NR, s, plan.offs_E, is_a=False,
+        grads[10] = _factor_grad(b2, dout_TH, z2_NR, s, plan.offs_E, create_graph, is_a=False,
                                  gather=plan.token_N, row_scale=w_N)
         # fmt: on
 
@@ -361,9 +387,15 @@ def lora_up_grads(
     a1: torch.Tensor | None,
     b1: torch.Tensor | None,
     grads: list[torch.Tensor | None],
+    *,
+    create_graph: bool,
 ) -> None:
-    """dA1 (7) = s u1^T x[token] and dB1 (8) = s dh^T z1 per expert."""
+    """dA1 (7) = s u1^T x[token] and dB1 (8) = s dh^T z1 per expert (each added into the
+    factor's ``.grad`` where :func:`adds_in_place` holds)."""
     if need[7]:
-        grads[7] = _factor_grad(a1, x_TH, u1_NR, s, plan.offs_E, is_a=True, gather=plan.token_N)
+        # fmt: off
+        grads[7] = _factor_grad(a1, x_TH, u1_NR, s, plan.offs_E, create_graph, is_a=True,
+                                gather=plan.token_N)
+        # fmt: on
     if need[8]:
-        grads[8] = _factor_grad(b1, dh_NG, z1_NR, s, plan.offs_E, is_a=False)
+        grads[8] = _factor_grad(b1, dh_NG, z1_NR, s, plan.offs_E, create_graph, is_a=False)

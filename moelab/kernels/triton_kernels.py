@@ -499,6 +499,7 @@ def _expert_grad_kernel(
     scale,
     GATHER: tl.constexpr,
     ROW_SCALE: tl.constexpr,
+    ADD_OUT: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -510,7 +511,8 @@ def _expert_grad_kernel(
     column block) or an expert weight's (dW1, dW2). ``q`` is read from token order through a
     row index when ``GATHER``, so no gathered copy of it is made; ``p`` times a per-row weight
     when ``ROW_SCALE`` (rounded to p's dtype, as a stored product would be). An empty expert
-    gets zeros."""
+    gets zeros. ``ADD_OUT``: added to ``out``'s values in fp32 and rounded once (a ``.grad``
+    accumulated in place)."""
     e = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < d_dim
@@ -540,11 +542,14 @@ def _expert_grad_kernel(
             w = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
             p = _cast(p.to(tl.float32) * w[:, None], p_ptr.dtype.element_ty, UPCAST)
         acc = _dot(tl.trans(q), p, acc, UPCAST, PRECISION)
-    tl.store(
-        out_ptr + e.to(tl.int64) * stride_oe + cols[:, None] * stride_od + js[None, :] * stride_oj,
-        _cast(acc * scale, out_ptr.dtype.element_ty, UPCAST),
-        mask=col_mask[:, None] & j_mask[None, :],
+    out_ptrs = (
+        out_ptr + e.to(tl.int64) * stride_oe + cols[:, None] * stride_od + js[None, :] * stride_oj
     )
+    out_mask = col_mask[:, None] & j_mask[None, :]
+    acc = acc * scale
+    if ADD_OUT:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=out_mask)
 
 
 @triton.jit
