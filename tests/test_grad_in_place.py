@@ -10,6 +10,7 @@ from conftest import TEST_DEVICE, TOLERANCE, rel_err
 from test_experts import CASES, LORA_NAMES, make_problem, routing_of, run_reference
 
 from moelab.kernels import triton_grads as tg
+from moelab.kernels import triton_tuning as tuning
 from moelab.ops import moe_experts
 
 IN_PLACE_CASES = [c for c in CASES if c.name in ("basic", "T=1", "k=1", "empty experts",
@@ -228,3 +229,60 @@ def test_lora_factors_only_where_autograd_would_add_in_place(factors_added, moel
     moelab_setting("MOELAB_TRITON_GRAD_IN_PLACE", "0")
     _forward(p).backward(p["dout"])
     assert factors_added == []
+
+
+@pytest.fixture
+def cold_tuning(moelab_setting, monkeypatch, tmp_path):
+    """Autotuning on, from an empty cache, wherever the kernels run: on the CPU interpreter each
+    candidate runs three times and is given the same time (Triton's benchmark needs CUDA)."""
+    moelab_setting("MOELAB_TRITON_COMPILE_THREADS", "1")
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "scope", lambda device, kernels: f"test {device}")
+    if TEST_DEVICE.type != "cuda":
+
+        def bench(kernel_call, quantiles):
+            for _ in range(3):
+                kernel_call()
+            return [1.0] * len(quantiles)
+
+        monkeypatch.setattr(tuning, "bench", bench)
+    # the autotuned kernels are made once per process, with the benchmark of their day
+    factories = (tg._expert_grad_kernel, tg._weight_add_kernel)
+    for factory in factories:
+        factory.cache_clear()
+    yield
+    for factory in factories:
+        factory.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", ["LoRA factor", "expert weight"])
+def test_a_tuned_in_place_add_adds_once(cold_tuning, kernel):
+    """Tuning an in-place add runs every candidate on the real ``.grad``; each run is undone, so
+    the tuned launch leaves old + new, and the next launch (the stored choice) old + 2 new."""
+    dtype = torch.bfloat16
+    counts = torch.tensor([40, 0, 72, 16])
+    rows, experts, a_dim, b_dim = int(counts.sum()), 4, 32, 48
+    offs_E = counts.cumsum(0).to(TEST_DEVICE, torch.int32)
+    a = (torch.randn(rows, a_dim) * 0.5).to(TEST_DEVICE, dtype)
+    b = (torch.randn(rows, b_dim) * 0.5).to(TEST_DEVICE, dtype)
+    old = torch.randn(experts, a_dim, b_dim).to(TEST_DEVICE, dtype)
+    new = torch.zeros(experts, a_dim, b_dim, dtype=torch.float64)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        new[e] = a[start : start + n].double().cpu().t() @ b[start : start + n].double().cpu()
+        start += n
+    grad = old.clone()
+
+    def add() -> None:
+        if kernel == "LoRA factor":
+            tg.expert_grad(a, b, offs_E, grad, grad.stride(), 1.0, add=True)
+        else:
+            tg.add_weight_grad(grad, a, b, offs_E)
+
+    for times in (1, 2):
+        add()
+        added = grad.double().cpu() - old.double().cpu()
+        assert rel_err(added, times * new) <= TOLERANCE[dtype], times
+        assert torch.equal(grad[1], old[1])  # the empty expert's
