@@ -55,13 +55,10 @@ def _forward(p: dict) -> torch.Tensor:
     # fmt: on
 
 
-def _old_grads(p: dict, ref: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Earlier gradients of the reference's size (so that the new one is not lost in them)."""
-    olds = []
-    for name in ("gate_up", "down"):
-        size = float(ref[name].norm()) / ref[name].numel() ** 0.5
-        olds.append((torch.randn(ref[name].shape, dtype=torch.float64) * size).to(p[name]))
-    return olds[0], olds[1]
+def _old_grad(like: torch.Tensor, ref_grad: torch.Tensor) -> torch.Tensor:
+    """An earlier gradient of the reference's size (so that the new one is not lost in it)."""
+    size = float(ref_grad.norm()) / ref_grad.numel() ** 0.5
+    return (torch.randn(ref_grad.shape, dtype=torch.float64) * size).to(like)
 
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no prefetch"])
@@ -80,7 +77,7 @@ def test_added_in_place_matches_reference(added, monkeypatch, case, variant, dty
     assert added == []
     tol = TOLERANCE[dtype]
     assert rel_err(gate_up.grad, ref["gate_up"]) <= tol
-    old_gate_up, old_down = _old_grads(p, ref)
+    old_gate_up, old_down = (_old_grad(p[name], ref[name]) for name in ("gate_up", "down"))
     gate_up.grad, down.grad = old_gate_up.clone(), old_down.clone()
     x_grad = p["x"].grad.clone()
     _forward(p).backward(p["dout"])
@@ -185,8 +182,7 @@ def test_lora_factors_added_in_place_match_reference(factors_added, case, varian
     olds = {}
     for name, factor in factors.items():
         assert rel_err(factor.grad, ref[name]) <= tol, name
-        size = float(ref[name].norm()) / ref[name].numel() ** 0.5
-        olds[name] = (torch.randn(factor.shape, dtype=torch.float64) * size).to(factor)
+        olds[name] = _old_grad(factor, ref[name])
         factor.grad = olds[name].clone()
     x_grad = p["x"].grad.clone()
     _forward(p).backward(p["dout"])
