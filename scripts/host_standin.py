@@ -65,10 +65,11 @@ def stand_in(placement: str) -> None:
 
     tuning.run_tuned = run_tuned
 
-    def dispatch_tiles(experts_TK, num_experts):
+    def dispatch_tiles(experts_TK, num_experts, weights_TK=None):
         plan = dispatch(experts_TK, num_experts)
         slots = plan.token_N.numel() // tk.TILE_BLOCKS_M[0] + num_experts + 1
-        return plan, torch.zeros(2, 4, slots, dtype=torch.int32)
+        w_N = None if weights_TK is None else weights_TK.reshape(-1)[plan.order_N]
+        return plan, torch.zeros(2, 4, slots, dtype=torch.int32), w_N
 
     tr.dispatch_tiles = dispatch_tiles
     mode = tk.LORA_GIVEN if placement == "given" else tk.LORA_IN_LOOP

@@ -406,7 +406,7 @@ def test_weight_grad_paths_against_float64(monkeypatch, weight_grads_setting, pa
     logits = torch.randn(tokens, experts)
     logits[:, 3] = -30.0  # expert 3 gets no rows
     experts_TK = logits.topk(top_k, dim=1).indices.to(TEST_DEVICE)
-    plan, _ = tr.dispatch_tiles(experts_TK, experts)
+    plan, _, _ = tr.dispatch_tiles(experts_TK, experts)
     rows = plan.token_N.numel()
     tokens_TD = torch.randn(tokens, d_dim).to(TEST_DEVICE)
     rows_NJ = torch.randn(rows, j_dim).to(TEST_DEVICE)
@@ -437,7 +437,7 @@ def test_up_projection_without_the_activation_writes_the_same_h():
     x = torch.randn(tokens, hidden).to(TEST_DEVICE)
     gate_up = (torch.randn(experts, 2 * inter, hidden) * 0.2).to(TEST_DEVICE)
     experts_TK = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
-    plan, tiles = tr.dispatch_tiles(experts_TK.to(TEST_DEVICE), experts)
+    plan, tiles, _ = tr.dispatch_tiles(experts_TK.to(TEST_DEVICE), experts)
     rows = plan.token_N.numel()
     h, act = tr.up_projection(x, gate_up, None, None, plan, tiles, oai=False)
     h_only, none = tr.up_projection(x, gate_up, None, None, plan, tiles, False, False)
@@ -485,9 +485,11 @@ def test_dispatch_kernels_give_the_sorted_plan_and_every_experts_row_tiles(
     ids = torch.repeat_interleave(torch.arange(len(counts)), counts_E)
     ids = ids[torch.randperm(rows, generator=torch.Generator().manual_seed(5))]
     experts_TK = ids.view(-1, top_k).to(TEST_DEVICE)
-    plan, got = tr.dispatch_tiles(experts_TK, len(counts))
+    weights_TK = torch.rand(experts_TK.shape).to(TEST_DEVICE)
+    plan, got, w_N = tr.dispatch_tiles(experts_TK, len(counts), weights_TK)
     for field, ref in zip(plan.tensors(), dispatch(experts_TK, len(counts)).tensors()):
         assert field.dtype == ref.dtype and torch.equal(field, ref)
+    assert torch.equal(w_N, weights_TK.reshape(-1)[plan.order_N])  # the weights, sorted
     offs_E = plan.offs_E
     for i, block_m in enumerate(tk.TILE_BLOCKS_M):
         slots = -(-rows // block_m) + offs_E.numel()  # the GEMM grid's row tiles
@@ -507,9 +509,11 @@ def test_dispatch_places_ids_out_of_range_after_every_expert():
     """Bad ids (unchecked on the GPU) must not make the kernels write out of bounds: they sort
     after all experts, in their order, and no tile covers them."""
     experts_TK = torch.tensor([[0, 7], [-1, 2], [2, 0], [5, 1]], device=TEST_DEVICE)
-    plan, tiles = tr.dispatch_tiles(experts_TK, 3)
+    weights_TK = torch.arange(8.0, device=TEST_DEVICE).view(4, 2)
+    plan, tiles, w_N = tr.dispatch_tiles(experts_TK, 3, weights_TK)
     assert plan.offs_E.tolist() == [2, 3, 5]
     assert plan.order_N.tolist() == [0, 5, 7, 3, 4, 1, 2, 6]
+    assert w_N.tolist() == [0.0, 5.0, 7.0, 3.0, 4.0, 1.0, 2.0, 6.0]
     assert plan.slot_TK.reshape(-1)[plan.order_N].tolist() == list(range(8))
     assert int(tiles[:, 2].max()) == 5
 
@@ -536,7 +540,7 @@ def test_down_backward_gives_dw2_on_the_torch_loops_gathered_dout(monkeypatch, m
     dout = torch.randn(tokens, hidden).to(TEST_DEVICE)
     down = (torch.randn(experts, hidden, inter) * 0.2).to(TEST_DEVICE)
     experts_TK = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
-    plan, tiles = tr.dispatch_tiles(experts_TK.to(TEST_DEVICE), experts)
+    plan, tiles, _ = tr.dispatch_tiles(experts_TK.to(TEST_DEVICE), experts)
     rows = plan.token_N.numel()
     h = torch.randn(rows, 2 * inter).to(TEST_DEVICE)
     w_N = torch.rand(rows).to(TEST_DEVICE)

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     dout = torch.randn_like(x)
     logits = x.float() @ params["router"]["weight"].detach().float().t()
     routing = route(logits, shape.router, k)
-    plan, tiles = tr.dispatch_tiles(routing.experts, e)
+    plan, tiles, w_N = tr.dispatch_tiles(routing.experts, e, routing.weights)
     rows = plan.token_N.numel()
     oai = shape.activation == "swiglu_oai"
     gb, db = ex.get("gate_up_bias"), ex.get("down_bias")
@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     h_NG, act = tr.up_projection(x, gate_up, gb, low["up"], plan, tiles, oai)
     y = tr.down_projection(act, down, db, low["down"], plan, tiles)
     weights = routing.weights.reshape(-1).contiguous()
-    w_N = weights.index_select(0, plan.order_N).contiguous()
     dh, _, act_w, _ = tr.down_backward(dout, down, h_NG, w_N, low["bwd_down"], plan, tiles,
                                        oai, want_actw=True)  # fmt: skip
     dxs = tr.up_backward(dh, gate_up, low["bwd_up"], plan, tiles)

@@ -121,11 +121,11 @@ def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str
 
 
 def saved_bytes_per_token(problem: ExpertProblem, itemsize: int) -> int:
-    """Activation bytes kept for backward per token (x, h unless recomputed, z1, z2, routing
-    weights, expert ids and the plan's four int64 per slot; the two tile tables, under one byte
-    per slot, are left out)."""
+    """Activation bytes kept for backward per token (x, h unless recomputed, z1, z2, the fp32
+    routing weights in token and in sorted order, expert ids and the plan's four int64 per
+    slot; the two tile tables, under one byte per slot, are left out)."""
     k, h = problem.top_k, 0 if problem.recompute else 2 * problem.inter
-    return itemsize * (problem.hidden + k * (h + problem.lora_z_width)) + k * (4 + 5 * 8)
+    return itemsize * (problem.hidden + k * (h + problem.lora_z_width)) + k * (2 * 4 + 5 * 8)
 
 
 # ---- launchers ------------------------------------------------------------------------------
@@ -144,10 +144,13 @@ def _dispatch_block(rows: int) -> int:
     return min(1024, max(256, kl.next_power_of_2(kl.cdiv(rows, 128))))
 
 
-def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[DispatchPlan, torch.Tensor]:
+def dispatch_tiles(
+    experts_TK: torch.Tensor, num_experts: int, weights_TK: torch.Tensor | None = None
+) -> tuple[DispatchPlan, torch.Tensor, torch.Tensor | None]:
     """The plan of :func:`moelab.ops.dispatch.dispatch` (a stable sort of the routed rows by
-    expert, the same bits) and the GEMMs' tile tables, in two small launches without a host
-    sync: counts per block of rows, then each row's place.
+    expert, the same bits), the GEMMs' tile tables and, given ``weights_TK``, the routing
+    weights in sorted order (``[N]``, for the backward; else None), in two small launches
+    without a host sync: counts per block of rows, then each row's place.
 
     The tile tables are ``[2, 4, slots]`` int32: for each row-tile height of
     ``tk.TILE_BLOCKS_M``, the expert (-1 for padding), first row and end row of each row tile,
@@ -167,6 +170,8 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
     order, token, expert, slot = torch.empty(4, rows, dtype=torch.int64, device=device)
     slots = kl.cdiv(rows, tk.TILE_BLOCKS_M[0]) + num_experts
     tiles = torch.empty(2, 4, slots, dtype=torch.int32, device=device)
+    weights_N = None if weights_TK is None else weights_TK.reshape(-1).contiguous()
+    sorted_N = None if weights_N is None else torch.empty_like(weights_N)
     per_program = kl.cdiv(kl.cdiv(slots, blocks), _TILE_SLOTS_BLOCK) * _TILE_SLOTS_BLOCK
     sizes = dict(BLOCK=block, BINS=bins)
     # fmt: off
@@ -174,13 +179,15 @@ def dispatch_tiles(experts_TK: torch.Tensor, num_experts: int) -> tuple[Dispatch
               ("count", bins, block))
     kl.launch(
         tk._dispatch_place_kernel, (blocks,),
-        (ids_N, hist, blocks, offs_E, order, token, expert, slot, tiles, tiles.stride(0),
-         tiles.stride(1), rows, num_experts, top_k, per_program),
-        dict(sizes, SUB=_DISPATCH_SUB, CHUNK=16, BLOCK_T=_TILE_SLOTS_BLOCK),
-        ("place", bins, block))
+        (ids_N, hist, blocks, offs_E, order, token, expert, slot,
+         ids_N if weights_N is None else weights_N, ids_N if sorted_N is None else sorted_N,
+         tiles, tiles.stride(0), tiles.stride(1), rows, num_experts, top_k, per_program),
+        dict(sizes, SUB=_DISPATCH_SUB, CHUNK=16, BLOCK_T=_TILE_SLOTS_BLOCK,
+             WEIGHTS=weights_N is not None),
+        ("place", bins, block, weights_N is not None))
     # fmt: on
     plan = DispatchPlan(order, token, expert, offs_E, slot.view(num_tokens, top_k))
-    return plan, tiles
+    return plan, tiles, sorted_N
 
 
 # Hopper-shaped candidates (BLOCK_N, BLOCK_K, warps, stages), each at both row-tile heights of
@@ -951,7 +958,7 @@ class _TritonExperts(torch.autograd.Function):
             ctx.save_for_backward(x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias,
                                   down_bias, a1, b1, a2, b2)  # fmt: skip
             return x_TH.new_zeros(x_TH.shape[0], down.shape[1])
-        plan, tiles = dispatch_tiles(experts_TK, num_experts)
+        plan, tiles, w_N = dispatch_tiles(experts_TK, num_experts, weights_TK)
         rows = plan.token_N.numel()
         oai = activation == "swiglu_oai"
         low = lora_products(a1, b1, a2, b2, scale, rows, "up", "down")
@@ -962,7 +969,7 @@ class _TritonExperts(torch.autograd.Function):
         # fmt: off
         ctx.save_for_backward(x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias,
                               down_bias, a1, b1, a2, b2, None if recompute else h_NG,
-                              _z(low["up"]), _z(low["down"]), tiles, *plan.tensors())
+                              _z(low["up"]), _z(low["down"]), tiles, w_N, *plan.tensors())
         # fmt: on
         ctx.scale, ctx.activation = scale, activation
         return out_TH
@@ -976,7 +983,7 @@ class _TritonExperts(torch.autograd.Function):
             return (*zeros, None, None, None)
         # fmt: off
         (x_TH, weights_TK, experts_TK, gate_up, down, gate_up_bias, down_bias,
-         a1, b1, a2, b2, h_NG, z1, z2, tiles, *plan_tensors) = ctx.saved_tensors
+         a1, b1, a2, b2, h_NG, z1, z2, tiles, w_N, *plan_tensors) = ctx.saved_tensors
         # fmt: on
         plan = DispatchPlan(*plan_tensors)
         need, s = ctx.needs_input_grad, ctx.scale
@@ -984,7 +991,6 @@ class _TritonExperts(torch.autograd.Function):
         oai = ctx.activation == "swiglu_oai"
         grads = [None] * 14
         dout_TH = dout_TH.contiguous()
-        w_N = weights_TK.reshape(-1).index_select(0, plan.order_N).contiguous()
         rows = plan.token_N.numel()
         if h_NG is None:  # recompute: the forward's up projection again
             up = lora_products(a1, b1, a2, b2, s, rows, "up")["up"]

@@ -672,6 +672,8 @@ def _dispatch_place_kernel(
     token_ptr,
     expert_ptr,
     slot_ptr,
+    weights_ptr,
+    sorted_weights_ptr,
     tiles_ptr,
     stride_tt,
     stride_tf,
@@ -684,11 +686,13 @@ def _dispatch_place_kernel(
     BINS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    WEIGHTS: tl.constexpr,
 ):
     """Dispatch, step 2: every routed row to its sorted position (a stable counting sort: a
     row's position is its expert's first position, plus that expert's rows in earlier blocks,
-    plus those before it in this block), then this program's share of the tile tables. Every
-    program sums all blocks' counts (a few KB to a few hundred KB, from L2): no scan launch."""
+    plus those before it in this block), with ``WEIGHTS`` its routing weight too, then this
+    program's share of the tile tables. Every program sums all blocks' counts (a few KB to a
+    few hundred KB, from L2): no scan launch."""
     b = tl.program_id(0)
     es = tl.arange(0, BINS)
     total = tl.zeros((BINS,), dtype=tl.int32)
@@ -716,6 +720,8 @@ def _dispatch_place_kernel(
         tl.store(token_ptr + pos, i // top_k, mask=mask)
         tl.store(expert_ptr + pos, tl.load(ids_ptr + i, mask=mask, other=0), mask=mask)
         tl.store(slot_ptr + i, pos, mask=mask)
+        if WEIGHTS:
+            tl.store(sorted_weights_ptr + pos, tl.load(weights_ptr + i, mask=mask), mask=mask)
         first += tl.histogram(bins, BINS)
 
     # tile tables, one per height in TILE_BLOCKS_M: each expert's rows cut into row tiles,
