@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from moelab.ops.experts import moe_experts
 from moelab.ops.linear import linear, swiglu_mlp
 from moelab.ops.lora import expert_lora_from_params
+from moelab.ops.router_logits import router_logits
 from moelab.ops.routing import (
     expert_counts,
     load_balancing_loss,
@@ -76,8 +76,8 @@ def moe_block(
     (None unless ``cfg.router_stats``)."""
     x_TH = x.reshape(-1, x.shape[-1])
     router = params["router"]
-    weight_EH = router["weight"]
-    logits_TE = F.linear(x_TH.to(weight_EH.dtype), weight_EH, router.get("bias"))
+    # x_TH from here on: the router's backward adds its x gradient to the experts' in one pass
+    logits_TE, x_TH = router_logits(x_TH, router["weight"], router.get("bias"))
     options = dict(cfg.router_options)
     if router.get("correction_bias") is not None:
         options["correction_bias"] = router["correction_bias"]
