@@ -29,9 +29,9 @@ def _add_product_kernel(
 ):  # fmt: skip
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m64 = m.to(tl.int64)
+    m64, n64 = m.to(tl.int64), n.to(tl.int64)  # offsets past 2**31 elements (c transposed)
     mask = (m < rows)[:, None] & (n < cols)[None, :]
-    acc = tl.load(c_ptr + m64[:, None] * stride_cm + n[None, :] * stride_cn, mask=mask, other=0.0)
+    acc = tl.load(c_ptr + m64[:, None] * stride_cm + n64[None, :] * stride_cn, mask=mask, other=0.0)
     acc = acc.to(tl.float32)
     for k0 in range(0, inner, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
