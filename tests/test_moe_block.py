@@ -124,6 +124,50 @@ def test_block_without_router_stats_computes_the_same_output():
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize(
+    "backend, one_pass", [("grouped_mm", False), ("triton", False), ("triton", True)]
+)
+def test_block_x_gradient_through_router_and_experts_matches_float64(
+    monkeypatch, backend, one_pass
+):
+    """x reaches the loss through the router and through the experts; the router's backward sums
+    both gradients (``add_product``, forced here onto the interpreter, or ``addmm``). In bf16,
+    against float64 autograd of the same composition on the same picks."""
+    from moelab.kernels import add_product as ap
+
+    monkeypatch.setattr(ap, "runs", lambda *tensors: one_pass)
+    g = torch.Generator().manual_seed(3)
+    experts, hidden, inter, top_k, tokens = 6, 16, 8, 2, 11
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.5).to(torch.bfloat16)
+
+    params = {
+        "router": {"weight": rand(experts, hidden)},
+        "experts": {
+            "gate_up": rand(experts, 2 * inter, hidden),
+            "down": rand(experts, hidden, inter),
+        },
+    }
+    cfg = MoEConfig(num_experts=experts, top_k=top_k, backend=backend, router_stats=False)
+    x = rand(tokens, hidden).requires_grad_(True)
+    dout = rand(tokens, hidden)
+    out, _ = moe_block(x, params, cfg)
+    out.backward(dout)
+
+    x64 = x.detach().double().requires_grad_(True)
+    p64 = _detached_double(params)
+    picks = route(x.detach() @ params["router"]["weight"].t(), "softmax_topk", top_k).experts
+    probs = (x64 @ p64["router"]["weight"].T).softmax(dim=-1).gather(1, picks)
+    weights = probs / probs.sum(dim=-1, keepdim=True)
+    expected = reference_experts(
+        x64, weights, picks, p64["experts"]["gate_up"], p64["experts"]["down"]
+    )
+    expected.backward(dout.double())
+    scale = x64.grad.abs().max().item()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=3e-2, atol=2e-2 * scale)
+
+
 def _reference_picks(logits_TE, kind, top_k, n_group=1, topk_group=1, correction_bias=None):
     """The experts each token is routed to, token by token in plain Python: top-k of the logits
     (softmax routers: the softmax is monotone), or DeepSeek-V3's group-limited pick on the
