@@ -1,6 +1,6 @@
 """The router's linear layer that hands x on to the experts: values and first and second
-derivatives against torch's numerical checks, x's two gradients summed by one GEMM, and the
-experts' gradient left as it was when autograd shares it."""
+derivatives against torch's numerical checks, x's two gradients summed in one pass (the Triton
+``add_product`` or ``addmm``), and the experts' gradient left as it was when autograd shares it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from moelab.kernels import add_product as ap
 from moelab.ops.router_logits import router_logits
+
+_ADD_PRODUCT = ap.add_product  # the pass itself, before a test wraps the module's name
 
 
 def _inputs(dtype, bias=True, tokens=7, hidden=5, experts=3, seed=0):
@@ -72,7 +74,7 @@ def test_x_gradient_is_one_pass_over_the_experts_gradient(monkeypatch, dtype, ke
     and addition apart."""
     monkeypatch.setattr(ap, "runs", lambda *tensors: kernel)
     calls = []
-    monkeypatch.setattr(ap, "add_product", lambda *a: calls.append(1) or ap_add_product(*a))
+    monkeypatch.setattr(ap, "add_product", lambda *a: calls.append(1) or _ADD_PRODUCT(*a))
     x, w, b = _inputs(dtype, tokens=70, hidden=40, experts=8)
     w.requires_grad_(False), b.requires_grad_(False)  # x's gradient alone: no other product
     dlogits = torch.randn(70, 8, generator=torch.Generator().manual_seed(1)).to(TEST_DEVICE, dtype)
@@ -89,9 +91,6 @@ def test_x_gradient_is_one_pass_over_the_experts_gradient(monkeypatch, dtype, ke
     torch.testing.assert_close(x.grad.double(), want, rtol=2 * eps, atol=2 * eps * 8)
 
 
-ap_add_product = ap.add_product
-
-
 @pytest.mark.parametrize("inner", [1, 8, 40, 128, 200])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_add_product_kernel_rounds_the_float64_sum_once(dtype, inner):
@@ -104,7 +103,7 @@ def test_add_product_kernel_rounds_the_float64_sum_once(dtype, inner):
     a = torch.randn(rows, inner, generator=g).to(TEST_DEVICE, dtype)
     b = (torch.randn(inner, cols, generator=g) / inner**0.5).to(TEST_DEVICE, dtype)
     before = c.clone()
-    got = ap_add_product(c, a, b)
+    got = _ADD_PRODUCT(c, a, b)
     assert got.dtype == dtype and got.is_contiguous() and torch.equal(c, before)
     want = c.double() + a.double() @ b.double()
     eps = torch.finfo(dtype).eps
