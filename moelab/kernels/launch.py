@@ -58,6 +58,13 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=8)
+def capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability, asked of torch once per device (backward passes
+    ask on every call)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return setting("TRITON_INTERPRET", "0") == "1"

@@ -102,7 +102,7 @@ def auto_reason(problem: ExpertProblem) -> str | None:
     """Why ``auto`` does not pick triton although it could run (None: pick it)."""
     if problem.device.type != "cuda":
         return "the CPU interpreter is for tests; ask for triton by name"
-    return _measured_slower(problem, torch.cuda.get_device_capability(problem.device))
+    return _measured_slower(problem, kl.capability(problem.device))
 
 
 def _measured_slower(problem: ExpertProblem, capability: tuple[int, int]) -> str | None:

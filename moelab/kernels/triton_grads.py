@@ -340,14 +340,9 @@ def adds_in_place(weight: torch.Tensor | None, create_graph: bool, by_tma: bool 
 
 
 def _tma_can_read(weight: torch.Tensor) -> bool:
-    if weight.is_cuda and _capability(weight.device) < (9, 0):
+    if weight.is_cuda and kl.capability(weight.device) < (9, 0):
         return False
     return not any(size * weight.element_size() % 16 for size in weight.shape[-2:])
-
-
-@functools.lru_cache(maxsize=8)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 def lora_down_grads(
