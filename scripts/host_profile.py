@@ -97,7 +97,7 @@ def main() -> None:
 
 # the stages whose host entry and exit times the timeline reports (module, attribute)
 _MARKED = [
-    ("torch.nn.functional", "linear"),  # the router's logits
+    ("moelab.ops.moe", "router_logits"),
     ("moelab.ops.moe", "route"),
     ("moelab.ops.moe", "moe_experts"),
     ("moelab.kernels.triton", "dispatch_tiles"),

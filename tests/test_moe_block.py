@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 from reference import reference_experts
 
 from moelab.ops import MoEConfig, moe_block, route
@@ -32,7 +33,7 @@ def _params(g, e=6, h=16, i=8, s=12, shared_gate=True, dtype=torch.float64):
 def _detached_double(tree):
     if isinstance(tree, dict):
         return {k: _detached_double(v) for k, v in tree.items()}
-    return tree.detach().double()
+    return tree.detach().cpu().double()
 
 
 @pytest.mark.parametrize("backend", ["native_torch", "grouped_mm"])
@@ -131,8 +132,9 @@ def test_block_x_gradient_through_router_and_experts_matches_float64(
     monkeypatch, backend, one_pass
 ):
     """x reaches the loss through the router and through the experts; the router's backward sums
-    both gradients (``add_product``, forced here onto the interpreter, or ``addmm``). In bf16,
-    against float64 autograd of the same composition on the same picks."""
+    both gradients (``add_product``, forced here on, under the interpreter on the CPU, or
+    ``addmm``). In bf16 on the test device, against float64 autograd of the same composition on
+    the same picks."""
     from moelab.kernels import add_product as ap
 
     monkeypatch.setattr(ap, "runs", lambda *tensors: one_pass)
@@ -140,7 +142,7 @@ def test_block_x_gradient_through_router_and_experts_matches_float64(
     experts, hidden, inter, top_k, tokens = 6, 16, 8, 2, 11
 
     def rand(*shape):
-        return (torch.randn(*shape, generator=g) * 0.5).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g) * 0.5).to(TEST_DEVICE, torch.bfloat16)
 
     params = {
         "router": {"weight": rand(experts, hidden)},
@@ -155,17 +157,17 @@ def test_block_x_gradient_through_router_and_experts_matches_float64(
     out, _ = moe_block(x, params, cfg)
     out.backward(dout)
 
-    x64 = x.detach().double().requires_grad_(True)
+    x64 = x.detach().cpu().double().requires_grad_(True)
     p64 = _detached_double(params)
-    picks = route(x.detach() @ params["router"]["weight"].t(), "softmax_topk", top_k).experts
+    picks = route(x.detach() @ params["router"]["weight"].t(), "softmax_topk", top_k).experts.cpu()
     probs = (x64 @ p64["router"]["weight"].T).softmax(dim=-1).gather(1, picks)
     weights = probs / probs.sum(dim=-1, keepdim=True)
     expected = reference_experts(
         x64, weights, picks, p64["experts"]["gate_up"], p64["experts"]["down"]
     )
-    expected.backward(dout.double())
+    expected.backward(dout.cpu().double())
     scale = x64.grad.abs().max().item()
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=3e-2, atol=2e-2 * scale)
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=3e-2, atol=2e-2 * scale)
 
 
 def _reference_picks(logits_TE, kind, top_k, n_group=1, topk_group=1, correction_bias=None):
