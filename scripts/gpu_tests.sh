@@ -6,8 +6,15 @@
 # env BUDGET (seconds for all files, default 540), BLOCKING=1 (CUDA_LAUNCH_BLOCKING: a fault is
 # reported at the launch that made it). One summary line per file, then the first lines of each
 # failure; full logs under $OUT.
+# The device image has no Hydra (the trainer's tests import it) and no network: carry its wheels
+# as .whl/ (pip download hydra-core==1.3.* omegaconf antlr4-python3-runtime==4.9.3 -d .whl
+# --no-deps, here) and they are installed into a folder of their own.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ! python3 -c "import hydra" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/moelab_site .whl/*.whl \
+    && export PYTHONPATH=/tmp/moelab_site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export MOELAB_TEST_DEVICE=cuda MOELAB_TRITON_AUTOTUNE=0
 [ -n "${BLOCKING:-}" ] && export CUDA_LAUNCH_BLOCKING=1
