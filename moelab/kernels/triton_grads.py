@@ -129,9 +129,7 @@ def _factor_grad(factor, q, p, s, offs_E, create_graph, *, is_a, gather=None, ro
     add = adds_in_place(factor, create_graph, by_tma=False)
     out = factor.grad if add else torch.empty_like(factor)
     strides = transposed_strides(out) if is_a else out.stride()
-    # fmt: off
     expert_grad(q, p, offs_E, out, strides, s, gather=gather, row_scale=row_scale, add=add)
-    # fmt: on
     return None if add else out
 
 
